@@ -1,0 +1,1 @@
+"""Benchmarks: real teachers (ONNX exports of pretrained models) and their data."""

@@ -1,0 +1,31 @@
+"""inhercc — an ONNX graph-rewriting compiler for neural network inheritance.
+
+Public API::
+
+    from inhercc import compress, load_model, save_model
+    result = compress("teacher.onnx", ratio=0.5)
+    save_model(result.model, "student.onnx")
+    print(result.report["fidelity"])
+"""
+
+from inhercc.errors import InherccError
+from inhercc.layers import Layer, find_layers
+from inhercc.model import load_model, save_model
+from inhercc.pipeline import CompressResult, compress, compress_file, inspect_model
+from inhercc.plan import RankPlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressResult",
+    "InherccError",
+    "Layer",
+    "RankPlan",
+    "__version__",
+    "compress",
+    "compress_file",
+    "find_layers",
+    "inspect_model",
+    "load_model",
+    "save_model",
+]

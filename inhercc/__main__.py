@@ -1,0 +1,5 @@
+"""``python -m inhercc``."""
+
+from inhercc.cli import main
+
+main()

@@ -1,0 +1,310 @@
+"""Find the compressible layers of a model: MatMul / Gemm / Conv nodes with constant weights.
+
+Every candidate becomes a :class:`Layer`; those that cannot be compressed keep a human-readable
+``reason`` (shown by ``inhercc inspect`` and in reports), in the spirit of onnxscript's rewriter
+``check`` that says why a pattern did not apply.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import ModelProto, NodeProto, numpy_helper
+
+from inhercc import linalg
+from inhercc.model import FLOAT_TYPES
+
+FACTORIZABLE_OPS = ("MatMul", "Gemm", "Conv")
+DEFAULT_MIN_PARAMS = 4096
+DEFAULT_MIN_SAVING = 0.10
+
+Dim = int | str | None
+
+
+@dataclass
+class Layer:
+    """One weight-carrying node. ``matrix()`` gives the weight as a ``[groups, out, in]`` float64 stack in
+    the ``y = W x`` convention of :mod:`inhercc.linalg` (Gemm alpha/transB folded, conv kernels flattened)."""
+
+    name: str
+    op: str
+    weight_name: str
+    weight_shape: tuple[int, ...]
+    weight_dtype: np.dtype
+    groups: int = 1
+    out_features: int = 0  # per group
+    in_features: int = 0  # per group, kernel included
+    kernel: tuple[int, ...] = ()
+    bias_params: int = 0
+    flops: int = 0  # per sample; symbolic dims counted as 1
+    symbolic_dims: tuple[str, ...] = ()
+    reason: str | None = None
+    weight: np.ndarray | None = field(default=None, repr=False)
+    scale: float = 1.0  # Gemm alpha folded into the weight
+    transposed: bool = False  # the stored weight is [in, out] (MatMul, Gemm transB=0)
+
+    @property
+    def compressible(self) -> bool:
+        return self.reason is None
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self.weight_shape)
+
+    @property
+    def weight_params(self) -> int:
+        return int(np.prod(self.weight_shape))
+
+    @property
+    def params(self) -> int:
+        return self.weight_params + self.bias_params
+
+    @property
+    def full_rank(self) -> int:
+        """Largest useful rank per group."""
+        return min(self.out_features, self.in_features)
+
+    def factor_params(self, rank: int) -> int:
+        """Weight parameters of the factor chain at a total rank ``rank`` (``rank/groups`` per group)."""
+        per_group = rank // self.groups
+        return linalg.factor_params(self.out_features, self.in_features, per_group, self.groups)
+
+    def rank_step(self) -> int:
+        """Total rank grows in steps of ``groups`` (one per group)."""
+        return self.groups
+
+    def factor_flops(self, rank: int) -> int:
+        """FLOPs per sample of the factor chain at total rank ``rank``."""
+        if self.weight_params == 0:
+            return 0
+        return int(self.flops * self.factor_params(rank) / self.weight_params)
+
+    def matrix(self) -> np.ndarray:
+        """The weight as a float64 ``[groups, out, in]`` stack."""
+        assert self.weight is not None, f"layer {self.name} has no weight loaded"
+        w = np.asarray(self.weight, dtype=np.float64)
+        if self.op == "Conv":
+            return w.reshape(self.groups, self.out_features, self.in_features)
+        m = w.T if self.transposed else w
+        return (self.scale * m)[None]
+
+
+def tensor_shapes(model: ModelProto) -> dict[str, list[Dim]]:
+    """Known shapes of every named tensor (graph inputs/outputs, value_info, initializers)."""
+    shapes: dict[str, list[Dim]] = {}
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+            ]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def node_flops(node: NodeProto, shapes: dict[str, list[Dim]]) -> tuple[int, tuple[str, ...]] | None:
+    """FLOPs (2 × multiply-accumulates) per sample of a MatMul/Gemm/Conv node, or None when shapes are
+    unknown. The first dim of the output is the batch; other symbolic dims count as 1 and are returned."""
+    out = shapes.get(node.output[0])
+    if out is None or len(out) == 0:
+        return None
+    if node.op_type == "MatMul":
+        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if a is None or b is None or len(a) == 0:
+            return None
+        k = a[-1]
+    elif node.op_type == "Gemm":
+        a = shapes.get(node.input[0])
+        if a is None or len(a) != 2:
+            return None
+        k = a[0] if _attr(node, "transA", 0) else a[1]
+    elif node.op_type in ("Conv", "ConvTranspose"):
+        w = shapes.get(node.input[1])
+        if w is None:
+            return None
+        k = int(np.prod([d for d in w[1:] if isinstance(d, int)]))
+        if node.op_type == "ConvTranspose":
+            x = shapes.get(node.input[0])
+            if x is None:
+                return None
+            dims = [1] + list(x[2:]) + [w[1] * _attr(node, "group", 1)]
+            return _count(dims, int(np.prod(w[2:])) * (w[0] // _attr(node, "group", 1) if isinstance(w[0], int) else 1))
+    else:
+        return None
+    per_sample = out[1:] if len(out) >= 2 else out
+    return _count(list(per_sample), k)
+
+
+def _count(dims: list[Dim], k: Dim) -> tuple[int, tuple[str, ...]]:
+    symbolic = tuple(str(d) for d in list(dims) + [k] if not isinstance(d, int))
+    n = 1
+    for d in list(dims) + [k]:
+        n *= d if isinstance(d, int) and d > 0 else 1
+    return 2 * n, symbolic
+
+
+def count_flops(model: ModelProto) -> tuple[int, tuple[str, ...]]:
+    """FLOPs per sample of all MatMul/Gemm/Conv/ConvTranspose nodes (the ones that dominate), from inferred
+    shapes; returns the total and the symbolic dims that were counted as 1."""
+    shapes = tensor_shapes(model)
+    total, symbolic = 0, set()
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
+            f = node_flops(node, shapes)
+            if f is not None:
+                total += f[0]
+                symbolic.update(f[1])
+    return total, tuple(sorted(symbolic))
+
+
+def find_layers(
+    model: ModelProto,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    min_params: int = DEFAULT_MIN_PARAMS,
+    rank_multiple: int = 1,
+    min_saving: float = DEFAULT_MIN_SAVING,
+    load_weights: bool = True,
+) -> list[Layer]:
+    """Every MatMul/Gemm/Conv node, in graph order, as a :class:`Layer`; ``reason`` says why a layer is not
+    compressible (weight not constant, unsupported attribute, integer weight, too small, no saving at any
+    rank that is a multiple of ``rank_multiple``, excluded by pattern, weight shared with other nodes)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    shapes = tensor_shapes(model)
+    uses = Counter(name for node in graph.node for name in node.input)
+    includes = _patterns(include)
+    excludes = _patterns(exclude)
+    layers: list[Layer] = []
+    for node in graph.node:
+        if node.op_type not in FACTORIZABLE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if len(node.input) < 2:
+            continue
+        w_name = node.input[1]
+        init = inits.get(w_name)
+        if init is None:
+            if node.op_type == "MatMul" and w_name not in shapes:
+                continue
+            layer = Layer(node.name, node.op_type, w_name, tuple(_int_dims(shapes.get(w_name))), np.dtype(np.float32))
+            layer.reason = "weight is not a constant (computed at run time)"
+            if node.op_type == "MatMul":
+                continue  # activation × activation (attention scores): not a weight-carrying layer
+            layers.append(layer)
+            continue
+        layer = _describe(node, init, shapes, load_weights)
+        layer.reason = layer.reason or _check(
+            node, init, layer, graph_inputs, uses, includes, excludes, min_params, rank_multiple, min_saving
+        )
+        layers.append(layer)
+    return layers
+
+
+def _describe(node: NodeProto, init: onnx.TensorProto, shapes: dict[str, list[Dim]], load: bool) -> Layer:
+    dims = tuple(int(d) for d in init.dims)
+    is_float = init.data_type in FLOAT_TYPES
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+    layer = Layer(node.name, node.op_type, init.name, dims, np.dtype(dtype))
+    if load and is_float:
+        layer.weight = numpy_helper.to_array(init)
+    if node.op_type == "MatMul" and len(dims) == 2:
+        layer.in_features, layer.out_features = dims
+        layer.transposed = True
+    elif node.op_type == "Gemm" and len(dims) == 2:
+        trans_b = _attr(node, "transB", 0)
+        layer.transposed = not trans_b
+        layer.out_features, layer.in_features = (dims[0], dims[1]) if trans_b else (dims[1], dims[0])
+        layer.scale = float(_attr(node, "alpha", 1.0))
+        if len(node.input) > 2 and node.input[2]:
+            layer.bias_params = int(np.prod(_int_dims(shapes.get(node.input[2])) or [0]))
+    elif node.op_type == "Conv" and len(dims) >= 3:
+        g = int(_attr(node, "group", 1))
+        layer.groups = g
+        layer.kernel = dims[2:]
+        layer.out_features = dims[0] // g if dims[0] % g == 0 else 0
+        layer.in_features = int(np.prod(dims[1:]))
+        if len(node.input) > 2 and node.input[2]:
+            layer.bias_params = int(np.prod(_int_dims(shapes.get(node.input[2])) or [0]))
+    f = node_flops(node, shapes)
+    if f is not None:
+        layer.flops, layer.symbolic_dims = f
+    return layer
+
+
+def _check(
+    node: NodeProto,
+    init: onnx.TensorProto,
+    layer: Layer,
+    graph_inputs: set[str],
+    uses: Counter[str],
+    includes: list[re.Pattern[str]],
+    excludes: list[re.Pattern[str]],
+    min_params: int,
+    rank_multiple: int,
+    min_saving: float,
+) -> str | None:
+    """Why this layer cannot be compressed, or None."""
+    if init.data_type not in FLOAT_TYPES:
+        return f"integer/quantized weight ({onnx.helper.tensor_dtype_to_string(init.data_type)})"
+    if init.name in graph_inputs:
+        return "weight is a graph input (overridable at run time), not a constant"
+    if uses[init.name] > 1:
+        return f"weight shared by {uses[init.name]} uses (tied weights)"
+    dims = layer.weight_shape
+    if node.op_type in ("MatMul", "Gemm") and len(dims) != 2:
+        return f"weight is {len(dims)}-D, expected 2-D"
+    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+        return "unsupported attribute transA=1"
+    if node.op_type == "Conv":
+        if len(dims) not in (3, 4):
+            return f"{len(dims) - 2}-D convolution is not supported (1-D and 2-D are)"
+        if layer.out_features == 0:
+            return f"output channels {dims[0]} not divisible by group={layer.groups}"
+    if includes and not any(p.search(node.name) for p in includes):
+        return "excluded by pattern (not matched by --include)"
+    if any(p.search(node.name) for p in excludes):
+        return "excluded by pattern (--exclude)"
+    if layer.weight_params < min_params:
+        return f"too small ({layer.weight_params} params < {min_params})"
+    step = max(1, rank_multiple)
+    smallest = min(step, layer.full_rank) * layer.groups
+    if layer.factor_params(smallest) > (1.0 - min_saving) * layer.weight_params:
+        return (
+            f"no saving at any rank (the smallest factor pair, rank {smallest}, keeps "
+            f"{layer.factor_params(smallest) / layer.weight_params:.0%} of the weights)"
+        )
+    return None
+
+
+def _patterns(p: str | Iterable[str] | None) -> list[re.Pattern[str]]:
+    if p is None:
+        return []
+    items = [p] if isinstance(p, str) else list(p)
+    out = []
+    for item in items:
+        try:
+            out.append(re.compile(item))
+        except re.error as e:
+            from inhercc.errors import InherccError
+
+            raise InherccError(f"bad regular expression {item!r}: {e}") from e
+    return out
+
+
+def _int_dims(dims: list[Dim] | None) -> list[int]:
+    return [d for d in (dims or []) if isinstance(d, int)]
+
+
+def _attr(node: NodeProto, name: str, default: int | float) -> int | float:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default

@@ -1,0 +1,172 @@
+"""The maths of inheritance, with no ONNX in sight.
+
+Convention: a weight is a matrix ``W`` of shape ``[out, in]`` (a conv kernel flattened to
+``[out, in·kh·kw]``), acting as ``y = W x``. A rank-``r`` factorization is a pair
+
+* ``input_factor``  ``[r, in]``   — the layer of the same kind as the original (k×k conv / linear in→r),
+* ``output_factor`` ``[out, r]``  — the 1×1 conv / linear r→out,
+
+with ``W ≈ output_factor @ input_factor``. Grouped convolutions are handled as a stack of per-group
+matrices ``[groups, out/g, in/g·k]``; every function here takes and returns such stacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Split = Literal["output", "sqrt", "input"]
+SPLITS: tuple[str, ...] = ("output", "sqrt", "input")
+
+
+@dataclass(frozen=True)
+class SVD:
+    """Thin SVD of a stack of matrices: ``w[g] = u[g] @ diag(s[g]) @ vt[g]`` (float64)."""
+
+    u: np.ndarray  # [g, out, k]
+    s: np.ndarray  # [g, k]
+    vt: np.ndarray  # [g, k, in]
+
+    @property
+    def full_rank(self) -> int:
+        return int(self.s.shape[1])
+
+
+def as_stack(weight: np.ndarray) -> np.ndarray:
+    """A 2-D matrix becomes a stack of one; a 3-D stack is returned as is."""
+    return weight[None] if weight.ndim == 2 else weight
+
+
+def svd(weight: np.ndarray) -> SVD:
+    """Thin SVD of a matrix or stack, computed in float64 whatever the storage dtype (fp16 too)."""
+    w = as_stack(np.asarray(weight, dtype=np.float64))
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    return SVD(u, s, vt)
+
+
+def split_factors(u: np.ndarray, s: np.ndarray, vt: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Place the singular values: 'output' (InherNet: Σ in the output factor), 'sqrt' or 'input'."""
+    if split == "output":
+        left, right = np.ones_like(s), s
+    elif split == "sqrt":
+        left = right = np.sqrt(s)
+    elif split == "input":
+        left, right = s, np.ones_like(s)
+    else:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    input_factor = vt * left[..., :, None]
+    output_factor = u * right[..., None, :]
+    return input_factor, output_factor
+
+
+def factorize(
+    weight: np.ndarray, rank: int, split: str = "output", decomposition: SVD | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Truncated-SVD factors ``([g, r, in], [g, out, r])`` of a weight stack (optimal in Frobenius norm)."""
+    d = decomposition if decomposition is not None else svd(weight)
+    r = _check_rank(rank, d.full_rank)
+    return split_factors(d.u[..., :, :r], d.s[..., :r], d.vt[..., :r, :], split)
+
+
+def eckart_young_error(singular_values: np.ndarray, rank: int) -> float:
+    """The optimal Frobenius error of a rank-``rank`` approximation: ``‖σ_{>r}‖`` (summed over groups)."""
+    s = np.atleast_2d(np.asarray(singular_values, dtype=np.float64))
+    return float(np.sqrt(np.sum(s[:, rank:] ** 2)))
+
+
+def cholesky_with_ridge(gram: np.ndarray, ridge: float = 1e-6, max_tries: int = 8) -> tuple[np.ndarray, float]:
+    """Lower Cholesky factor ``S`` of ``G + λI`` (``G = S Sᵀ``); λ starts at 0 and grows (relative to the
+    mean diagonal) until the factorization succeeds. Returns ``(S, λ)``."""
+    g = np.asarray(gram, dtype=np.float64)
+    g = 0.5 * (g + g.T)
+    scale = float(np.mean(np.diag(g))) or 1.0
+    lam = 0.0
+    for attempt in range(max_tries + 1):
+        try:
+            s = np.linalg.cholesky(g + lam * np.eye(g.shape[0]))
+            if np.all(np.isfinite(s)):
+                return s, lam
+        except np.linalg.LinAlgError:
+            pass
+        lam = scale * ridge * (10.0**attempt)
+    raise np.linalg.LinAlgError("Gram matrix is not positive definite even with a ridge")
+
+
+@dataclass(frozen=True)
+class WhitenedSVD:
+    """SVD of ``Sᵀ Wᵀ`` per group plus the whitening factor, so factors at any rank are cheap."""
+
+    chol: np.ndarray  # [g, in, in] lower-triangular S with G ≈ S Sᵀ
+    u: np.ndarray  # [g, in, k]   left singular vectors of Sᵀ Wᵀ
+    s: np.ndarray  # [g, k]       the whitened spectrum: output error removed per singular value
+    vt: np.ndarray  # [g, k, out]
+    ridge: float
+
+    @property
+    def full_rank(self) -> int:
+        return int(self.s.shape[1])
+
+
+def whitened_svd(weight: np.ndarray, gram: np.ndarray, ridge: float = 1e-6) -> WhitenedSVD:
+    """Activation-aware SVD: with ``G = XᵀX = S Sᵀ``, ``‖X Wᵀ − X M‖ = ‖Sᵀ(Wᵀ − M)‖``, so the SVD of
+    ``Sᵀ Wᵀ`` truncated to ``r`` gives the output-optimal rank-``r`` approximation.
+
+    ``gram`` is ``[in, in]`` or per group ``[g, in, in]``.
+    """
+    w = as_stack(np.asarray(weight, dtype=np.float64))
+    grams = np.asarray(gram, dtype=np.float64)
+    grams = np.broadcast_to(grams, (w.shape[0],) + grams.shape[-2:]) if grams.ndim == 2 else grams
+    chols, us, ss, vts, lam_max = [], [], [], [], 0.0
+    for wg, gg in zip(w, grams):
+        chol, lam = cholesky_with_ridge(gg, ridge)
+        lam_max = max(lam_max, lam)
+        u, s, vt = np.linalg.svd(chol.T @ wg.T, full_matrices=False)
+        chols.append(chol)
+        us.append(u)
+        ss.append(s)
+        vts.append(vt)
+    return WhitenedSVD(np.stack(chols), np.stack(us), np.stack(ss), np.stack(vts), lam_max)
+
+
+def whitened_factorize(
+    weight: np.ndarray,
+    gram: np.ndarray,
+    rank: int,
+    split: str = "output",
+    decomposition: WhitenedSVD | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Output-optimal factors ``([g, r, in], [g, out, r])`` under the input statistics ``gram``:
+    ``input_factor = U_rᵀ S⁻¹`` (then Σ placed by ``split``), ``output_factor = V_r``."""
+    d = decomposition if decomposition is not None else whitened_svd(weight, gram)
+    r = _check_rank(rank, d.full_rank)
+    # Wᵀ ≈ S⁻ᵀ U_r Σ_r V_rᵀ ; in [out, in] convention W ≈ V_r Σ_r (S⁻ᵀ U_r)ᵀ.
+    ur = np.stack([np.linalg.solve(c.T, u[:, :r]) for c, u in zip(d.chol, d.u)])  # S⁻ᵀ U_r: [g, in, r]
+    vt_like = np.swapaxes(ur, -1, -2)  # [g, r, in]
+    u_like = np.swapaxes(d.vt[..., :r, :], -1, -2)  # [g, out, r]
+    return split_factors(u_like, d.s[..., :r], vt_like, split)
+
+
+def random_factors(
+    out_features: int, in_features: int, rank: int, groups: int = 1, seed: int = 0, dtype: type = np.float64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Kaiming-uniform factors of the same shapes as :func:`factorize` (the "student of the same size"
+    baseline: same architecture, no inheritance)."""
+    rng = np.random.default_rng(seed)
+    b_in = np.sqrt(6.0 / in_features)
+    b_out = np.sqrt(6.0 / rank)
+    input_factor = rng.uniform(-b_in, b_in, size=(groups, rank, in_features)).astype(dtype)
+    output_factor = rng.uniform(-b_out, b_out, size=(groups, out_features, rank)).astype(dtype)
+    return input_factor, output_factor
+
+
+def factor_params(out_features: int, in_features: int, rank: int, groups: int = 1) -> int:
+    """Parameters of a rank-``rank`` (per group) factor pair for a ``[g, out, in]`` weight stack."""
+    return groups * rank * (in_features + out_features)
+
+
+def _check_rank(rank: int, full_rank: int) -> int:
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, got {rank}")
+    return min(int(rank), full_rank)

@@ -1,0 +1,237 @@
+"""Load and save ONNX models: external data, opset upgrade, Constant→initializer, atomic save."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import ModelProto, TensorProto, numpy_helper
+
+from inhercc.errors import InherccError
+
+MIN_OPSET = 13
+TWO_GB = 2**31
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+
+
+def load_model(path: str | os.PathLike[str], *, infer_shapes: bool = True) -> ModelProto:
+    """Read an ONNX file (with its external data), upgrade opset < 13, name unnamed nodes, move weight
+    ``Constant`` nodes into initializers and run shape inference. The file itself is never modified."""
+    path = Path(path)
+    if not path.exists():
+        raise InherccError(f"no such file: {path}")
+    if path.is_dir():
+        raise InherccError(f"{path} is a directory, not an ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise InherccError(f"{path} is not a readable ONNX model (truncated or not ONNX): {_one_line(e)}") from e
+    if not model.HasField("graph") or model.ir_version == 0 or not model.opset_import:
+        raise InherccError(f"{path} is not an ONNX model (no graph / IR version / opset)")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except Exception as e:
+        raise InherccError(f"cannot read the external data of {path}: {_one_line(e)}") from e
+    return prepare_model(model, infer_shapes=infer_shapes, source=str(path))
+
+
+def prepare_model(model: ModelProto, *, infer_shapes: bool = True, source: str = "model") -> ModelProto:
+    """Normalize an in-memory model the way :func:`load_model` does (on a copy)."""
+    out = ModelProto()
+    out.CopyFrom(model)
+    out = upgrade_opset(out, source)
+    name_nodes(out)
+    constants_to_initializers(out)
+    if infer_shapes:
+        out = infer_model_shapes(out)
+    return out
+
+
+def opset_of(model: ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def upgrade_opset(model: ModelProto, source: str = "model") -> ModelProto:
+    """Convert a model below opset 13 with ONNX's version converter, or refuse it clearly."""
+    version = opset_of(model)
+    if version >= MIN_OPSET:
+        return model
+    try:
+        from onnx import version_converter
+
+        converted = version_converter.convert_version(model, MIN_OPSET)
+    except Exception as e:
+        raise InherccError(
+            f"{source} uses opset {version} (< {MIN_OPSET}) and the ONNX version converter failed: {_one_line(e)}"
+        ) from e
+    return converted
+
+
+def name_nodes(model: ModelProto) -> None:
+    """Give every unnamed node a unique, stable name (``<op>_<index>``), so plans and reports can refer to it."""
+    used = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+def constants_to_initializers(model: ModelProto) -> int:
+    """Replace top-level ``Constant`` nodes holding a tensor (``value`` or ``value_float(s)``/``value_int(s)``)
+    by initializers of the same name. Returns how many were moved."""
+    graph = model.graph
+    keep = []
+    moved = 0
+    existing = {i.name for i in graph.initializer}
+    for node in graph.node:
+        tensor = _constant_tensor(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if tensor is None or node.output[0] in existing:
+            keep.append(node)
+            continue
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        existing.add(tensor.name)
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
+def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            t = TensorProto()
+            t.CopyFrom(attr.t)
+            return t
+        if attr.name == "value_float":
+            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
+        if attr.name == "value_floats":
+            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
+        if attr.name == "value_int":
+            return numpy_helper.from_array(np.array(attr.i, dtype=np.int64))
+        if attr.name == "value_ints":
+            return numpy_helper.from_array(np.array(list(attr.ints), dtype=np.int64))
+    return None  # sparse_value / strings: leave the node alone
+
+
+def infer_model_shapes(model: ModelProto) -> ModelProto:
+    """ONNX shape inference (data propagation on); models over 2 GB are inferred without weights."""
+    try:
+        if model.ByteSize() < TWO_GB:
+            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, "m.onnx")
+            onnx.save_model(model, p, save_as_external_data=True, location="m.onnx.data")
+            onnx.shape_inference.infer_shapes_path(p, p, data_prop=True)
+            inferred = onnx.load(p, load_external_data=True)
+            return inferred
+    except Exception:
+        return model  # inference is best effort: shapes only feed FLOP counts and synthetic inputs
+
+
+def initializer_map(model: ModelProto) -> dict[str, TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def float_param_count(model: ModelProto) -> int:
+    """Number of floating-point initializer elements (the model's parameters)."""
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
+
+
+def model_bytes(model: ModelProto) -> int:
+    """Serialized size of the model with all weights inline (≈ size on disk)."""
+    return int(model.ByteSize())
+
+
+def file_size(path: str | os.PathLike[str]) -> int:
+    """Size on disk of an ONNX file plus the external data files it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    seen: set[str] = set()
+    for t in m.graph.initializer:
+        for kv in t.external_data:
+            if kv.key == "location" and kv.value not in seen:
+                seen.add(kv.value)
+                p = path.parent / kv.value
+                if p.exists():
+                    total += p.stat().st_size
+    return total
+
+
+def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external data files referenced by an ONNX file."""
+    path = Path(path)
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []
+    names = {kv.value for t in m.graph.initializer for kv in t.external_data if kv.key == "location"}
+    return [path.parent / n for n in sorted(names)]
+
+
+def check_output_path(output: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] = ()) -> Path:
+    """Refuse to write over an input (or its external data) and check that the folder is writable."""
+    out = Path(output)
+    protected = set()
+    for p in inputs:
+        p = Path(p)
+        protected.add(os.path.realpath(p))
+        protected.update(os.path.realpath(f) for f in external_data_files(p) if p.exists())
+    if os.path.realpath(out) in protected or os.path.realpath(str(out) + ".data") in protected:
+        raise InherccError(f"output {out} would overwrite the input; choose another path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InherccError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InherccError(f"output directory {parent} is not writable")
+    if out.is_dir():
+        raise InherccError(f"output {out} is a directory")
+    return out
+
+
+def save_model(model: ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
+    """Save atomically: everything is written into a temp folder beside the target and renamed into place,
+    so a failure never leaves a partial file. ``external_data`` defaults to on above 2 GB; the data file is
+    ``<name>.data`` next to the model."""
+    path = Path(path)
+    check_output_path(path)
+    if external_data is None:
+        external_data = model.ByteSize() >= TWO_GB - (1 << 24)
+    tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        tmp_model = Path(tmpdir) / path.name
+        data_name = path.name + ".data"
+        to_save = ModelProto()
+        to_save.CopyFrom(model)
+        if external_data:
+            onnx.save_model(to_save, str(tmp_model), save_as_external_data=True, location=data_name,
+                            all_tensors_to_one_file=True, size_threshold=1024)
+            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(to_save, str(tmp_model))
+        os.replace(tmp_model, path)
+    except OSError as e:
+        raise InherccError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,352 @@
+"""The compiler pipeline: load → find layers → plan ranks → rewrite (passes) → verify → save."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+
+from inhercc import linalg
+from inhercc.data import Feed, input_specs, load_npz, resolve_shapes, synthetic_feeds, warn_synthetic
+from inhercc.errors import InherccError
+from inhercc.layers import DEFAULT_MIN_PARAMS, DEFAULT_MIN_SAVING, Layer, count_flops, find_layers
+from inhercc.model import (
+    check_output_path,
+    file_size,
+    float_param_count,
+    infer_model_shapes,
+    load_model,
+    model_bytes,
+    prepare_model,
+    save_model,
+)
+from inhercc.passes import FactorizeConv, FactorizeGemm, FactorizeMatMul, run_passes
+from inhercc.passes.base import FactorSource
+from inhercc.plan import RankPlan, apply_plan, plan_energy, plan_ratio, plan_uniform
+from inhercc.verify import fidelity
+
+INITS = ("svd", "whitened", "random")
+DEFAULT_RATIO = 0.5
+DEFAULT_RANK_MULTIPLE = 8
+
+
+@dataclass
+class CompressResult:
+    """The student, the plan that made it, the layer records and the report (JSON-ready dict)."""
+
+    model: ModelProto
+    plan: RankPlan
+    layers: list[Layer]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def as_model(model: ModelProto | str | os.PathLike[str]) -> ModelProto:
+    """A prepared model from a path or a ModelProto (the caller's object is never modified)."""
+    if isinstance(model, ModelProto):
+        return prepare_model(model)
+    return load_model(model)
+
+
+def as_feeds(data: Mapping[str, np.ndarray] | str | os.PathLike[str] | None, model: ModelProto) -> Feed | None:
+    if data is None:
+        return None
+    if isinstance(data, (str, os.PathLike)):
+        return load_npz(data, model)
+    from inhercc.data import check_feeds
+
+    feeds = {k: np.asarray(v) for k, v in data.items()}
+    check_feeds(feeds, model)
+    return feeds
+
+
+def choose_plan(
+    layers: list[Layer],
+    spectra: Mapping[str, np.ndarray],
+    *,
+    ratio: float | None,
+    rank: int | None,
+    energy: float | None,
+    plan: RankPlan | str | os.PathLike[str] | None,
+    rank_multiple: int,
+    min_saving: float,
+    spectrum: str,
+) -> RankPlan:
+    """Exactly one of ratio / rank / energy / plan (ratio 0.5 when none is given)."""
+    given = [n for n, v in (("--ratio", ratio), ("--rank", rank), ("--energy", energy), ("--plan", plan)) if v is not None]
+    if len(given) > 1:
+        raise InherccError(f"choose one of --ratio, --rank, --energy, --plan (got {', '.join(given)})")
+    if rank_multiple <= 0:
+        raise InherccError(f"--rank-multiple must be positive, got {rank_multiple}")
+    if plan is not None:
+        return apply_plan(layers, plan if isinstance(plan, RankPlan) else RankPlan.load(plan))
+    if rank is not None:
+        return plan_uniform(layers, rank, rank_multiple=rank_multiple, min_saving=min_saving)
+    if energy is not None:
+        return plan_energy(layers, spectra, energy, rank_multiple=rank_multiple, min_saving=min_saving)
+    return plan_ratio(layers, spectra, DEFAULT_RATIO if ratio is None else ratio, rank_multiple=rank_multiple,
+                      min_saving=min_saving, spectrum=spectrum)
+
+
+class Factorizer:
+    """Computes each layer's decomposition once and serves spectra (for planning) and factors (for the
+    passes) from it. ``init``: 'svd' (Eckart–Young optimal in the weights), 'whitened' (optimal in the
+    layer outputs given per-layer Gram matrices) or 'random' (Kaiming; same architecture, no inheritance)."""
+
+    def __init__(self, init: str = "svd", split: str = "output", grams: Mapping[str, np.ndarray] | None = None,
+                 seed: int = 0) -> None:
+        if init not in INITS:
+            raise InherccError(f"unknown --init {init!r}; choose from {', '.join(INITS)}")
+        if split not in linalg.SPLITS:
+            raise InherccError(f"unknown --split {split!r}; choose from {', '.join(linalg.SPLITS)}")
+        if init == "whitened" and grams is None:
+            raise InherccError("--init whitened needs calibration data (--data)")
+        self.init, self.split, self.grams, self.seed = init, split, grams, seed
+        self._cache: dict[str, Any] = {}
+
+    def decomposition(self, layer: Layer) -> linalg.SVD | linalg.WhitenedSVD:
+        if layer.name not in self._cache:
+            if self.init == "whitened" and self.grams is not None and layer.name in self.grams:
+                self._cache[layer.name] = linalg.whitened_svd(layer.matrix(), self.grams[layer.name])
+            else:
+                self._cache[layer.name] = linalg.svd(layer.matrix())
+        return self._cache[layer.name]
+
+    def spectrum(self, layer: Layer) -> np.ndarray:
+        return self.decomposition(layer).s
+
+    def spectra(self, layers: Iterable[Layer]) -> dict[str, np.ndarray]:
+        return {layer.name: self.spectrum(layer) for layer in layers if layer.compressible}
+
+    def __call__(self, layer: Layer, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        per_group = rank // layer.groups
+        if self.init == "random":
+            return linalg.random_factors(layer.out_features, layer.in_features, per_group, layer.groups,
+                                         seed=self.seed + hash(layer.name) % 1000)
+        d = self.decomposition(layer)
+        if isinstance(d, linalg.WhitenedSVD):
+            return linalg.whitened_factorize(layer.matrix(), self.grams[layer.name], per_group, self.split, d)
+        return linalg.factorize(layer.matrix(), per_group, self.split, d)
+
+    def release(self) -> None:
+        self._cache.clear()
+
+
+def rewrite(model: ModelProto, plan: RankPlan, layers: list[Layer], factors: FactorSource) -> ModelProto:
+    """Apply the factorization passes (MatMul, Gemm, Conv) for the planned ranks to a copy of ``model``."""
+    student = ModelProto()
+    student.CopyFrom(model)
+    ranks = plan.factorized()
+    by_name = {layer.name: layer for layer in layers}
+    result = run_passes(student, [cls(ranks, by_name, factors) for cls in (FactorizeMatMul, FactorizeGemm,
+                                                                           FactorizeConv)])
+    out = result.model
+    del out.graph.value_info[:]  # stale for the rewritten nodes; re-inferred below
+    return infer_model_shapes(out)
+
+
+def fixed_shape_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None) -> tuple[float, tuple[str, ...]]:
+    """FLOPs per sample; with concrete input shapes the dims are fixed first (then divided by the batch)."""
+    if not shapes:
+        return count_flops(model)
+    fixed = ModelProto()
+    fixed.CopyFrom(model)
+    concrete = resolve_shapes(input_specs(fixed), shapes)
+    for vi in fixed.graph.input:
+        if vi.name in concrete:
+            dims = vi.type.tensor_type.shape.dim
+            for d, v in zip(dims, concrete[vi.name]):
+                d.Clear()
+                d.dim_value = v
+    del fixed.graph.value_info[:]
+    total, symbolic = count_flops(infer_model_shapes(fixed))
+    batch = next(iter(concrete.values()))[0] if concrete else 1
+    return total / max(1, batch), symbolic
+
+
+def verification_feeds(model: ModelProto, feeds: Feed | None, shapes: Mapping[str, list[int]] | None,
+                       samples: int, seed: int) -> Feed:
+    if feeds is not None:
+        n = len(next(iter(feeds.values())))
+        take = min(n, samples)
+        names = {s.name for s in input_specs(model)}
+        return {k: v[n - take:] for k, v in feeds.items() if k in names}  # the last samples
+    warn_synthetic("verification")
+    return synthetic_feeds(model, shapes, batch=samples, seed=seed)
+
+
+def compress(
+    teacher: ModelProto | str | os.PathLike[str],
+    *,
+    ratio: float | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    plan: RankPlan | str | os.PathLike[str] | None = None,
+    rank_multiple: int = DEFAULT_RANK_MULTIPLE,
+    split: str = "output",
+    init: str | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    min_params: int = DEFAULT_MIN_PARAMS,
+    min_saving: float = DEFAULT_MIN_SAVING,
+    data: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
+    shapes: Mapping[str, list[int]] | None = None,
+    grams: Mapping[str, np.ndarray] | None = None,
+    verify: bool = True,
+    verify_samples: int = 8,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> CompressResult:
+    """Compress a teacher (path or ModelProto) into a student with SVD-initialized factor chains.
+
+    Exactly one of ``ratio`` (default 0.5), ``rank``, ``energy`` or ``plan``. Returns the student model,
+    the plan and a report with params, FLOPs, size and fidelity (teacher vs student in ONNX Runtime on
+    ``data`` or synthetic inputs).
+    """
+    t0 = time.perf_counter()
+    say = log or (lambda _msg: None)
+    model = as_model(teacher)
+    feeds = as_feeds(data, model)
+    if shapes:
+        resolve_shapes(input_specs(model), shapes)  # fail fast on bad --shape
+    layers = find_layers(model, include=include, exclude=exclude, min_params=min_params,
+                         rank_multiple=rank_multiple, min_saving=min_saving)
+    if not any(layer.compressible for layer in layers):
+        found = f"{len(layers)} candidate(s), none compressible" if layers else "no MatMul/Gemm/Conv with a constant weight"
+        raise InherccError(f"no compressible layer in the model ({found})")
+    init = init or ("whitened" if feeds is not None else "svd")
+    if init == "whitened" and grams is None:
+        if feeds is None:
+            raise InherccError("--init whitened needs calibration data (--data)")
+        from inhercc.calibrate import collect_grams
+
+        say("calibrating (Gram matrices of the layer inputs)")
+        grams = collect_grams(model, [la for la in layers if la.compressible], feeds)
+    factorizer = Factorizer(init, split, grams, seed)
+    spectrum = "whitened" if init == "whitened" else "weight"
+    needs_spectra = plan is None and rank is None
+    spectra = factorizer.spectra(layers) if needs_spectra else {}
+    rank_plan = choose_plan(layers, spectra, ratio=ratio, rank=rank, energy=energy, plan=plan,
+                            rank_multiple=rank_multiple, min_saving=min_saving, spectrum=spectrum)
+    rank_plan.method.setdefault("init", init)
+    rank_plan.method.setdefault("split", split)
+    if not rank_plan.factorized():
+        raise InherccError("the plan factorizes no layer (every layer would stay dense)")
+    say(f"rewriting {len(rank_plan.factorized())} layer(s)")
+    student = rewrite(model, rank_plan, layers, factorizer)
+    factorizer.release()
+    t_rewrite = time.perf_counter() - t0
+    report = build_report(model, student, layers, rank_plan, shapes)
+    report["init"] = init
+    if verify:
+        say("verifying in ONNX Runtime")
+        vfeeds = verification_feeds(model, feeds, shapes, verify_samples, seed)
+        report["fidelity"] = fidelity(model, student, vfeeds)
+        report["fidelity_inputs"] = "data" if feeds is not None else "synthetic"
+    report["time_s"] = {"rewrite": round(t_rewrite, 3), "total": round(time.perf_counter() - t0, 3)}
+    return CompressResult(student, rank_plan, layers, report)
+
+
+def build_report(teacher: ModelProto, student: ModelProto, layers: list[Layer], plan: RankPlan,
+                 shapes: Mapping[str, list[int]] | None = None) -> dict[str, Any]:
+    """Params / FLOPs / size of both models and the per-layer table."""
+    ft, sym = fixed_shape_flops(teacher, shapes)
+    fs, _ = fixed_shape_flops(student, shapes)
+    rows = []
+    for layer in layers:
+        r = plan.rank(layer.name)
+        after = layer.factor_params(r) + layer.bias_params if r is not None else layer.params
+        rows.append({
+            "name": layer.name, "op": layer.op, "shape": layer.shape, "rank": r,
+            "params_before": layer.params, "params_after": after,
+            "flops_before": layer.flops, "flops_after": layer.factor_flops(r) if r is not None else layer.flops,
+            "reason": None if r is not None else plan.reasons.get(layer.name, layer.reason),
+        })
+    return {
+        "params": {"teacher": float_param_count(teacher), "student": float_param_count(student)},
+        "flops": {"teacher": int(ft), "student": int(fs), "symbolic_dims_counted_as_1": list(sym)},
+        "size": {"teacher": model_bytes(teacher), "student": model_bytes(student)},
+        "plan": plan.method,
+        "layers": rows,
+    }
+
+
+def compress_file(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    report_path: str | os.PathLike[str] | None = None,
+    save_plan: str | os.PathLike[str] | None = None,
+    external_data: bool | None = None,
+    **kwargs: Any,
+) -> CompressResult:
+    """:func:`compress` from a file to a file: the output is checked before any work, written atomically,
+    and never over the input. Sizes in the report are the real sizes on disk."""
+    check_output_path(output_path, [input_path])
+    for extra in (report_path, save_plan):
+        if extra is not None:
+            check_output_path(extra, [input_path])
+    result = compress(input_path, **kwargs)
+    save_model(result.model, output_path, external_data=external_data)
+    result.report["size"] = {"teacher": file_size(input_path), "student": file_size(output_path)}
+    result.report["files"] = {"teacher": str(input_path), "student": str(output_path)}
+    if save_plan is not None:
+        result.plan.save(save_plan, result.layers)
+    if report_path is not None:
+        from inhercc.report import write_json
+
+        write_json(report_path, result.report)
+    return result
+
+
+def inspect_model(
+    model: ModelProto | str | os.PathLike[str],
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    min_params: int = DEFAULT_MIN_PARAMS,
+    rank_multiple: int = DEFAULT_RANK_MULTIPLE,
+    data: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
+    grams: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Per-layer table (name, op, weight shape, params, FLOPs, the ranks keeping 90 % / 99 % of the
+    spectral energy — of the weights, or of the layer outputs when ``grams`` are given — and the reason
+    for every layer that cannot be compressed) with totals."""
+    from inhercc.plan import rank_keeping
+
+    m = as_model(model)
+    layers = find_layers(m, include=include, exclude=exclude, min_params=min_params, rank_multiple=rank_multiple)
+    feeds = as_feeds(data, m)
+    if feeds is not None and grams is None:
+        from inhercc.calibrate import collect_grams
+
+        grams = collect_grams(m, [la for la in layers if la.weight is not None and la.out_features], feeds)
+    factorizer = Factorizer("whitened" if grams is not None else "svd", grams=grams)
+    rows = []
+    for layer in layers:
+        row: dict[str, Any] = {"name": layer.name, "op": layer.op, "shape": layer.shape, "params": layer.params,
+                               "flops": layer.flops, "full_rank": layer.full_rank * layer.groups,
+                               "rank90": None, "rank99": None, "reason": layer.reason}
+        if layer.weight is not None and layer.out_features and layer.in_features:
+            s = factorizer.spectrum(layer)
+            row["rank90"] = rank_keeping(s, 0.90) * layer.groups
+            row["rank99"] = rank_keeping(s, 0.99) * layer.groups
+        rows.append(row)
+    total_flops, symbolic = count_flops(m)
+    return {
+        "spectrum": "whitened" if grams is not None else "weight",
+        "layers": rows,
+        "totals": {
+            "layers": len(layers),
+            "compressible": sum(1 for la in layers if la.compressible),
+            "params": float_param_count(m),
+            "compressible_params": sum(la.params for la in layers if la.compressible),
+            "flops": total_flops,
+            "symbolic_dims_counted_as_1": list(symbolic),
+        },
+    }

@@ -1,0 +1,272 @@
+"""Rank planning: how much rank each compressible layer keeps.
+
+Three ways to choose, exactly one per run:
+
+* ``ratio``  — keep a fraction of the compressible layers' weight parameters; ranks are allocated
+  globally by a greedy on the spectra: the step (``rank_multiple`` more singular values of one layer)
+  with the largest share of that layer's energy per parameter goes first.
+* ``rank``   — one rank for every layer (the InherNet demo's way).
+* ``energy`` — per layer, the smallest rank keeping that fraction of its spectral energy.
+
+Spectra are the plain singular values of the weights, or the whitened ones (output error per singular
+value) when calibration data is available. A layer whose factors would save less than ``min_saving`` of
+its weights stays dense. A plan is saved to / replayed from JSON so users can edit ranks by hand.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inhercc.errors import InherccError
+from inhercc.layers import DEFAULT_MIN_SAVING, Layer
+
+PLAN_FORMAT = "inhercc-plan"
+PLAN_VERSION = 1
+
+
+@dataclass
+class RankPlan:
+    """Ranks per layer name (``None`` = left dense) with the reason for every dense layer."""
+
+    ranks: dict[str, int | None]
+    reasons: dict[str, str] = field(default_factory=dict)
+    method: dict[str, Any] = field(default_factory=dict)
+
+    def rank(self, name: str) -> int | None:
+        return self.ranks.get(name)
+
+    def factorized(self) -> dict[str, int]:
+        return {k: v for k, v in self.ranks.items() if v is not None}
+
+    def to_dict(self, layers: list[Layer] | None = None) -> dict[str, Any]:
+        by_name = {layer.name: layer for layer in layers or []}
+        rows = []
+        for name, rank in self.ranks.items():
+            row: dict[str, Any] = {"name": name, "rank": rank}
+            if name in by_name:
+                row["op"] = by_name[name].op
+                row["shape"] = by_name[name].shape
+            if rank is None:
+                row["reason"] = self.reasons.get(name, "left dense")
+            rows.append(row)
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "method": self.method, "layers": rows}
+
+    def save(self, path: str | Path, layers: list[Layer] | None = None) -> None:
+        from inhercc.report import write_json
+
+        write_json(path, self.to_dict(layers))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> RankPlan:
+        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
+            raise InherccError(f"{source} is not an inhercc plan (missing \"format\": \"{PLAN_FORMAT}\")")
+        ranks: dict[str, int | None] = {}
+        reasons: dict[str, str] = {}
+        for row in data.get("layers", []):
+            name, rank = row.get("name"), row.get("rank")
+            if not isinstance(name, str):
+                raise InherccError(f"{source}: every layer needs a \"name\"")
+            if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
+                raise InherccError(f"{source}: rank of {name} must be a positive integer or null, got {rank!r}")
+            ranks[name] = rank
+            if rank is None:
+                reasons[name] = str(row.get("reason") or "left dense by the plan")
+        return cls(ranks, reasons, dict(data.get("method", {})))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RankPlan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise InherccError(f"no such plan file: {path}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InherccError(f"plan {path} is not valid JSON: {e}") from e
+        return cls.from_dict(data, str(path))
+
+
+def spectrum_energy(singular_values: np.ndarray) -> np.ndarray:
+    """Per-index energy σᵢ² summed over groups, as a share of the layer's total: shape ``[k]``."""
+    s = np.atleast_2d(np.asarray(singular_values, dtype=np.float64))
+    e = np.sum(s**2, axis=0)
+    total = float(e.sum())
+    return e / total if total > 0 else e
+
+
+def rank_keeping(singular_values: np.ndarray, energy: float) -> int:
+    """Smallest per-group rank whose cumulative energy share reaches ``energy``."""
+    e = np.cumsum(spectrum_energy(singular_values))
+    if len(e) == 0:
+        return 0
+    return int(min(len(e), np.searchsorted(e, energy - 1e-12) + 1))
+
+
+def round_rank(rank: int, multiple: int, full_rank: int) -> int:
+    """Round a per-group rank up to a multiple of ``multiple``, capped at the full rank."""
+    m = max(1, multiple)
+    return int(min(full_rank, max(m, math.ceil(rank / m) * m)))
+
+
+def plan_uniform(
+    layers: list[Layer], rank: int, *, rank_multiple: int = 1, min_saving: float = DEFAULT_MIN_SAVING
+) -> RankPlan:
+    """The same rank for every layer (per group for grouped convs)."""
+    if rank <= 0:
+        raise InherccError(f"--rank must be positive, got {rank}")
+    chosen = {}
+    for layer in _compressible(layers):
+        r = round_rank(min(rank, layer.full_rank), rank_multiple, layer.full_rank)
+        chosen[layer.name] = r * layer.groups
+    return _finish(layers, chosen, {"mode": "rank", "value": rank, "rank_multiple": rank_multiple}, min_saving)
+
+
+def plan_energy(
+    layers: list[Layer],
+    spectra: Mapping[str, np.ndarray],
+    energy: float,
+    *,
+    rank_multiple: int = 1,
+    min_saving: float = DEFAULT_MIN_SAVING,
+) -> RankPlan:
+    """Per layer, the smallest rank keeping ``energy`` of its spectral energy."""
+    if not 0.0 < energy <= 1.0:
+        raise InherccError(f"--energy must be in (0, 1], got {energy}")
+    chosen = {}
+    for layer in _compressible(layers):
+        r = round_rank(rank_keeping(spectra[layer.name], energy), rank_multiple, layer.full_rank)
+        chosen[layer.name] = r * layer.groups
+    return _finish(layers, chosen, {"mode": "energy", "value": energy, "rank_multiple": rank_multiple}, min_saving)
+
+
+def plan_ratio(
+    layers: list[Layer],
+    spectra: Mapping[str, np.ndarray],
+    ratio: float,
+    *,
+    rank_multiple: int = 1,
+    min_saving: float = DEFAULT_MIN_SAVING,
+    spectrum: str = "weight",
+) -> RankPlan:
+    """Global greedy: keep ``ratio`` of the compressible layers' weight parameters, buying the steps with
+    the largest energy share per parameter first. Every layer starts at one step; a layer whose rank
+    would save less than ``min_saving`` is bought dense in one last step (its remaining energy for its
+    remaining parameters). The result stays within the budget and misses it by less than one step."""
+    if not 0.0 < ratio <= 1.0:
+        raise InherccError(f"--ratio must be in (0, 1], got {ratio}")
+    cands = _compressible(layers)
+    method = {"mode": "ratio", "value": ratio, "rank_multiple": rank_multiple, "spectrum": spectrum}
+    if not cands:
+        return _finish(layers, {}, method, min_saving)
+    budget = ratio * sum(layer.weight_params for layer in cands)
+    m = max(1, rank_multiple)
+    state: dict[str, int | None] = {}  # per-group rank, None = dense
+    energies: dict[str, np.ndarray] = {}
+    spent = 0.0
+    for layer in cands:
+        r0 = min(m, layer.full_rank)
+        state[layer.name] = r0
+        energies[layer.name] = spectrum_energy(spectra[layer.name])
+        spent += layer.factor_params(r0 * layer.groups)
+    if spent > budget:
+        raise InherccError(
+            f"--ratio {ratio} is too small: the smallest factors (rank {m} per layer) already keep "
+            f"{spent / (budget / ratio):.1%} of the compressible parameters"
+        )
+
+    def next_step(layer: Layer) -> tuple[float, float, int | None] | None:
+        r = state[layer.name]
+        if r is None:
+            return None
+        e = energies[layer.name]
+        dense_cap = (1.0 - min_saving) * layer.weight_params
+        nr = min(r + m, layer.full_rank)
+        if nr > r and layer.factor_params(nr * layer.groups) <= dense_cap:
+            gain, cost, target = float(e[r:nr].sum()), layer.factor_params((nr - r) * layer.groups), nr
+        else:  # no cheaper factorization left: the next step is the dense layer itself
+            gain = float(e[r:].sum())
+            cost, target = layer.weight_params - layer.factor_params(r * layer.groups), None
+        if cost <= 0 or gain <= 0:
+            return None
+        return gain / cost, cost, target
+
+    heap: list[tuple[float, int, float, int | None]] = []
+    for i, layer in enumerate(cands):
+        step = next_step(layer)
+        if step:
+            heapq.heappush(heap, (-step[0], i, step[1], step[2]))
+    while heap:
+        _, i, cost, target = heapq.heappop(heap)
+        layer = cands[i]
+        if spent + cost > budget:
+            continue  # this layer cannot grow further; others with smaller steps still may
+        spent += cost
+        state[layer.name] = target
+        step = next_step(layer)
+        if step:
+            heapq.heappush(heap, (-step[0], i, step[1], step[2]))
+    chosen = {name: (r * _by_name(cands, name).groups if r is not None else None) for name, r in state.items()}
+    return _finish(layers, chosen, method, min_saving)
+
+
+def apply_plan(layers: list[Layer], plan: RankPlan) -> RankPlan:
+    """Check a user-supplied plan against the model's layers: names exist, ranks are valid and within the
+    full rank (capped), grouped convs get ranks divisible by their groups."""
+    by_name = {layer.name: layer for layer in layers}
+    unknown = [name for name in plan.ranks if name not in by_name]
+    if unknown:
+        raise InherccError(f"plan names {len(unknown)} layer(s) not in the model: {', '.join(unknown[:5])}")
+    chosen: dict[str, int | None] = {}
+    reasons: dict[str, str] = {}
+    for layer in layers:
+        rank = plan.ranks.get(layer.name)
+        if layer.name not in plan.ranks:
+            reasons[layer.name] = layer.reason or "not in the plan"
+            continue
+        if rank is None:
+            reasons[layer.name] = plan.reasons.get(layer.name) or layer.reason or "left dense by the plan"
+            continue
+        if layer.weight is None or layer.reason and not layer.reason.startswith(("too small", "no saving",
+                                                                                  "excluded")):
+            raise InherccError(f"plan asks to factorize {layer.name}, which cannot be: {layer.reason}")
+        if rank % layer.groups:
+            raise InherccError(f"plan rank {rank} of {layer.name} is not divisible by its {layer.groups} groups")
+        chosen[layer.name] = min(rank, layer.full_rank * layer.groups)
+    ranks: dict[str, int | None] = {layer.name: chosen.get(layer.name) for layer in layers}
+    return RankPlan(ranks, reasons, {**plan.method, "replayed": True})
+
+
+def _finish(layers: list[Layer], chosen: dict[str, int | None], method: dict[str, Any], min_saving: float) -> RankPlan:
+    ranks: dict[str, int | None] = {}
+    reasons: dict[str, str] = {}
+    for layer in layers:
+        if not layer.compressible:
+            ranks[layer.name] = None
+            reasons[layer.name] = layer.reason or ""
+            continue
+        r = chosen.get(layer.name)
+        if r is None:
+            ranks[layer.name] = None
+            reasons[layer.name] = "kept dense by the plan (the budget let it keep its full weight)"
+            continue
+        saving = 1.0 - layer.factor_params(r) / layer.weight_params
+        if saving < min_saving:
+            ranks[layer.name] = None
+            reasons[layer.name] = f"rank {r} would save only {max(saving, 0.0):.0%} (< {min_saving:.0%})"
+        else:
+            ranks[layer.name] = r
+    return RankPlan(ranks, reasons, method)
+
+
+def _compressible(layers: list[Layer]) -> list[Layer]:
+    return [layer for layer in layers if layer.compressible]
+
+
+def _by_name(layers: list[Layer], name: str) -> Layer:
+    return next(layer for layer in layers if layer.name == name)

@@ -1,0 +1,190 @@
+"""The pass protocol, the registry, and the rewrite helpers every factorization pass shares.
+
+Like onnx-ir passes, a pass is a callable ``pass(model) -> PassResult(model, modified, notes)``. Passes
+rewrite the ModelProto they are given in place (the pipeline hands them its own copy) and know nothing
+of the CLI. A factorization pass gets the planned ranks, the :class:`~inhercc.layers.Layer` records and a
+:data:`FactorSource` that produces the factor matrices (plain SVD, whitened SVD or random).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import ModelProto, NodeProto, numpy_helper
+
+from inhercc.layers import Layer
+
+# (layer, total rank) -> (input_factor [g, r/g, in], output_factor [g, out, r/g]) in float64
+FactorSource = Callable[[Layer, int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class PassResult:
+    """What a pass did: the (rewritten) model, whether anything changed, and one note per rewrite."""
+
+    model: ModelProto
+    modified: bool
+    notes: list[str] = field(default_factory=list)
+
+
+class Pass(Protocol):
+    def __call__(self, model: ModelProto) -> PassResult: ...
+
+
+PASSES: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make a pass available by name (``get_pass``)."""
+
+    def deco(cls: type) -> type:
+        PASSES[name] = cls
+        return cls
+
+    return deco
+
+
+def get_pass(name: str) -> type:
+    try:
+        return PASSES[name]
+    except KeyError:
+        raise KeyError(f"no pass named {name!r}; known: {', '.join(sorted(PASSES))}") from None
+
+
+def run_passes(model: ModelProto, passes: Iterable[Pass]) -> PassResult:
+    """Run passes in order, threading the model through; notes are concatenated."""
+    modified, notes = False, []
+    for p in passes:
+        result = p(model)
+        model, modified = result.model, modified or result.modified
+        notes += result.notes
+    return PassResult(model, modified, notes)
+
+
+class FactorizePass:
+    """Shared driver: for every node of ``op_type`` with a planned rank, ask :meth:`rewrite` for the nodes
+    that replace it; then drop weights nothing uses any more. Subclasses implement :meth:`rewrite`."""
+
+    op_type: str = ""
+
+    def __init__(self, ranks: Mapping[str, int], layers: Mapping[str, Layer], factors: FactorSource) -> None:
+        self.ranks = dict(ranks)
+        self.layers = dict(layers)
+        self.factors = factors
+
+    def __call__(self, model: ModelProto) -> PassResult:
+        graph = model.graph
+        names = GraphNames(model)
+        new_nodes: list[NodeProto] = []
+        notes: list[str] = []
+        for node in graph.node:
+            rank = self.ranks.get(node.name) if node.op_type == self.op_type else None
+            if rank is None or node.name not in self.layers:
+                new_nodes.append(node)
+                continue
+            layer = self.layers[node.name]
+            input_factor, output_factor = self.factors(layer, rank)
+            replacement, tensors = self.rewrite(node, layer, input_factor, output_factor, names)
+            for n in replacement:
+                n.metadata_props.extend(node.metadata_props)
+            new_nodes.extend(replacement)
+            graph.initializer.extend(tensors)
+            notes.append(f"{node.name}: {self.op_type} {list(layer.weight_shape)} -> rank {rank}")
+        if not notes:
+            return PassResult(model, False, [])
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        remove_unused_initializers(model)
+        return PassResult(model, True, notes)
+
+    def rewrite(
+        self, node: NodeProto, layer: Layer, input_factor: np.ndarray, output_factor: np.ndarray, names: GraphNames
+    ) -> tuple[list[NodeProto], list[onnx.TensorProto]]:
+        raise NotImplementedError
+
+
+class GraphNames:
+    """Hands out tensor/node names not yet used in the graph."""
+
+    def __init__(self, model: ModelProto) -> None:
+        g = model.graph
+        self.used = {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+        for n in g.node:
+            self.used.update(n.input)
+            self.used.update(n.output)
+            self.used.add(n.name)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name = f"{base}_{i}"
+            i += 1
+        self.used.add(name)
+        return name
+
+
+_ANONYMOUS = re.compile(r"^(onnx::|val_\d+$|_v_\d+$|v\d+$|\d+$|_?param_?\d+$)")
+
+
+def weight_base_name(node: NodeProto, weight_name: str) -> str:
+    """A readable base for the factor names: the teacher's weight name, or — when the exporter named it
+    anonymously (``onnx::MatMul_123``, ``val_8``) — the module path recorded on the node."""
+    if not _ANONYMOUS.search(weight_name):
+        return weight_name
+    for kv in node.metadata_props:
+        if kv.key == "pkg.torch.onnx.name_scopes":
+            scopes = re.findall(r"'([^']*)'", kv.value) or [kv.value]
+            scope = scopes[-1].strip("/ ") if scopes else ""
+            if scope:
+                return f"{scope}.weight"
+    parts = [p for p in node.name.strip("/").split("/") if p]
+    if len(parts) > 1:
+        return ".".join(parts[:-1]) + ".weight"
+    return weight_name
+
+
+def factor_tensors(
+    names: GraphNames, node: NodeProto, layer: Layer, input_factor: np.ndarray, output_factor: np.ndarray
+) -> tuple[onnx.TensorProto, onnx.TensorProto]:
+    """The two factor initializers, in the teacher weight's dtype, named ``<weight>.inherit_in/_out``."""
+    base = weight_base_name(node, layer.weight_name)
+    a = numpy_helper.from_array(np.ascontiguousarray(input_factor.astype(layer.weight_dtype)),
+                                names.fresh(f"{base}.inherit_in"))
+    b = numpy_helper.from_array(np.ascontiguousarray(output_factor.astype(layer.weight_dtype)),
+                                names.fresh(f"{base}.inherit_out"))
+    return a, b
+
+
+def copy_attributes(node: NodeProto, skip: Iterable[str] = ()) -> dict[str, object]:
+    skip = set(skip)
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name not in skip}
+
+
+def remove_unused_initializers(model: ModelProto) -> int:
+    """Drop initializers no node (or subgraph) reads and that are not graph outputs."""
+    used: set[str] = {o.name for o in model.graph.output}
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        for n in g.node:
+            used.update(n.input)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    stack.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(a.graphs)
+    keep = [t for t in model.graph.initializer if t.name in used]
+    removed = len(model.graph.initializer) - len(keep)
+    if removed:
+        dropped = {t.name for t in model.graph.initializer} - {t.name for t in keep}
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        graph_inputs = [i for i in model.graph.input if i.name not in dropped]
+        del model.graph.input[:]
+        model.graph.input.extend(graph_inputs)
+    return removed

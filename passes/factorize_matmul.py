@@ -1,0 +1,35 @@
+"""MatMul with a constant 2-D weight → two runtime MatMuls ``(x·A)·B``."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import NodeProto
+
+from inhercc.layers import Layer
+from inhercc.passes.base import FactorizePass, GraphNames, factor_tensors, register
+
+
+@register("factorize_matmul")
+class FactorizeMatMul(FactorizePass):
+    """Rules:
+
+    1. ``Y = MatMul(X, W)``, ``W`` a constant ``[in, out]`` initializer with a planned rank ``r``, becomes
+       ``T = MatMul(X, A)``; ``Y = MatMul(T, B)`` with ``A = [in, r]`` (the input factor, a linear in→r) and
+       ``B = [r, out]`` (the output factor carrying Σ under the default split).
+    2. ``X`` may have any rank ≥ 1 (the products broadcast exactly like the original).
+    3. ``Y`` keeps its name, so consumers (a following bias ``Add``, say) are untouched; ``A`` and ``B``
+       are separate initializers, so ONNX Runtime cannot fold them back into one matrix.
+    """
+
+    op_type = "MatMul"
+
+    def rewrite(
+        self, node: NodeProto, layer: Layer, input_factor: np.ndarray, output_factor: np.ndarray, names: GraphNames
+    ) -> tuple[list[NodeProto], list[onnx.TensorProto]]:
+        a, b = factor_tensors(names, node, layer, input_factor[0].T, output_factor[0].T)
+        mid = names.fresh(f"{node.output[0]}.inherit_mid")
+        first = onnx.helper.make_node("MatMul", [node.input[0], a.name], [mid], name=names.fresh(f"{node.name}.inherit_in"))
+        second = onnx.helper.make_node("MatMul", [mid, b.name], [node.output[0]],
+                                       name=names.fresh(f"{node.name}.inherit_out"))
+        return [first, second], [a, b]
