@@ -65,18 +65,34 @@ def _rank(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Student ONNX file.")
-@click.option("--ratio", type=float, callback=_ratio, help="Keep this fraction of the compressible parameters "
-              "(default 0.5); ranks allocated globally by a greedy on the spectra.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Student ONNX file."
+)
+@click.option(
+    "--ratio",
+    type=float,
+    callback=_ratio,
+    help="Keep this fraction of the compressible parameters "
+    "(default 0.5); ranks allocated globally by a greedy on the spectra.",
+)
 @click.option("--rank", type=int, callback=_rank, help="One rank for every layer.")
 @click.option("--energy", type=float, help="Per layer, keep this fraction of the spectral energy.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=str), help="Replay a plan JSON.")
 @click.option("--save-plan", type=click.Path(dir_okay=False, path_type=str), help="Write the plan as JSON.")
 @click.option("--rank-multiple", type=int, default=8, show_default=True, callback=_rank, help="Round ranks up to this.")
-@click.option("--split", type=click.Choice(["output", "sqrt", "input"]), default="output", show_default=True,
-              help="Where the singular values go (output = InherNet).")
-@click.option("--init", type=click.Choice(["svd", "whitened", "random"]), default=None,
-              help="Factor init: whitened when --data is given, else svd; random = same-size student baseline.")
+@click.option(
+    "--split",
+    type=click.Choice(["output", "sqrt", "input"]),
+    default="output",
+    show_default=True,
+    help="Where the singular values go (output = InherNet).",
+)
+@click.option(
+    "--init",
+    type=click.Choice(["svd", "whitened", "random"]),
+    default=None,
+    help="Factor init: whitened when --data is given, else svd; random = same-size student baseline.",
+)
 @click.option("--include", multiple=True, help="Only layers whose node name matches this regex (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip layers whose node name matches this regex (repeatable).")
 @click.option("--data", type=click.Path(path_type=str), help="Samples (.npz, one array per input) for verification.")
@@ -86,20 +102,51 @@ def _rank(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime fidelity check.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Also print the per-layer table.")
-def compress(model: str, output: str, ratio: float | None, rank: int | None, energy: float | None,
-             plan_path: str | None, save_plan: str | None, rank_multiple: int, split: str, init: str | None,
-             include: tuple[str, ...], exclude: tuple[str, ...], data: str | None, shapes: tuple[str, ...],
-             report_path: str | None, external_data: bool | None, no_verify: bool, seed: int,
-             verbose: bool) -> None:
+def compress(
+    model: str,
+    output: str,
+    ratio: float | None,
+    rank: int | None,
+    energy: float | None,
+    plan_path: str | None,
+    save_plan: str | None,
+    rank_multiple: int,
+    split: str,
+    init: str | None,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    data: str | None,
+    shapes: tuple[str, ...],
+    report_path: str | None,
+    external_data: bool | None,
+    no_verify: bool,
+    seed: int,
+    verbose: bool,
+) -> None:
     """Compress MODEL into a student with SVD-initialized factor chains."""
     from inhercc.data import parse_shapes
     from inhercc.pipeline import compress_file
 
     result = compress_file(
-        model, output, report_path=report_path, save_plan=save_plan, external_data=external_data,
-        ratio=ratio, rank=rank, energy=energy, plan=plan_path, rank_multiple=rank_multiple, split=split,
-        init=init, include=include or None, exclude=exclude or None, data=data, shapes=parse_shapes(shapes),
-        verify=not no_verify, seed=seed, log=lambda m: click.echo(f"· {m}", err=True) if verbose else None,
+        model,
+        output,
+        report_path=report_path,
+        save_plan=save_plan,
+        external_data=external_data,
+        ratio=ratio,
+        rank=rank,
+        energy=energy,
+        plan=plan_path,
+        rank_multiple=rank_multiple,
+        split=split,
+        init=init,
+        include=include or None,
+        exclude=exclude or None,
+        data=data,
+        shapes=parse_shapes(shapes),
+        verify=not no_verify,
+        seed=seed,
+        log=lambda m: click.echo(f"· {m}", err=True) if verbose else None,
     )
     rep = result.report
     if verbose:
@@ -133,8 +180,18 @@ def summary_table(rep: dict[str, Any]) -> str:
 def layer_table(rows: list[dict[str, Any]]) -> str:
     return format_table(
         ["layer", "op", "shape", "rank", "params before", "params after", "reason"],
-        [[r["name"], r["op"], "x".join(map(str, r["shape"])), r["rank"], r["params_before"], r["params_after"],
-          r["reason"] or ""] for r in rows],
+        [
+            [
+                r["name"],
+                r["op"],
+                "x".join(map(str, r["shape"])),
+                r["rank"],
+                r["params_before"],
+                r["params_after"],
+                r["reason"] or "",
+            ]
+            for r in rows
+        ],
         align="lllrrrl",
     )
 
@@ -150,24 +207,42 @@ def _ratio_str(a: float, b: float) -> str:
 @click.option("--exclude", multiple=True, help="Skip layers whose node name matches this regex.")
 @click.option("--rank-multiple", type=int, default=8, show_default=True, callback=_rank)
 @click.option("--data", type=click.Path(path_type=str), help="Calibration samples: show whitened (output) spectra.")
-def inspect(model: str, as_json: bool, include: tuple[str, ...], exclude: tuple[str, ...], rank_multiple: int,
-            data: str | None) -> None:
+def inspect(
+    model: str, as_json: bool, include: tuple[str, ...], exclude: tuple[str, ...], rank_multiple: int, data: str | None
+) -> None:
     """Per-layer table: weight shape, params, FLOPs, ranks keeping 90/99 % energy, why not compressible."""
     from inhercc.pipeline import inspect_model
 
-    info = inspect_model(model, include=include or None, exclude=exclude or None, rank_multiple=rank_multiple,
-                         data=data)
+    info = inspect_model(
+        model, include=include or None, exclude=exclude or None, rank_multiple=rank_multiple, data=data
+    )
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    rows = [[r["name"], r["op"], "x".join(map(str, r["shape"])), r["params"], r["flops"], r["rank90"], r["rank99"],
-             r["reason"] or ""] for r in info["layers"]]
-    click.echo(format_table(["layer", "op", "shape", "params", "FLOPs", "rank@90%", "rank@99%", "reason"], rows,
-                            align="lllrrrrl"))
+    rows = [
+        [
+            r["name"],
+            r["op"],
+            "x".join(map(str, r["shape"])),
+            r["params"],
+            r["flops"],
+            r["rank90"],
+            r["rank99"],
+            r["reason"] or "",
+        ]
+        for r in info["layers"]
+    ]
+    click.echo(
+        format_table(
+            ["layer", "op", "shape", "params", "FLOPs", "rank@90%", "rank@99%", "reason"], rows, align="lllrrrrl"
+        )
+    )
     t = info["totals"]
-    click.echo(f"\n{t['layers']} layers, {t['compressible']} compressible "
-               f"({human_count(t['compressible_params'])} of {human_count(t['params'])} params); "
-               f"{human_count(t['flops'])} FLOPs/sample; spectrum: {info['spectrum']}")
+    click.echo(
+        f"\n{t['layers']} layers, {t['compressible']} compressible "
+        f"({human_count(t['compressible_params'])} of {human_count(t['params'])} params); "
+        f"{human_count(t['flops'])} FLOPs/sample; spectrum: {info['spectrum']}"
+    )
 
 
 def main() -> None:

@@ -147,8 +147,9 @@ def synthetic_feeds(
 
 
 def warn_synthetic(purpose: str) -> None:
-    warnings.warn(f"no --data given: {purpose} uses synthetic inputs, which say little about real quality",
-                  stacklevel=3)
+    warnings.warn(
+        f"no --data given: {purpose} uses synthetic inputs, which say little about real quality", stacklevel=3
+    )
 
 
 def load_npz(path: str | Path, model: ModelProto | None = None) -> Feed:
@@ -161,7 +162,9 @@ def load_npz(path: str | Path, model: ModelProto | None = None) -> Feed:
         with np.load(path, allow_pickle=False) as z:
             feeds = {k: z[k] for k in z.files}
     except Exception as e:
-        raise InherccError(f"cannot read {path} as .npz: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise InherccError(
+            f"cannot read {path} as .npz: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from e
     if not feeds:
         raise InherccError(f"{path} holds no arrays")
     if model is not None:
@@ -184,7 +187,8 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelProto, source: str 
             if i > 0 and isinstance(d, int) and d > 0 and d != v:
                 raise InherccError(f"{source}: {spec.name} has shape {list(a.shape)}, the model expects dim {i} = {d}")
         if np.issubdtype(spec.dtype, np.floating) != np.issubdtype(a.dtype, np.floating) or (
-            spec.dtype == np.bool_) != (a.dtype == np.bool_):
+            spec.dtype == np.bool_
+        ) != (a.dtype == np.bool_):
             raise InherccError(f"{source}: {spec.name} is {a.dtype}, the model expects {spec.dtype}")
         if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
             raise InherccError(f"{source}: {spec.name} contains NaN or Inf")

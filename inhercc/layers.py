@@ -100,9 +100,7 @@ def tensor_shapes(model: ModelProto) -> dict[str, list[Dim]]:
     for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         t = vi.type.tensor_type
         if t.HasField("shape"):
-            shapes[vi.name] = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-            ]
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
     for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
     return shapes

@@ -219,8 +219,14 @@ def save_model(model: ModelProto, path: str | os.PathLike[str], *, external_data
         to_save = ModelProto()
         to_save.CopyFrom(model)
         if external_data:
-            onnx.save_model(to_save, str(tmp_model), save_as_external_data=True, location=data_name,
-                            all_tensors_to_one_file=True, size_threshold=1024)
+            onnx.save_model(
+                to_save,
+                str(tmp_model),
+                save_as_external_data=True,
+                location=data_name,
+                all_tensors_to_one_file=True,
+                size_threshold=1024,
+            )
             os.replace(Path(tmpdir) / data_name, path.parent / data_name)
         else:
             onnx.save_model(to_save, str(tmp_model))

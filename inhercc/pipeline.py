@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
 from onnx import ModelProto
 
 from inhercc import linalg
@@ -78,7 +77,9 @@ def choose_plan(
     spectrum: str,
 ) -> RankPlan:
     """Exactly one of ratio / rank / energy / plan (ratio 0.5 when none is given)."""
-    given = [n for n, v in (("--ratio", ratio), ("--rank", rank), ("--energy", energy), ("--plan", plan)) if v is not None]
+    given = [
+        n for n, v in (("--ratio", ratio), ("--rank", rank), ("--energy", energy), ("--plan", plan)) if v is not None
+    ]
     if len(given) > 1:
         raise InherccError(f"choose one of --ratio, --rank, --energy, --plan (got {', '.join(given)})")
     if rank_multiple <= 0:
@@ -89,8 +90,14 @@ def choose_plan(
         return plan_uniform(layers, rank, rank_multiple=rank_multiple, min_saving=min_saving)
     if energy is not None:
         return plan_energy(layers, spectra, energy, rank_multiple=rank_multiple, min_saving=min_saving)
-    return plan_ratio(layers, spectra, DEFAULT_RATIO if ratio is None else ratio, rank_multiple=rank_multiple,
-                      min_saving=min_saving, spectrum=spectrum)
+    return plan_ratio(
+        layers,
+        spectra,
+        DEFAULT_RATIO if ratio is None else ratio,
+        rank_multiple=rank_multiple,
+        min_saving=min_saving,
+        spectrum=spectrum,
+    )
 
 
 class Factorizer:
@@ -98,8 +105,9 @@ class Factorizer:
     passes) from it. ``init``: 'svd' (Eckart–Young optimal in the weights), 'whitened' (optimal in the
     layer outputs given per-layer Gram matrices) or 'random' (Kaiming; same architecture, no inheritance)."""
 
-    def __init__(self, init: str = "svd", split: str = "output", grams: Mapping[str, np.ndarray] | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, init: str = "svd", split: str = "output", grams: Mapping[str, np.ndarray] | None = None, seed: int = 0
+    ) -> None:
         if init not in INITS:
             raise InherccError(f"unknown --init {init!r}; choose from {', '.join(INITS)}")
         if split not in linalg.SPLITS:
@@ -126,8 +134,9 @@ class Factorizer:
     def __call__(self, layer: Layer, rank: int) -> tuple[np.ndarray, np.ndarray]:
         per_group = rank // layer.groups
         if self.init == "random":
-            return linalg.random_factors(layer.out_features, layer.in_features, per_group, layer.groups,
-                                         seed=self.seed + hash(layer.name) % 1000)
+            return linalg.random_factors(
+                layer.out_features, layer.in_features, per_group, layer.groups, seed=self.seed + hash(layer.name) % 1000
+            )
         d = self.decomposition(layer)
         if isinstance(d, linalg.WhitenedSVD):
             return linalg.whitened_factorize(layer.matrix(), self.grams[layer.name], per_group, self.split, d)
@@ -143,8 +152,9 @@ def rewrite(model: ModelProto, plan: RankPlan, layers: list[Layer], factors: Fac
     student.CopyFrom(model)
     ranks = plan.factorized()
     by_name = {layer.name: layer for layer in layers}
-    result = run_passes(student, [cls(ranks, by_name, factors) for cls in (FactorizeMatMul, FactorizeGemm,
-                                                                           FactorizeConv)])
+    result = run_passes(
+        student, [cls(ranks, by_name, factors) for cls in (FactorizeMatMul, FactorizeGemm, FactorizeConv)]
+    )
     out = result.model
     del out.graph.value_info[:]  # stale for the rewritten nodes; re-inferred below
     return infer_model_shapes(out)
@@ -169,13 +179,14 @@ def fixed_shape_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None)
     return total / max(1, batch), symbolic
 
 
-def verification_feeds(model: ModelProto, feeds: Feed | None, shapes: Mapping[str, list[int]] | None,
-                       samples: int, seed: int) -> Feed:
+def verification_feeds(
+    model: ModelProto, feeds: Feed | None, shapes: Mapping[str, list[int]] | None, samples: int, seed: int
+) -> Feed:
     if feeds is not None:
         n = len(next(iter(feeds.values())))
         take = min(n, samples)
         names = {s.name for s in input_specs(model)}
-        return {k: v[n - take:] for k, v in feeds.items() if k in names}  # the last samples
+        return {k: v[n - take :] for k, v in feeds.items() if k in names}  # the last samples
     warn_synthetic("verification")
     return synthetic_feeds(model, shapes, batch=samples, seed=seed)
 
@@ -214,10 +225,18 @@ def compress(
     feeds = as_feeds(data, model)
     if shapes:
         resolve_shapes(input_specs(model), shapes)  # fail fast on bad --shape
-    layers = find_layers(model, include=include, exclude=exclude, min_params=min_params,
-                         rank_multiple=rank_multiple, min_saving=min_saving)
+    layers = find_layers(
+        model,
+        include=include,
+        exclude=exclude,
+        min_params=min_params,
+        rank_multiple=rank_multiple,
+        min_saving=min_saving,
+    )
     if not any(layer.compressible for layer in layers):
-        found = f"{len(layers)} candidate(s), none compressible" if layers else "no MatMul/Gemm/Conv with a constant weight"
+        found = (
+            f"{len(layers)} candidate(s), none compressible" if layers else "no MatMul/Gemm/Conv with a constant weight"
+        )
         raise InherccError(f"no compressible layer in the model ({found})")
     init = init or ("whitened" if feeds is not None else "svd")
     if init == "whitened" and grams is None:
@@ -231,8 +250,17 @@ def compress(
     spectrum = "whitened" if init == "whitened" else "weight"
     needs_spectra = plan is None and rank is None
     spectra = factorizer.spectra(layers) if needs_spectra else {}
-    rank_plan = choose_plan(layers, spectra, ratio=ratio, rank=rank, energy=energy, plan=plan,
-                            rank_multiple=rank_multiple, min_saving=min_saving, spectrum=spectrum)
+    rank_plan = choose_plan(
+        layers,
+        spectra,
+        ratio=ratio,
+        rank=rank,
+        energy=energy,
+        plan=plan,
+        rank_multiple=rank_multiple,
+        min_saving=min_saving,
+        spectrum=spectrum,
+    )
     rank_plan.method.setdefault("init", init)
     rank_plan.method.setdefault("split", split)
     if not rank_plan.factorized():
@@ -252,8 +280,13 @@ def compress(
     return CompressResult(student, rank_plan, layers, report)
 
 
-def build_report(teacher: ModelProto, student: ModelProto, layers: list[Layer], plan: RankPlan,
-                 shapes: Mapping[str, list[int]] | None = None) -> dict[str, Any]:
+def build_report(
+    teacher: ModelProto,
+    student: ModelProto,
+    layers: list[Layer],
+    plan: RankPlan,
+    shapes: Mapping[str, list[int]] | None = None,
+) -> dict[str, Any]:
     """Params / FLOPs / size of both models and the per-layer table."""
     ft, sym = fixed_shape_flops(teacher, shapes)
     fs, _ = fixed_shape_flops(student, shapes)
@@ -261,12 +294,19 @@ def build_report(teacher: ModelProto, student: ModelProto, layers: list[Layer], 
     for layer in layers:
         r = plan.rank(layer.name)
         after = layer.factor_params(r) + layer.bias_params if r is not None else layer.params
-        rows.append({
-            "name": layer.name, "op": layer.op, "shape": layer.shape, "rank": r,
-            "params_before": layer.params, "params_after": after,
-            "flops_before": layer.flops, "flops_after": layer.factor_flops(r) if r is not None else layer.flops,
-            "reason": None if r is not None else plan.reasons.get(layer.name, layer.reason),
-        })
+        rows.append(
+            {
+                "name": layer.name,
+                "op": layer.op,
+                "shape": layer.shape,
+                "rank": r,
+                "params_before": layer.params,
+                "params_after": after,
+                "flops_before": layer.flops,
+                "flops_after": layer.factor_flops(r) if r is not None else layer.flops,
+                "reason": None if r is not None else plan.reasons.get(layer.name, layer.reason),
+            }
+        )
     return {
         "params": {"teacher": float_param_count(teacher), "student": float_param_count(student)},
         "flops": {"teacher": int(ft), "student": int(fs), "symbolic_dims_counted_as_1": list(sym)},
@@ -329,9 +369,17 @@ def inspect_model(
     factorizer = Factorizer("whitened" if grams is not None else "svd", grams=grams)
     rows = []
     for layer in layers:
-        row: dict[str, Any] = {"name": layer.name, "op": layer.op, "shape": layer.shape, "params": layer.params,
-                               "flops": layer.flops, "full_rank": layer.full_rank * layer.groups,
-                               "rank90": None, "rank99": None, "reason": layer.reason}
+        row: dict[str, Any] = {
+            "name": layer.name,
+            "op": layer.op,
+            "shape": layer.shape,
+            "params": layer.params,
+            "flops": layer.flops,
+            "full_rank": layer.full_rank * layer.groups,
+            "rank90": None,
+            "rank99": None,
+            "reason": layer.reason,
+        }
         if layer.weight is not None and layer.out_features and layer.in_features:
             s = factorizer.spectrum(layer)
             row["rank90"] = rank_keeping(s, 0.90) * layer.groups

@@ -67,13 +67,13 @@ class RankPlan:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> RankPlan:
         if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
-            raise InherccError(f"{source} is not an inhercc plan (missing \"format\": \"{PLAN_FORMAT}\")")
+            raise InherccError(f'{source} is not an inhercc plan (missing "format": "{PLAN_FORMAT}")')
         ranks: dict[str, int | None] = {}
         reasons: dict[str, str] = {}
         for row in data.get("layers", []):
             name, rank = row.get("name"), row.get("rank")
             if not isinstance(name, str):
-                raise InherccError(f"{source}: every layer needs a \"name\"")
+                raise InherccError(f'{source}: every layer needs a "name"')
             if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
                 raise InherccError(f"{source}: rank of {name} must be a positive integer or null, got {rank!r}")
             ranks[name] = rank
@@ -232,8 +232,7 @@ def apply_plan(layers: list[Layer], plan: RankPlan) -> RankPlan:
         if rank is None:
             reasons[layer.name] = plan.reasons.get(layer.name) or layer.reason or "left dense by the plan"
             continue
-        if layer.weight is None or layer.reason and not layer.reason.startswith(("too small", "no saving",
-                                                                                  "excluded")):
+        if layer.weight is None or layer.reason and not layer.reason.startswith(("too small", "no saving", "excluded")):
             raise InherccError(f"plan asks to factorize {layer.name}, which cannot be: {layer.reason}")
         if rank % layer.groups:
             raise InherccError(f"plan rank {rank} of {layer.name} is not divisible by its {layer.groups} groups")

@@ -46,7 +46,11 @@ def compare_outputs(
 
 
 def fidelity(
-    teacher: ModelProto, student: ModelProto, feeds: Mapping[str, np.ndarray], *, batch_size: int | None = 32,
+    teacher: ModelProto,
+    student: ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    batch_size: int | None = 32,
     teacher_outputs: list[np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run teacher and student on ``feeds`` (ORT, CPU) and compare every graph output."""

@@ -153,10 +153,12 @@ def factor_tensors(
 ) -> tuple[onnx.TensorProto, onnx.TensorProto]:
     """The two factor initializers, in the teacher weight's dtype, named ``<weight>.inherit_in/_out``."""
     base = weight_base_name(node, layer.weight_name)
-    a = numpy_helper.from_array(np.ascontiguousarray(input_factor.astype(layer.weight_dtype)),
-                                names.fresh(f"{base}.inherit_in"))
-    b = numpy_helper.from_array(np.ascontiguousarray(output_factor.astype(layer.weight_dtype)),
-                                names.fresh(f"{base}.inherit_out"))
+    a = numpy_helper.from_array(
+        np.ascontiguousarray(input_factor.astype(layer.weight_dtype)), names.fresh(f"{base}.inherit_in")
+    )
+    b = numpy_helper.from_array(
+        np.ascontiguousarray(output_factor.astype(layer.weight_dtype)), names.fresh(f"{base}.inherit_out")
+    )
     return a, b
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from inhercc.passes.base import FactorizePass, GraphNames, copy_attributes, factor_tensors, register
 from onnx import NodeProto
 
 from inhercc.layers import Layer
-from inhercc.passes.base import FactorizePass, GraphNames, copy_attributes, factor_tensors, register
 
 
 @register("factorize_conv")
@@ -36,9 +36,16 @@ class FactorizeConv(FactorizePass):
         attrs = copy_attributes(node)
         attrs["kernel_shape"] = list(kernel)
         mid = names.fresh(f"{node.output[0]}.inherit_mid")
-        first = onnx.helper.make_node("Conv", [node.input[0], a.name], [mid], name=names.fresh(f"{node.name}.inherit_in"),
-                                      **attrs)
+        first = onnx.helper.make_node(
+            "Conv", [node.input[0], a.name], [mid], name=names.fresh(f"{node.name}.inherit_in"), **attrs
+        )
         inputs = [mid, b.name] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
-        second = onnx.helper.make_node("Conv", inputs, [node.output[0]], name=names.fresh(f"{node.name}.inherit_out"),
-                                       kernel_shape=[1] * len(kernel), group=g)
+        second = onnx.helper.make_node(
+            "Conv",
+            inputs,
+            [node.output[0]],
+            name=names.fresh(f"{node.name}.inherit_out"),
+            kernel_shape=[1] * len(kernel),
+            group=g,
+        )
         return [first, second], [a, b]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from inhercc.passes.base import FactorizePass, GraphNames, copy_attributes, factor_tensors, register
 from onnx import NodeProto
 
 from inhercc.layers import Layer
-from inhercc.passes.base import FactorizePass, GraphNames, copy_attributes, factor_tensors, register
 
 
 @register("factorize_gemm")
@@ -35,9 +35,17 @@ class FactorizeGemm(FactorizePass):
         attrs = copy_attributes(node, skip=("alpha", "beta", "transB", "transA"))
         beta = copy_attributes(node).get("beta", 1.0)
         mid = names.fresh(f"{node.output[0]}.inherit_mid")
-        first = onnx.helper.make_node("Gemm", [node.input[0], a.name], [mid], name=names.fresh(f"{node.name}.inherit_in"),
-                                      transB=trans_b, **attrs)
+        first = onnx.helper.make_node(
+            "Gemm", [node.input[0], a.name], [mid], name=names.fresh(f"{node.name}.inherit_in"), transB=trans_b, **attrs
+        )
         inputs = [mid, b.name] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
-        second = onnx.helper.make_node("Gemm", inputs, [node.output[0]], name=names.fresh(f"{node.name}.inherit_out"),
-                                       transB=trans_b, beta=beta, **attrs)
+        second = onnx.helper.make_node(
+            "Gemm",
+            inputs,
+            [node.output[0]],
+            name=names.fresh(f"{node.name}.inherit_out"),
+            transB=trans_b,
+            beta=beta,
+            **attrs,
+        )
         return [first, second], [a, b]
