@@ -13,6 +13,9 @@ from inhercc.errors import InherccError
 from inhercc.report import format_table, human_bytes, human_count
 
 
+_NO_ARGS_IS_HELP: type[Exception] = getattr(click.exceptions, "NoArgsIsHelpError", type("_Never", (Exception,), {}))
+
+
 class OneLineErrors(click.Group):
     """User mistakes (bad options, bad files) print one ``error: …`` line and exit 2 — no usage block, no
     traceback."""
@@ -23,7 +26,7 @@ class OneLineErrors(click.Group):
             rv = super().main(*args, **kwargs)
         except InherccError as e:
             _fail(str(e))
-        except click.exceptions.NoArgsIsHelp as e:
+        except _NO_ARGS_IS_HELP as e:
             click.echo(e.ctx.get_help() if e.ctx else str(e))
             sys.exit(0)
         except click.exceptions.Exit as e:

@@ -197,8 +197,11 @@ def check_output_path(output: str | os.PathLike[str], inputs: list[str | os.Path
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise InherccError(f"output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InherccError(f"output directory {parent} is not writable")
+    try:  # a real probe: os.access says yes to root even on read-only or virtual file systems
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise InherccError(f"output directory {parent} is not writable ({e.strerror or e})") from e
     if out.is_dir():
         raise InherccError(f"output {out} is a directory")
     return out
