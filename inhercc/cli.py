@@ -99,6 +99,9 @@ def _rank(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
 @click.option("--include", multiple=True, help="Only layers whose node name matches this regex (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip layers whose node name matches this regex (repeatable).")
 @click.option("--data", type=click.Path(path_type=str), help="Samples (.npz, one array per input) for verification.")
+@click.option("--verify-data", type=click.Path(path_type=str), help="Held-out samples (.npz) for the fidelity check "
+              "(default: the last --verify-samples of --data, held out from calibration).")
+@click.option("--verify-samples", type=int, default=8, show_default=True, callback=_rank)
 @click.option("--shape", "shapes", multiple=True, help="Input shape for dynamic dims, e.g. input_ids=1x128.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str), help="Write a JSON report.")
 @click.option("--external-data", is_flag=True, default=None, help="Store weights in <output>.data (auto above 2 GB).")
@@ -119,6 +122,8 @@ def compress(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     data: str | None,
+    verify_data: str | None,
+    verify_samples: int,
     shapes: tuple[str, ...],
     report_path: str | None,
     external_data: bool | None,
@@ -146,6 +151,8 @@ def compress(
         include=include or None,
         exclude=exclude or None,
         data=data,
+        verify_data=verify_data,
+        verify_samples=verify_samples,
         shapes=parse_shapes(shapes),
         verify=not no_verify,
         seed=seed,

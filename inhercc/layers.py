@@ -140,7 +140,9 @@ def node_flops(node: NodeProto, shapes: dict[str, list[Dim]]) -> tuple[int, tupl
 
 
 def _count(dims: list[Dim], k: Dim) -> tuple[int, tuple[str, ...]]:
-    symbolic = tuple(str(d) for d in list(dims) + [k] if not isinstance(d, int))
+    symbolic = tuple(
+        "unnamed" if str(d).startswith("unk__") or d is None else str(d) for d in list(dims) + [k] if not isinstance(d, int)
+    )
     n = 1
     for d in list(dims) + [k]:
         n *= d if isinstance(d, int) and d > 0 else 1

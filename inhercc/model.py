@@ -126,7 +126,16 @@ def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
 
 
 def infer_model_shapes(model: ModelProto) -> ModelProto:
-    """ONNX shape inference (data propagation on); models over 2 GB are inferred without weights."""
+    """Shape inference: ONNX Runtime's symbolic shape inference first (it follows Shape→Reshape chains, so
+    attention heads and sequence dims stay named), then ONNX's own (data propagation on) as a fallback;
+    models over 2 GB are inferred without weights."""
+    if model.ByteSize() < TWO_GB:
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        except Exception:
+            pass
     try:
         if model.ByteSize() < TWO_GB:
             return onnx.shape_inference.infer_shapes(model, data_prop=True)

@@ -179,14 +179,22 @@ def fixed_shape_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None)
     return total / max(1, batch), symbolic
 
 
+def split_holdout(feeds: Feed, samples: int) -> tuple[Feed, Feed]:
+    """``(head, tail)``: the last ``samples`` samples are held out for verification when at least as many
+    remain for calibration; otherwise both are the whole set (too little data to split)."""
+    n = len(next(iter(feeds.values())))
+    if n < 2 * samples:
+        return feeds, feeds
+    return {k: v[: n - samples] for k, v in feeds.items()}, {k: v[n - samples :] for k, v in feeds.items()}
+
+
 def verification_feeds(
     model: ModelProto, feeds: Feed | None, shapes: Mapping[str, list[int]] | None, samples: int, seed: int
 ) -> Feed:
+    """Real samples when given (model inputs only), else one synthetic batch of ``samples``."""
     if feeds is not None:
-        n = len(next(iter(feeds.values())))
-        take = min(n, samples)
         names = {s.name for s in input_specs(model)}
-        return {k: v[n - take :] for k, v in feeds.items() if k in names}  # the last samples
+        return {k: v for k, v in feeds.items() if k in names}
     warn_synthetic("verification")
     return synthetic_feeds(model, shapes, batch=samples, seed=seed)
 
@@ -206,6 +214,7 @@ def compress(
     min_params: int = DEFAULT_MIN_PARAMS,
     min_saving: float = DEFAULT_MIN_SAVING,
     data: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
+    verify_data: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
     shapes: Mapping[str, list[int]] | None = None,
     grams: Mapping[str, np.ndarray] | None = None,
     verify: bool = True,
@@ -217,12 +226,16 @@ def compress(
 
     Exactly one of ``ratio`` (default 0.5), ``rank``, ``energy`` or ``plan``. Returns the student model,
     the plan and a report with params, FLOPs, size and fidelity (teacher vs student in ONNX Runtime on
-    ``data`` or synthetic inputs).
+    ``verify_data``, else on the last ``verify_samples`` samples of ``data`` — held out from calibration —,
+    else on synthetic inputs).
     """
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
     model = as_model(teacher)
     feeds = as_feeds(data, model)
+    held_out = as_feeds(verify_data, model)
+    if feeds is not None and held_out is None:
+        feeds, held_out = split_holdout(feeds, verify_samples)
     if shapes:
         resolve_shapes(input_specs(model), shapes)  # fail fast on bad --shape
     layers = find_layers(
@@ -269,15 +282,22 @@ def compress(
     student = rewrite(model, rank_plan, layers, factorizer)
     factorizer.release()
     t_rewrite = time.perf_counter() - t0
-    report = build_report(model, student, layers, rank_plan, shapes)
+    report = build_report(model, student, layers, rank_plan, shapes or sample_shapes(held_out, model))
     report["init"] = init
     if verify:
         say("verifying in ONNX Runtime")
-        vfeeds = verification_feeds(model, feeds, shapes, verify_samples, seed)
+        vfeeds = verification_feeds(model, held_out, shapes, verify_samples, seed)
         report["fidelity"] = fidelity(model, student, vfeeds)
-        report["fidelity_inputs"] = "data" if feeds is not None else "synthetic"
+        report["fidelity_inputs"] = "data" if held_out is not None else "synthetic"
     report["time_s"] = {"rewrite": round(t_rewrite, 3), "total": round(time.perf_counter() - t0, 3)}
     return CompressResult(student, rank_plan, layers, report)
+
+
+def sample_shapes(feeds: Feed | None, model: ModelProto) -> dict[str, list[int]] | None:
+    """Input shapes of one sample of real data (batch 1), so FLOPs are counted at the data's sizes."""
+    if feeds is None:
+        return None
+    return {s.name: [1, *feeds[s.name].shape[1:]] for s in input_specs(model) if s.name in feeds}
 
 
 def build_report(
