@@ -125,28 +125,54 @@ def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
     return None  # sparse_value / strings: leave the node alone
 
 
-def infer_model_shapes(model: ModelProto) -> ModelProto:
-    """Shape inference: ONNX Runtime's symbolic shape inference first (it follows Shape→Reshape chains, so
-    attention heads and sequence dims stay named), then ONNX's own (data propagation on) as a fallback;
-    models over 2 GB are inferred without weights."""
-    if model.ByteSize() < TWO_GB:
-        try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+def shape_skeleton(model: ModelProto, max_elements: int = 4096) -> ModelProto:
+    """The model without its big float weights: they become typed graph inputs of the same shape. Shape
+    inference needs their shapes, not their values, and a BERT-base copy is 340 MB of memcpy and
+    protobuf sizing per call; the skeleton is a few hundred kB."""
+    skeleton = ModelProto()
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, f, getattr(model, f))
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    g, sg = model.graph, skeleton.graph
+    sg.name = g.name
+    sg.node.extend(g.node)
+    sg.input.extend(g.input)
+    sg.output.extend(g.output)
+    sg.value_info.extend(g.value_info)
+    declared = {i.name for i in g.input}
+    for t in g.initializer:
+        if t.data_type in FLOAT_TYPES and int(np.prod(t.dims, dtype=np.int64)) > max_elements:
+            if t.name not in declared:
+                sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            sg.initializer.append(t)
+    return skeleton
 
-            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-        except Exception:
-            pass
+
+def infer_model_shapes(model: ModelProto) -> ModelProto:
+    """Fill ``value_info`` (and output types) in place and return the model. Inference runs on the
+    :func:`shape_skeleton`: ONNX Runtime's symbolic shape inference first (it follows Shape→Reshape chains,
+    so attention heads and sequence dims stay named), then ONNX's own (data propagation on)."""
+    skeleton = shape_skeleton(model)
+    inferred = None
     try:
-        if model.ByteSize() < TWO_GB:
-            return onnx.shape_inference.infer_shapes(model, data_prop=True)
-        with tempfile.TemporaryDirectory() as d:
-            p = os.path.join(d, "m.onnx")
-            onnx.save_model(model, p, save_as_external_data=True, location="m.onnx.data")
-            onnx.shape_inference.infer_shapes_path(p, p, data_prop=True)
-            inferred = onnx.load(p, load_external_data=True)
-            return inferred
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
     except Exception:
-        return model  # inference is best effort: shapes only feed FLOP counts and synthetic inputs
+        try:
+            inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        except Exception:
+            return model  # best effort: shapes only feed FLOP counts and synthetic inputs
+    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
+    by_name = {o.name: o for o in inferred.graph.output}
+    for o in model.graph.output:
+        if o.name in by_name and not o.type.tensor_type.HasField("shape"):
+            o.type.CopyFrom(by_name[o.name].type)
+    return model
 
 
 def initializer_map(model: ModelProto) -> dict[str, TensorProto]:

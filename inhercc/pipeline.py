@@ -5,14 +5,25 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from onnx import ModelProto
 
 from inhercc import linalg
-from inhercc.data import Feed, input_specs, load_npz, resolve_shapes, synthetic_feeds, warn_synthetic
+from inhercc.data import (
+    Feed,
+    Samples,
+    input_specs,
+    load_npz,
+    open_samples,
+    resolve_shapes,
+    split_indices,
+    synthetic_feeds,
+    warn_synthetic,
+)
+from inhercc.distill import DistillConfig, is_main_process
 from inhercc.errors import InherccError
 from inhercc.layers import DEFAULT_MIN_PARAMS, DEFAULT_MIN_SAVING, Layer, count_flops, find_layers
 from inhercc.model import (
@@ -20,6 +31,7 @@ from inhercc.model import (
     file_size,
     float_param_count,
     infer_model_shapes,
+    shape_skeleton,
     load_model,
     model_bytes,
     prepare_model,
@@ -31,6 +43,7 @@ from inhercc.plan import RankPlan, apply_plan, plan_energy, plan_ratio, plan_uni
 from inhercc.verify import fidelity
 
 INITS = ("svd", "whitened", "random")
+CALIBRATION_LIMIT = 4096  # samples read into memory for calibration from a streamed source
 DEFAULT_RATIO = 0.5
 DEFAULT_RANK_MULTIPLE = 8
 
@@ -52,16 +65,38 @@ def as_model(model: ModelProto | str | os.PathLike[str]) -> ModelProto:
     return load_model(model)
 
 
-def as_feeds(data: Mapping[str, np.ndarray] | str | os.PathLike[str] | None, model: ModelProto) -> Feed | None:
+def as_feeds(data: Any, model: ModelProto) -> Feed | None:
+    """Samples in memory from any data source (``inhercc.data.open_samples``); a folder of shards, an
+    iterable or a reader gives its first ``CALIBRATION_LIMIT`` samples."""
     if data is None:
         return None
-    if isinstance(data, (str, os.PathLike)):
+    if isinstance(data, (str, os.PathLike)) and not os.path.isdir(data):
         return load_npz(data, model)
+    if not isinstance(data, Mapping):
+        from inhercc.data import open_samples
+
+        samples = open_samples(data, model)
+        return calibration_parts(samples, np.arange(len(samples)))[0]
     from inhercc.data import check_feeds
 
     feeds = {k: np.asarray(v) for k, v in data.items()}
     check_feeds(feeds, model)
     return feeds
+
+
+def calibration_parts(samples: Samples, indices: np.ndarray) -> list[Feed]:
+    """The first ``CALIBRATION_LIMIT`` of the given samples, one feed dict per sample shape (shards of a
+    folder may differ in, say, sequence length)."""
+    return [feeds for _, feeds in samples.batches(indices[:CALIBRATION_LIMIT], CALIBRATION_LIMIT)]
+
+
+def sum_grams(parts: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Gram matrices (sums of xᵀx) of several calibration runs, added up."""
+    total: dict[str, np.ndarray] = {}
+    for grams in parts:
+        for name, g in grams.items():
+            total[name] = total[name] + g if name in total else g
+    return total
 
 
 def choose_plan(
@@ -160,13 +195,13 @@ def rewrite(model: ModelProto, plan: RankPlan, layers: list[Layer], factors: Fac
     return infer_model_shapes(out)
 
 
-def fixed_shape_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None) -> tuple[float, tuple[str, ...]]:
-    """FLOPs per sample; with concrete input shapes the dims are fixed first (then divided by the batch)."""
-    if not shapes:
-        return count_flops(model)
-    fixed = ModelProto()
-    fixed.CopyFrom(model)
-    concrete = resolve_shapes(input_specs(fixed), shapes)
+def with_fixed_inputs(
+    model: ModelProto, shapes: Mapping[str, list[int]] | None, batch: int | None = None
+) -> ModelProto:
+    """A weight-less :func:`~inhercc.model.shape_skeleton` of the model with every graph input's dims fixed
+    (``resolve_shapes``) and shapes re-inferred — for FLOP counts and layer input shapes."""
+    fixed = shape_skeleton(model)
+    concrete = resolve_shapes(input_specs(fixed), shapes, batch)
     for vi in fixed.graph.input:
         if vi.name in concrete:
             dims = vi.type.tensor_type.shape.dim
@@ -174,9 +209,15 @@ def fixed_shape_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None)
                 d.Clear()
                 d.dim_value = v
     del fixed.graph.value_info[:]
-    total, symbolic = count_flops(infer_model_shapes(fixed))
-    batch = next(iter(concrete.values()))[0] if concrete else 1
-    return total / max(1, batch), symbolic
+    return infer_model_shapes(fixed)
+
+
+def fixed_shape_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None) -> tuple[float, tuple[str, ...]]:
+    """FLOPs per sample; with concrete input shapes the dims are fixed first. ``count_flops`` already
+    counts per sample (the leading dim is the batch), so nothing is divided here."""
+    if not shapes:
+        return count_flops(model)
+    return count_flops(with_fixed_inputs(model, shapes))
 
 
 def split_holdout(feeds: Feed, samples: int) -> tuple[Feed, Feed]:
@@ -220,9 +261,24 @@ def compress(
     verify: bool = True,
     verify_samples: int = 8,
     seed: int = 0,
+    epochs: int | None = None,
+    steps: int | None = None,
+    distill: DistillConfig | None = None,
+    latency_aware: bool = False,
+    provider: str = "cpu",
+    threads: int | None = None,
+    latency_timer: Callable[[Layer, int, Any], tuple[float, float]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> CompressResult:
     """Compress a teacher (path or ModelProto) into a student with SVD-initialized factor chains.
+
+    With ``latency_aware`` every planned chain is timed against its dense layer on ``provider`` (at the
+    ``shapes`` given) and layers whose chain is not faster stay dense (:mod:`inhercc.latency`).
+
+    With ``epochs``, ``steps`` or a ``distill`` config the student is then fine-tuned from the teacher
+    (:func:`inhercc.distill.distill`) on ``data`` — any source ``inhercc.data.open_samples`` takes; the
+    calibration uses its training split only — and the report gains ``fidelity_before`` / ``fidelity``
+    (on the held-out validation split) and ``training``.
 
     Exactly one of ``ratio`` (default 0.5), ``rank``, ``energy`` or ``plan``. Returns the student model,
     the plan and a report with params, FLOPs, size and fidelity (teacher vs student in ONNX Runtime on
@@ -232,10 +288,22 @@ def compress(
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
     model = as_model(teacher)
-    feeds = as_feeds(data, model)
-    held_out = as_feeds(verify_data, model)
-    if feeds is not None and held_out is None:
-        feeds, held_out = split_holdout(feeds, verify_samples)
+    training = distill is not None or epochs is not None or steps is not None
+    if training:
+        options = {k: v for k, v in (("epochs", epochs), ("steps", steps)) if v is not None}
+        config = replace(distill or DistillConfig(), **options)
+        config.check()
+        samples = open_samples(data, model, shapes=shapes, synthetic=config.synthetic_samples, seed=config.seed)
+        train_idx, _ = split_indices(len(samples), config.val_split, config.seed)
+        calibration = [] if samples.synthetic else calibration_parts(samples, train_idx)
+        feeds = calibration[0] if calibration else None
+        held_out = None
+    else:
+        calibration = []
+        feeds = as_feeds(data, model)
+        held_out = as_feeds(verify_data, model)
+        if feeds is not None and held_out is None:
+            feeds, held_out = split_holdout(feeds, verify_samples)
     if shapes:
         resolve_shapes(input_specs(model), shapes)  # fail fast on bad --shape
     layers = find_layers(
@@ -258,7 +326,8 @@ def compress(
         from inhercc.calibrate import collect_grams
 
         say("calibrating (Gram matrices of the layer inputs)")
-        grams = collect_grams(model, [la for la in layers if la.compressible], feeds)
+        compressible = [la for la in layers if la.compressible]
+        grams = sum_grams(collect_grams(model, compressible, part) for part in calibration or [feeds])
     factorizer = Factorizer(init, split, grams, seed)
     spectrum = "whitened" if init == "whitened" else "weight"
     needs_spectra = plan is None and rank is None
@@ -278,13 +347,38 @@ def compress(
     rank_plan.method.setdefault("split", split)
     if not rank_plan.factorized():
         raise InherccError("the plan factorizes no layer (every layer would stay dense)")
+    if latency_aware:
+        from inhercc.latency import latency_aware_plan
+
+        say(f"timing {len(rank_plan.factorized())} chain(s) against their dense layers on {provider}")
+        rank_plan = latency_aware_plan(
+            model,
+            layers,
+            rank_plan,
+            provider=provider,
+            shapes=shapes or sample_shapes(feeds, model),
+            timer=latency_timer,
+            threads=threads,
+            spectra=spectra,
+            min_saving=min_saving,
+            log=say,
+        )
+        if not rank_plan.factorized():
+            raise InherccError("every factor chain is slower than its dense layer on this provider: nothing to do")
     say(f"rewriting {len(rank_plan.factorized())} layer(s)")
     student = rewrite(model, rank_plan, layers, factorizer)
     factorizer.release()
     t_rewrite = time.perf_counter() - t0
     report = build_report(model, student, layers, rank_plan, shapes or sample_shapes(held_out, model))
     report["init"] = init
-    if verify:
+    if training:
+        from inhercc.distill import distill as run_distill
+
+        say("distilling from the teacher")
+        tuned = run_distill(student, model, samples, config=config, shapes=shapes)
+        student = tuned.model
+        report.update(tuned.report)
+    elif verify:
         say("verifying in ONNX Runtime")
         vfeeds = verification_feeds(model, held_out, shapes, verify_samples, seed)
         report["fidelity"] = fidelity(model, student, vfeeds)
@@ -352,6 +446,8 @@ def compress_file(
         if extra is not None:
             check_output_path(extra, [input_path])
     result = compress(input_path, **kwargs)
+    if not is_main_process():  # under torchrun only rank 0 writes
+        return result
     save_model(result.model, output_path, external_data=external_data)
     result.report["size"] = {"teacher": file_size(input_path), "student": file_size(output_path)}
     result.report["files"] = {"teacher": str(input_path), "student": str(output_path)}
