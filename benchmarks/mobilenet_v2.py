@@ -32,9 +32,7 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
 class ConvBNReLU6(nn.Sequential):
     """Conv2d (no bias) -> BatchNorm2d -> ReLU6, torchvision's ``Conv2dNormActivation`` layout."""
 
-    def __init__(
-        self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, groups: int = 1
-    ) -> None:
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, groups: int = 1) -> None:
         padding = (kernel_size - 1) // 2
         super().__init__(
             nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, groups=groups, bias=False),

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from benchmarks.mobilenet_v2 import MobileNetV2
+
 if TYPE_CHECKING:
     import onnxruntime
     import tokenizers
@@ -110,10 +112,8 @@ def mobilenet_v2_state_dict() -> dict[str, torch.Tensor]:
     return torch.load(mobilenet_v2_weights_path(), map_location="cpu", weights_only=True)
 
 
-def load_mobilenet_v2_torch() -> torch.nn.Module:
+def load_mobilenet_v2_torch() -> MobileNetV2:
     """The pretrained ImageNet MobileNetV2 (``benchmarks.mobilenet_v2``), strict-loaded, in eval mode."""
-    from benchmarks.mobilenet_v2 import MobileNetV2
-
     model = MobileNetV2()
     model.load_state_dict(mobilenet_v2_state_dict(), strict=True)
     return model.eval()
@@ -201,16 +201,12 @@ def build_minilm(path: str | os.PathLike[str], exporter: str = "legacy", opset: 
     return path
 
 
-def build_mobilenet_v2(
-    path: str | os.PathLike[str], opset: int = LEGACY_OPSET, exporter: str = "legacy"
-) -> Path:
+def build_mobilenet_v2(path: str | os.PathLike[str], opset: int = LEGACY_OPSET, exporter: str = "legacy") -> Path:
     """Export the ImageNet MobileNetV2 to `path` (input ``images`` with dynamic batch); returns the path."""
     path = Path(path)
     args = (torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)
     dynamic = {MOBILENET_INPUT: {0: "batch"}, MOBILENET_OUTPUT: {0: "batch"}}
-    _export(
-        load_mobilenet_v2_torch(), args, path, [MOBILENET_INPUT], [MOBILENET_OUTPUT], dynamic, exporter, opset
-    )
+    _export(load_mobilenet_v2_torch(), args, path, [MOBILENET_INPUT], [MOBILENET_OUTPUT], dynamic, exporter, opset)
     _set_output_dims(path, MOBILENET_OUTPUT, {0: "batch", 1: 1000})
     return path
 
@@ -360,9 +356,7 @@ def minilm_tokenizer() -> tokenizers.Tokenizer:
     return tokenizers.Tokenizer.from_file(str(minilm_model_dir() / "tokenizer.json"))
 
 
-def encode(
-    sentences: Sequence[str], max_length: int = 128, pad_to: int | None = None
-) -> dict[str, np.ndarray]:
+def encode(sentences: Sequence[str], max_length: int = 128, pad_to: int | None = None) -> dict[str, np.ndarray]:
     """Tokenise to int64 arrays keyed by the MiniLM input names; pads to the longest, or to `pad_to`."""
     if pad_to is not None and pad_to < max_length:
         max_length = pad_to
@@ -483,9 +477,7 @@ def teacher_inputs(name: str, batch: int = 5, seed: int = 1) -> dict[str, np.nda
     return {MOBILENET_INPUT: imagenet_images(batch, seed=seed)}
 
 
-def torch_reference(
-    name: str, feed: dict[str, np.ndarray], model: torch.nn.Module | None = None
-) -> np.ndarray:
+def torch_reference(name: str, feed: dict[str, np.ndarray], model: torch.nn.Module | None = None) -> np.ndarray:
     """The torch model's output for `feed` (the model the teacher `name` was exported from)."""
     if model is None:
         model = sentence_encoder() if name.startswith("minilm") else load_mobilenet_v2_torch()
@@ -499,9 +491,7 @@ def weight_matmul_count(path: str | os.PathLike[str]) -> tuple[int, int]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    consts = {i.name for i in graph.initializer} | {
-        o for n in graph.node if n.op_type == "Constant" for o in n.output
-    }
+    consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     return sum(any(i in consts for i in n.input) for n in matmuls), len(matmuls)
 

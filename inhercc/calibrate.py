@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -93,38 +93,70 @@ def conv_patches(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
 
 @dataclass
 class _Tap:
-    """One exposed tensor and how its rows are read (layers sharing both share the Gram)."""
+    """One exposed tensor and how its rows are read (layers sharing both share the Gram). With a teacher
+    value next to the student's, also the cross term ``X_sᵀ X_t`` (sequential calibration)."""
 
     tensor: str
-    op: str  # "MatMul" | "Gemm" | "Conv"
+    op: str  # "MatMul" (also Gemm) | "Conv"
     geom: ConvGeometry | None
     layers: list[str]
+    position: int = -1  # index of the producing node (-1: a graph input)
     gram: np.ndarray | None = None
+    cross: np.ndarray | None = None
     rows: int = 0
+    _pending: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
+    _pending_rows: int = 0
 
-    def add(self, value: np.ndarray, mask: np.ndarray | None) -> None:
+    def blocks(self, value: np.ndarray, mask: np.ndarray | None) -> Iterator[np.ndarray]:
+        """The rows the weight multiplies, as ``[g, rows, k]`` blocks (one per sample for a conv)."""
         if self.op == "Conv":
             assert self.geom is not None
             for sample in value:
-                self._accumulate(conv_patches(sample, self.geom))
+                yield conv_patches(sample, self.geom)
             return
         x = value
         if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
             x = x[mask != 0]  # drop padding positions
         elif mask is not None and x.ndim == 2 and x.shape[0] == mask.size:
             x = x[mask.reshape(-1) != 0]  # [batch·seq, in]: an exporter flattened the tokens
-        self._accumulate(x.reshape(1, -1, x.shape[-1]))
+        yield x.reshape(1, -1, x.shape[-1])
 
-    def _accumulate(self, patches: np.ndarray) -> None:
-        """``patches[g, rows, k]`` → ``gram[g] += Pᵀ P`` in float64, a bounded chunk of rows at a time."""
-        g, rows, k = patches.shape
-        if self.gram is None:
-            self.gram = np.zeros((g, k, k), dtype=np.float64)
+    def add(self, value: np.ndarray, mask: np.ndarray | None, teacher: np.ndarray | None = None) -> None:
+        """Queue a batch's rows; multiply once enough rows are queued (big products run faster)."""
+        student_blocks = self.blocks(value, mask)
+        teacher_blocks = self.blocks(teacher, mask) if teacher is not None else None
+        for block in student_blocks:
+            t_block = next(teacher_blocks) if teacher_blocks is not None else None
+            g, rows, k = block.shape
+            if self.gram is None:
+                self.gram = np.zeros((g, k, k), dtype=np.float64)
+                self.cross = np.zeros((g, k, k), dtype=np.float64) if teacher is not None else None
+            self._pending.append((block, t_block))
+            self._pending_rows += rows
+            self.rows += rows
+            if self._pending_rows * g * k >= _CHUNK_ELEMS:
+                self.flush()
+
+    def flush(self) -> None:
+        """``gram[g] += Pᵀ P`` (and ``cross[g] += Pᵀ P_teacher``) in float64 over the queued rows, a bounded
+        chunk of rows at a time."""
+        if not self._pending or self.gram is None:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        student = np.concatenate([p for p, _ in pending], axis=1)
+        teacher = np.concatenate([t for _, t in pending], axis=1) if self.cross is not None else None
+        g, rows, k = student.shape
         step = max(1, _CHUNK_ELEMS // max(1, g * k))
         for i in range(0, rows, step):
-            p = patches[:, i : i + step].astype(np.float64)
-            self.gram += np.matmul(p.transpose(0, 2, 1), p)
-        self.rows += rows
+            p = student[:, i : i + step].astype(np.float64)
+            pt = p.transpose(0, 2, 1)
+            self.gram += np.matmul(pt, p)
+            if self.cross is not None and teacher is not None:
+                self.cross += np.matmul(pt, teacher[:, i : i + step].astype(np.float64))
+
+    def result(self, stack: np.ndarray) -> np.ndarray:
+        """``[k, k]`` for one group, the ``[g, k, k]`` stack for a grouped conv."""
+        return stack if self.op == "Conv" and stack.shape[0] > 1 else stack[0]
 
 
 class Progress:
@@ -158,6 +190,39 @@ def mask_input(model: ModelProto) -> str | None:
     return None
 
 
+def _lengths(mask: np.ndarray) -> np.ndarray:
+    """Per row of a [batch, seq] mask: one past the last non-zero position (0 for an all-zero row)."""
+    nonzero = mask != 0
+    return np.where(nonzero.any(axis=1), mask.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 0)
+
+
+def padding_trimmer(model: ModelProto, feed: Feed) -> tuple[Feed, Callable[[Feed], Feed]]:
+    """Padding costs run time but adds nothing to the Grams: with a mask input whose sequence dim is dynamic,
+    sort the samples by length (Grams are sums, order is irrelevant) and return a function that cuts each
+    batch's [batch, seq] inputs to its longest sample. Without such a mask: the feed as is, no cutting."""
+    name = mask_input(model)
+    specs = {s.name: s for s in input_specs(model)}
+    if name is None or isinstance(specs[name].shape[1], int) and specs[name].shape[1] > 0:
+        return feed, lambda batch: batch
+    mask = feed[name]
+    order = np.argsort(_lengths(mask), kind="stable")
+    sorted_feed = {k: v[order] for k, v in feed.items()}
+    cuttable = [
+        k
+        for k, v in feed.items()
+        if v.ndim >= 2
+        and v.shape[:2] == mask.shape
+        and len(specs[k].shape) >= 2
+        and not isinstance(specs[k].shape[1], int)
+    ]
+
+    def cut(batch: Feed) -> Feed:
+        longest = max(1, int(np.max(_lengths(batch[name]))))
+        return {k: (v[:, :longest] if k in cuttable else v) for k, v in batch.items()}
+
+    return sorted_feed, cut
+
+
 def calibration_feeds(model: ModelProto, feeds: Mapping[str, np.ndarray], samples: int | None) -> Feed:
     """The model inputs of the first ``samples`` samples (all when None), cast to the declared dtypes."""
     if samples is not None and samples <= 0:
@@ -168,40 +233,77 @@ def calibration_feeds(model: ModelProto, feeds: Mapping[str, np.ndarray], sample
     return {k: v[:take] for k, v in cast.items()}
 
 
+def split_quota(parts: Sequence[Feed], samples: int | None) -> list[tuple[Feed, int | None]]:
+    """Spread a total of ``samples`` (None: all) over several feeds, first come first served; feeds left
+    with nothing are dropped."""
+    if samples is None:
+        return [(part, None) for part in parts]
+    out: list[tuple[Feed, int | None]] = []
+    left = samples
+    for part in parts:
+        take = min(left, len(next(iter(part.values()))))
+        if take > 0:
+            out.append((part, take))
+            left -= take
+    return out
+
+
 def _taps(model: ModelProto, layers: Sequence[Layer]) -> list[_Tap]:
+    """The exposed tensors for ``layers`` (the first input of each node), in topological order."""
     nodes = {n.name: n for n in model.graph.node}
+    producer = {out: i for i, n in enumerate(model.graph.node) for out in n.output}
     taps: dict[tuple, _Tap] = {}
     for layer in layers:
         node = nodes.get(layer.name)
         if node is None or not node.input or layer.op not in ("MatMul", "Gemm", "Conv"):
             continue
         geom = ConvGeometry.of(node, layer.kernel, layer.groups) if layer.op == "Conv" else None
-        key = (node.input[0], "Conv" if geom else "dense", geom)
+        key = (node.input[0], geom)
         if key not in taps:
-            taps[key] = _Tap(node.input[0], layer.op if geom else "MatMul", geom, [])
+            op = "Conv" if geom else "MatMul"
+            taps[key] = _Tap(node.input[0], op, geom, [], producer.get(node.input[0], -1))
         taps[key].layers.append(layer.name)
-    return list(taps.values())
+    return sorted(taps.values(), key=lambda t: t.position)
 
 
 def _with_outputs(model: ModelProto, tensors: Sequence[str]) -> tuple[ModelProto, list[str]]:
-    """A copy of ``model`` whose outputs are exactly ``tensors`` that are not graph inputs (those are fed)."""
+    """A copy of ``model`` whose outputs are exactly ``tensors`` that are not graph inputs (those are fed),
+    with the nodes nothing of that needs removed (a tap early in the graph runs only the graph's head)."""
     inputs = {i.name for i in model.graph.input}
     types = {vi.name: vi.type for vi in list(model.graph.value_info) + list(model.graph.output)}
+    names = list(dict.fromkeys(t for t in tensors if t not in inputs))
     out = ModelProto()
     out.CopyFrom(model)
     del out.graph.output[:]
-    names = []
-    for t in tensors:
-        if t in inputs or t in names:
-            continue
+    for t in names:
         vi = onnx.ValueInfoProto(name=t)
         if t in types:
             vi.type.CopyFrom(types[t])
         else:
             vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
         out.graph.output.append(vi)
-        names.append(t)
+    needed = set(names)
+    keep = []
+    for node in reversed(out.graph.node):
+        if needed.intersection(node.output):
+            keep.append(node)
+            needed.update(node.input)
+            needed.update(_subgraph_names(node))
+    del out.graph.node[:]
+    out.graph.node.extend(reversed(keep))
     return out, names
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name a node's subgraphs (If/Loop/Scan bodies) read: outer-scope values they may use."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for n in g.node:
+                names.update(n.input)
+                names.update(_subgraph_names(n))
+    return names
 
 
 def _groups(taps: list[_Tap], sizes: Mapping[str, int], budget: int) -> list[list[_Tap]]:
@@ -218,6 +320,50 @@ def _groups(taps: list[_Tap], sizes: Mapping[str, int], budget: int) -> list[lis
     return groups
 
 
+class _Runner:
+    """Runs a model (and optionally a student beside it) over the calibration batches, feeding the taps."""
+
+    def __init__(self, model: ModelProto, feeds: Mapping[str, np.ndarray], samples: int | None, batch_size: int):
+        if batch_size <= 0:
+            raise InherccError(f"calibration batch size must be positive, got {batch_size}")
+        self.model, self.batch_size = model, batch_size
+        self.feed, self.cut = padding_trimmer(model, calibration_feeds(model, feeds, samples))
+        self.mask_name = mask_input(model)
+        self.samples = len(next(iter(self.feed.values())))
+        self.batches = math.ceil(self.samples / batch_size)
+
+    def activation_bytes(self, taps: Sequence[_Tap]) -> dict[str, int]:
+        """Bytes per batch of each exposed tensor, from one run on the longest sample."""
+        probe_model, names = _with_outputs(self.model, [t.tensor for t in taps])
+        if not names:
+            return {}
+        values = make_session(probe_model).run(names, self.cut({k: v[-1:] for k, v in self.feed.items()}))
+        return {name: int(v.nbytes) * min(self.batch_size, self.samples) for name, v in zip(names, values)}
+
+    def run(self, taps: Sequence[_Tap], bar: Progress, student: ModelProto | None = None) -> None:
+        """Stream every batch through the taps (with ``student``: its values, the model's as the teacher's)."""
+        tensors = [t.tensor for t in taps]
+        sessions = []
+        for m in (self.model, student) if student is not None else (self.model,):
+            sub, names = _with_outputs(m, tensors)
+            sessions.append((make_session(sub) if names else None, names))
+            del sub
+        for batch in map(self.cut, iter_batches(self.feed, self.batch_size)):
+            outs = []
+            for sess, names in sessions:
+                values = dict(zip(names, sess.run(names, batch))) if sess is not None else {}
+                outs.append({**batch, **values})
+            mask = batch.get(self.mask_name) if self.mask_name else None
+            for tap in taps:
+                if student is None:
+                    tap.add(np.asarray(outs[0][tap.tensor]), mask)
+                else:
+                    tap.add(np.asarray(outs[1][tap.tensor]), mask, np.asarray(outs[0][tap.tensor]))
+            bar.step()
+        for tap in taps:
+            tap.flush()
+
+
 def collect_grams(
     model: ModelProto,
     layers: Sequence[Layer],
@@ -228,50 +374,97 @@ def collect_grams(
     progress: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> dict[str, np.ndarray]:
-    """Per-layer Gram matrices of the layer inputs over the first ``samples`` samples of ``feeds``.
+    """Per-layer Gram matrices ``XᵀX`` (sums, not means) of the layer inputs over the first ``samples``
+    samples of ``feeds``.
 
     Returns ``{layer name: G}``, ``G`` of shape ``[k, k]`` (``groups == 1``) or ``[g, k, k]`` (grouped
     conv), ``k`` the layer's ``in_features``. Layers whose input cannot be exposed are left out (they fall
     back to plain SVD). Taps are run in several passes when their activations for one batch would exceed
     ``max_bytes``.
     """
-    if batch_size <= 0:
-        raise InherccError(f"calibration batch size must be positive, got {batch_size}")
-    feed = calibration_feeds(model, feeds, samples)
+    runner = _Runner(model, feeds, samples, batch_size)
     taps = _taps(model, layers)
     if not taps:
         return {}
-    mask_name = mask_input(model)
-    n = len(next(iter(feed.values())))
-    # One probe sample sizes every exposed activation; then as few passes over the data as memory allows.
-    probe_model, probe_names = _with_outputs(model, [t.tensor for t in taps])
-    sizes: dict[str, int] = {}
-    if probe_names:
-        probe = make_session(probe_model).run(probe_names, {k: v[:1] for k, v in feed.items()})
-        sizes = {name: int(v.nbytes) * min(batch_size, n) for name, v in zip(probe_names, probe)}
-    del probe_model
-    groups = _groups(taps, sizes, max_bytes)
-    n_batches = math.ceil(n / batch_size)
-    bar = Progress(n_batches * len(groups), f"calibrating {n} samples", progress)
+    groups = _groups(taps, runner.activation_bytes(taps), max_bytes)
+    bar = Progress(runner.batches * len(groups), f"calibrating {runner.samples} samples", progress)
     try:
         for group in groups:
-            group_model, names = _with_outputs(model, [t.tensor for t in group])
-            sess = make_session(group_model) if names else None
-            del group_model
-            for batch in iter_batches(feed, batch_size):
-                values = dict(zip(names, sess.run(names, batch))) if sess is not None else {}
-                values.update({k: v for k, v in batch.items() if k not in values})
-                mask = batch.get(mask_name) if mask_name else None
-                for tap in group:
-                    tap.add(np.asarray(values[tap.tensor]), mask)
-                bar.step()
+            runner.run(group, bar)
     finally:
         bar.close()
-    grams: dict[str, np.ndarray] = {}
+    return {name: tap.result(tap.gram) for tap in taps if tap.gram is not None for name in tap.layers}
+
+
+def stages(model: ModelProto, taps: Sequence[_Tap]) -> list[list[_Tap]]:
+    """Consecutive groups of taps (topological order) in which no tap depends on a layer of its own group:
+    each group can be calibrated in one run once the groups before it are compressed."""
+    bit = {name: 1 << i for i, name in enumerate(n for t in taps for n in t.layers)}
+    deps: dict[str, int] = {}
+    for node in model.graph.node:
+        m = 0
+        for name in list(node.input) + sorted(_subgraph_names(node)):
+            m |= deps.get(name, 0)
+        m |= bit.get(node.name, 0)
+        for out in node.output:
+            deps[out] = m
+    out: list[list[_Tap]] = []
+    current = 0
     for tap in taps:
-        if tap.gram is None:
-            continue
-        g = tap.gram if tap.op == "Conv" and tap.gram.shape[0] > 1 else tap.gram[0]
-        for name in tap.layers:
-            grams[name] = g
-    return grams
+        own = sum(bit[n] for n in tap.layers)
+        if not out or deps.get(tap.tensor, 0) & current:
+            out.append([])
+            current = 0
+        out[-1].append(tap)
+        current |= own
+    return out
+
+
+Factors = tuple[np.ndarray, np.ndarray]
+
+
+def sequential_factors(
+    model: ModelProto,
+    layers: Sequence[Layer],
+    ranks: Mapping[str, int],
+    feeds: Mapping[str, np.ndarray],
+    build_student: Callable[[Mapping[str, Factors]], ModelProto],
+    *,
+    split: str = "output",
+    ridge: float = 1e-6,
+    samples: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = False,
+) -> dict[str, Factors]:
+    """Error-compensating whitened factors, stage by stage in topological order: each layer's factors map
+    the *student's* input (all earlier layers already compressed) to the *teacher's* output, so the error
+    of the layers before is partly undone instead of passed on (``linalg.whitened_svd(cross=...)``).
+
+    ``ranks``: the planned total rank per layer; ``build_student(factors)`` returns the teacher with the
+    layers in ``factors`` replaced by their chains. Returns ``{layer name: (input_factor, output_factor)}``
+    for every planned layer whose input could be exposed.
+    """
+    from inhercc import linalg
+
+    planned = [layer for layer in layers if ranks.get(layer.name)]
+    by_name = {layer.name: layer for layer in planned}
+    runner = _Runner(model, feeds, samples, batch_size)
+    plan_stages = stages(model, _taps(model, planned))
+    bar = Progress(runner.batches * len(plan_stages), f"sequential calibration, {len(plan_stages)} stages", progress)
+    factors: dict[str, Factors] = {}
+    try:
+        for stage in plan_stages:
+            student = build_student(factors) if factors else model
+            runner.run(stage, bar, student)
+            for tap in stage:
+                assert tap.gram is not None and tap.cross is not None
+                gram, cross = tap.result(tap.gram), tap.result(tap.cross)
+                for name in tap.layers:
+                    layer = by_name[name]
+                    w = layer.matrix()
+                    d = linalg.whitened_svd(w, gram, ridge, cross=cross)
+                    factors[name] = linalg.whitened_factorize(w, gram, ranks[name] // layer.groups, split, d)
+                tap.gram = tap.cross = None  # O(k²) each; not needed any more
+    finally:
+        bar.close()
+    return factors

@@ -66,6 +66,121 @@ def _rank(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
     return value
 
 
+_DISTILL_FIELDS = (
+    "epochs",
+    "steps",
+    "lr",
+    "batch_size",
+    "val_split",
+    "train",
+    "temperature",
+    "alpha",
+    "losses",
+    "feature_loss",
+    "weight_decay",
+    "warmup",
+    "clip",
+    "patience",
+    "eval_every",
+    "cache_teacher",
+    "checkpoint",
+    "checkpoint_every",
+    "resume",
+    "device",
+    "threads",
+    "quiet",
+)
+
+
+def distill_options(f: Any) -> Any:
+    """The distillation options shared by ``compress`` and ``finetune``."""
+    options = [
+        click.option("--epochs", type=int, callback=_rank, help="Distil for this many epochs [default: 3]."),
+        click.option("--steps", type=int, callback=_rank, help="Distil for this many optimizer steps (not epochs)."),
+        click.option("--lr", type=float, default=5e-4, show_default=True, help="AdamW peak learning rate."),
+        click.option("--batch-size", type=int, default=32, show_default=True, callback=_rank, help="Per process."),
+        click.option("--val-split", type=float, default=0.1, show_default=True, help="Held-out fraction."),
+        click.option(
+            "--train",
+            default="factors",
+            show_default=True,
+            help="Which initializers to train: factors (<w>.inherit_in/out), all, or a regex over names.",
+        ),
+        click.option("--temperature", type=float, default=4.0, show_default=True, help="KD temperature."),
+        click.option("--alpha", type=float, default=0.3, show_default=True, help="Weight of CE on _labels."),
+        click.option(
+            "--loss",
+            "losses",
+            multiple=True,
+            help="OUTPUT=KIND[:WEIGHT], KIND kd|embedding|none (default: kd for logits, else embedding).",
+        ),
+        click.option(
+            "--feature-loss",
+            type=float,
+            is_flag=False,
+            flag_value=1.0,
+            default=0.0,
+            help="Feature inheritance loss (factorized layer outputs vs the teacher's), optional weight [1].",
+        ),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True),
+        click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up fraction of the steps."),
+        click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping."),
+        click.option("--patience", type=int, default=3, show_default=True, help="Early stop (0: never)."),
+        click.option("--eval-every", type=int, callback=_rank, help="Validate every N steps [default: per epoch]."),
+        click.option(
+            "--cache-teacher/--no-cache-teacher", default=None, help="Cache teacher outputs [default: when they fit]."
+        ),
+        click.option("--checkpoint", type=click.Path(file_okay=False, path_type=str), help="Checkpoint folder."),
+        click.option("--checkpoint-every", type=int, callback=_rank, help="Steps [default: every validation]."),
+        click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint when there is one."),
+        click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available]."),
+        click.option("--threads", type=int, callback=_rank, help="torch / ONNX Runtime threads [default: theirs]."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-epoch lines."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def calibration_options(f: Any) -> Any:
+    """The calibration options shared by ``compress`` and ``inspect`` (defaults: inhercc.calibrate's)."""
+    options = [
+        click.option(
+            "--calib-samples",
+            type=int,
+            default=256,
+            show_default=True,
+            callback=_rank,
+            help="Samples of --data whose layer inputs calibrate the whitened factors.",
+        ),
+        click.option("--calib-batch-size", type=int, default=16, show_default=True, callback=_rank),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def distill_config(options: dict[str, Any], seed: int) -> Any:
+    """A DistillConfig from the parsed distillation options (which are popped from ``options``)."""
+    from inhercc.distill import DistillConfig
+    from inhercc.losses import parse_loss_overrides
+
+    values = {k: options.pop(k) for k in _DISTILL_FIELDS}
+    values["losses"] = parse_loss_overrides(values["losses"])
+    values["patience"] = values["patience"] or None
+    return DistillConfig(seed=seed, **values)
+
+
+def _distill_given(ctx: click.Context) -> list[str]:
+    """Distillation options set on the command line (to refuse them without --epochs / --steps)."""
+    given = []
+    for name in _DISTILL_FIELDS:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source != click.core.ParameterSource.DEFAULT:
+            given.append("--" + name.replace("_", "-").replace("losses", "loss"))
+    return given
+
+
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option(
@@ -82,7 +197,13 @@ def _rank(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
 @click.option("--energy", type=float, help="Per layer, keep this fraction of the spectral energy.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=str), help="Replay a plan JSON.")
 @click.option("--save-plan", type=click.Path(dir_okay=False, path_type=str), help="Write the plan as JSON.")
-@click.option("--rank-multiple", type=int, default=8, show_default=True, callback=_rank, help="Round ranks up to this.")
+@click.option(
+    "--rank-multiple",
+    type=int,
+    default=None,
+    callback=_rank,
+    help="Round ranks up to this [default: 8; with --latency-aware 16 on cpu, 64 on cuda/tensorrt].",
+)
 @click.option(
     "--split",
     type=click.Choice(["output", "sqrt", "input"]),
@@ -98,7 +219,12 @@ def _rank(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
 )
 @click.option("--include", multiple=True, help="Only layers whose node name matches this regex (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip layers whose node name matches this regex (repeatable).")
-@click.option("--data", type=click.Path(path_type=str), help="Samples (.npz, one array per input) for verification.")
+@click.option(
+    "--data",
+    type=click.Path(path_type=str),
+    help="Samples (.npz, one array per input; or a folder of .npz / <input>.npy shards) for calibration, "
+    "verification and distillation.",
+)
 @click.option("--verify-data", type=click.Path(path_type=str), help="Held-out samples (.npz) for the fidelity check "
               "(default: the last --verify-samples of --data, held out from calibration).")
 @click.option("--verify-samples", type=int, default=8, show_default=True, callback=_rank)
@@ -107,8 +233,39 @@ def _rank(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
 @click.option("--external-data", is_flag=True, default=None, help="Store weights in <output>.data (auto above 2 GB).")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime fidelity check.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--latency-aware",
+    is_flag=True,
+    help="Time every planned chain against its dense layer on --provider (at the --shape sizes) and keep "
+    "the layer dense when the chain is not at least 5 % faster.",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda", "tensorrt"], case_sensitive=False),
+    default="cpu",
+    show_default=True,
+    help="Target execution provider for --latency-aware.",
+)
+@calibration_options
+@click.option(
+    "--allocation",
+    type=click.Choice(["greedy", "uniform", "sensitivity"]),
+    default=None,
+    help="How --ratio spreads ranks: every layer keeps the ratio (uniform; default with --data), a greedy on "
+    "the spectra (default without), or a greedy weighted by each layer's measured effect on the outputs.",
+)
+@click.option("--sensitivity", is_flag=True, help="Same as --allocation sensitivity.")
+@click.option(
+    "--sequential",
+    is_flag=True,
+    help="Fit each layer to the teacher's outputs from the student's own (already compressed) inputs, stage "
+    "by stage: better fidelity, one pass over the calibration samples per stage.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Also print the per-layer table.")
+@distill_options
+@click.pass_context
 def compress(
+    ctx: click.Context,
     model: str,
     output: str,
     ratio: float | None,
@@ -116,7 +273,7 @@ def compress(
     energy: float | None,
     plan_path: str | None,
     save_plan: str | None,
-    rank_multiple: int,
+    rank_multiple: int | None,
     split: str,
     init: str | None,
     include: tuple[str, ...],
@@ -129,12 +286,31 @@ def compress(
     external_data: bool | None,
     no_verify: bool,
     seed: int,
+    latency_aware: bool,
+    provider: str,
+    calib_samples: int,
+    calib_batch_size: int,
+    allocation: str | None,
+    sensitivity: bool,
+    sequential: bool,
     verbose: bool,
+    **options: Any,
 ) -> None:
-    """Compress MODEL into a student with SVD-initialized factor chains."""
+    """Compress MODEL into a student with SVD-initialized factor chains; with --epochs or --steps, then
+    distil it from MODEL on --data."""
     from inhercc.data import parse_shapes
+    from inhercc.latency import default_rank_multiple
     from inhercc.pipeline import compress_file
 
+    training = options["epochs"] is not None or options["steps"] is not None
+    threads = options["threads"]  # also the --latency-aware timing threads
+    given = [g for g in _distill_given(ctx) if not (latency_aware and g == "--threads") and g != "--quiet"]
+    if sensitivity and allocation not in (None, "sensitivity"):
+        raise InherccError(f"--sensitivity contradicts --allocation {allocation}")
+    progress = not options["quiet"]  # also the calibration progress bars
+    if not training and given:
+        raise InherccError(f"{', '.join(given)}: distillation options, only used with --epochs or --steps")
+    config = distill_config(options, seed)
     result = compress_file(
         model,
         output,
@@ -145,7 +321,7 @@ def compress(
         rank=rank,
         energy=energy,
         plan=plan_path,
-        rank_multiple=rank_multiple,
+        rank_multiple=rank_multiple or (default_rank_multiple(provider) if latency_aware else 8),
         split=split,
         init=init,
         include=include or None,
@@ -156,6 +332,15 @@ def compress(
         shapes=parse_shapes(shapes),
         verify=not no_verify,
         seed=seed,
+        distill=config if training else None,
+        latency_aware=latency_aware,
+        provider=provider.lower(),
+        threads=threads,
+        calib_samples=calib_samples,
+        calib_batch_size=calib_batch_size,
+        allocation="sensitivity" if sensitivity else allocation,
+        sequential=sequential,
+        progress=progress,
         log=lambda m: click.echo(f"· {m}", err=True) if verbose else None,
     )
     rep = result.report
@@ -163,6 +348,9 @@ def compress(
         click.echo(layer_table(rep["layers"]))
         click.echo()
     click.echo(summary_table(rep))
+    for row in rep["layers"]:
+        if (row["reason"] or "").startswith("kept dense for speed"):
+            click.echo(f"{row['name']}: {row['reason']}")
     click.echo(f"student written to {output}")
 
 
@@ -174,9 +362,12 @@ def summary_table(rep: dict[str, Any]) -> str:
         ["FLOPs/sample", human_count(f["teacher"]), human_count(f["student"]), _ratio_str(f["student"], f["teacher"])],
         ["size", human_bytes(s["teacher"]), human_bytes(s["student"]), _ratio_str(s["student"], s["teacher"])],
     ]
+    before = rep.get("fidelity_before", {})
     for name, fid in rep.get("fidelity", {}).items():
         for metric, value in fid.items():
-            rows.append([f"{name} {metric}", "1" if metric != "rel_l2" else "0", f"{value:.4f}", ""])
+            b = before.get(name, {}).get(metric)
+            shown = f"{value:.4f}" if b is None else f"{b:.4f} → {value:.4f}"
+            rows.append([f"{name} {metric}", "1" if metric != "rel_l2" else "0", shown, ""])
     n_fact = sum(1 for r in rep["layers"] if r["rank"] is not None)
     out = format_table(["", "teacher", "student", "ratio"], rows, align="lrrr")
     out += f"\n{n_fact}/{len(rep['layers'])} layers factorized (init {rep.get('init', 'svd')})"
@@ -184,7 +375,20 @@ def summary_table(rep: dict[str, Any]) -> str:
         out += "; fidelity on synthetic inputs (pass --data for real ones)"
     if rep["flops"].get("symbolic_dims_counted_as_1"):
         out += f"; FLOPs count dims {', '.join(rep['flops']['symbolic_dims_counted_as_1'])} as 1"
+    if "training" in rep:
+        out += "\n" + training_line(rep)
     return out
+
+
+def training_line(rep: dict[str, Any]) -> str:
+    """One line on the distillation of a report: epochs, steps, best validation fidelity, time."""
+    t = rep["training"]
+    best = f"; best val cosine {t['best_val_cosine']:.4f} (epoch {t['best_epoch']})" if t["best_val_cosine"] else ""
+    early = ", stopped early" if t["stopped_early"] else ""
+    return (
+        f"distilled {t['epochs']} epoch(s), {t['steps']} step(s) on {t['train_samples']} samples{early}{best}; "
+        f"{t['wall_s']:.1f} s on {t['device']}; fidelity before → after on {rep.get('fidelity_inputs', '?')}"
+    )
 
 
 def layer_table(rows: list[dict[str, Any]]) -> str:
@@ -217,14 +421,32 @@ def _ratio_str(a: float, b: float) -> str:
 @click.option("--exclude", multiple=True, help="Skip layers whose node name matches this regex.")
 @click.option("--rank-multiple", type=int, default=8, show_default=True, callback=_rank)
 @click.option("--data", type=click.Path(path_type=str), help="Calibration samples: show whitened (output) spectra.")
+@calibration_options
+@click.option("-q", "--quiet", is_flag=True, help="No calibration progress bar.")
 def inspect(
-    model: str, as_json: bool, include: tuple[str, ...], exclude: tuple[str, ...], rank_multiple: int, data: str | None
+    model: str,
+    as_json: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    rank_multiple: int,
+    data: str | None,
+    calib_samples: int,
+    calib_batch_size: int,
+    quiet: bool,
 ) -> None:
-    """Per-layer table: weight shape, params, FLOPs, ranks keeping 90/99 % energy, why not compressible."""
+    """Per-layer table: weight shape, params, FLOPs, ranks keeping 90/99 % energy (of the weights, or of the
+    layer outputs with --data), why not compressible."""
     from inhercc.pipeline import inspect_model
 
     info = inspect_model(
-        model, include=include or None, exclude=exclude or None, rank_multiple=rank_multiple, data=data
+        model,
+        include=include or None,
+        exclude=exclude or None,
+        rank_multiple=rank_multiple,
+        data=data,
+        calib_samples=calib_samples,
+        calib_batch_size=calib_batch_size,
+        progress=not quiet and not as_json,
     )
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -253,6 +475,157 @@ def inspect(
         f"({human_count(t['compressible_params'])} of {human_count(t['params'])} params); "
         f"{human_count(t['flops'])} FLOPs/sample; spectrum: {info['spectrum']}"
     )
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "--provider",
+    type=click.Choice(["cuda", "cpu", "tensorrt"], case_sensitive=False),
+    default=None,
+    help="Execution provider (default: cuda when a session can really use it, else cpu).",
+)
+@click.option("--threads", type=int, callback=_rank, help="Intra-op threads (default: ONNX Runtime's).")
+@click.option(
+    "--opt-level",
+    type=click.Choice(["disable", "basic", "extended", "all"]),
+    default="all",
+    show_default=True,
+    help="ONNX Runtime graph optimization level.",
+)
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    help="NAME=DIMS for dynamic dims, e.g. input_ids=32x128; a name given again starts another shape set "
+    "(each warmed up and timed on its own).",
+)
+@click.option("--batch", type=int, callback=_rank, help="Leading dynamic dim not set by --shape (default 1).")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model and shape set.")
+@click.option("--repeat", type=int, help="Timed rounds (A B A B …) per shape set [default: 100].")
+@click.option("--duration", type=float, help="Instead of --repeat: seconds of timed rounds per shape set.")
+@click.option(
+    "--cudnn-algo",
+    type=click.Choice(["heuristic", "exhaustive", "default"], case_sensitive=False),
+    default="heuristic",
+    show_default=True,
+    help="CUDA: cudnn_conv_algo_search (exhaustive also lengthens the warm-up).",
+)
+@click.option("--fp16", is_flag=True, help="CUDA/TensorRT: also time a float16 copy of every model.")
+@click.option("--cuda-graph", is_flag=True, help="CUDA: replay CUDA graphs when every model allows it.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Synthetic inputs and bootstrap.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str), help="Write the result JSON.")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=str), help="Write a markdown table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=str), help="Latency plot (PNG).")
+@click.option("-v", "--verbose", is_flag=True, help="Progress on stderr.")
+def bench(
+    models: tuple[str, ...],
+    provider: str | None,
+    threads: int | None,
+    opt_level: str,
+    shapes: tuple[str, ...],
+    batch: int | None,
+    warmup: int,
+    repeat: int | None,
+    duration: float | None,
+    cudnn_algo: str,
+    fp16: bool,
+    cuda_graph: bool,
+    seed: int,
+    json_path: str | None,
+    md_path: str | None,
+    plot_path: str | None,
+    verbose: bool,
+) -> None:
+    """Time MODELS on ONNX Runtime, interleaved (A B A B …); the first (the teacher) is the reference of
+    the ratios, which come with a 95 % bootstrap confidence interval.
+
+    \b
+    inhercc bench teacher.onnx student.onnx --provider cpu --threads 2 \\
+        --shape input_ids=32x128 --shape input_ids=1x128 --json bench.json
+    """
+    from inhercc.bench import BenchOptions, bench, default_provider, parse_shape_sets
+    from inhercc.model import check_output_path
+    from inhercc.report import bench_markdown, bench_table, plot_bench, write_json, write_text_atomic
+
+    for out in (json_path, md_path, plot_path):
+        if out is not None:
+            check_output_path(out, list(models))
+    options = BenchOptions(
+        provider=(provider or default_provider()).lower(),
+        threads=threads,
+        opt_level=opt_level,
+        shape_sets=parse_shape_sets(shapes),
+        batch=batch,
+        warmup=warmup,
+        repeat=repeat,
+        duration=duration,
+        cudnn_conv_algo_search=cudnn_algo.upper(),
+        fp16=fp16,
+        cuda_graph=cuda_graph,
+        seed=seed,
+    )
+    result = bench(list(models), options, log=lambda m: click.echo(f"· {m}", err=True) if verbose else None)
+    click.echo(bench_table(result))
+    if json_path:
+        write_json(json_path, result)
+    if md_path:
+        write_text_atomic(md_path, bench_markdown(result))
+    if plot_path:
+        plot_bench(result, plot_path)
+
+
+@cli.command()
+@click.argument("student", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--teacher", required=True, type=click.Path(dir_okay=False, path_type=str), help="Teacher ONNX file.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str), help="Fine-tuned ONNX file."
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=str),
+    help="Training samples: .npz (one array per input, optional _labels) or a folder of shards "
+    "[default: synthetic, with a warning].",
+)
+@click.option("--shape", "shapes", multiple=True, help="Input shape for synthetic data, e.g. input_ids=1x128.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str), help="Write a JSON report.")
+@click.option("--external-data", is_flag=True, default=None, help="Store weights in <output>.data (auto above 2 GB).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Validation split and shuffling.")
+@distill_options
+def finetune(
+    student: str,
+    teacher: str,
+    output: str,
+    data: str | None,
+    shapes: tuple[str, ...],
+    report_path: str | None,
+    external_data: bool | None,
+    seed: int,
+    **options: Any,
+) -> None:
+    """Distil STUDENT (e.g. compressed earlier, or from a hand-edited plan) from --teacher on --data."""
+    from inhercc.data import parse_shapes
+    from inhercc.distill import finetune_file
+
+    result = finetune_file(
+        student,
+        teacher,
+        output,
+        data,
+        report_path=report_path,
+        external_data=external_data,
+        config=distill_config(options, seed),
+        shapes=parse_shapes(shapes),
+    )
+    rep = result.report
+    rows = []
+    for name, fid in rep.get("fidelity", {}).items():
+        for metric, value in fid.items():
+            b = rep.get("fidelity_before", {}).get(name, {}).get(metric)
+            rows.append([f"{name} {metric}", "-" if b is None else f"{b:.4f}", f"{value:.4f}"])
+    click.echo(format_table(["", "before", "after"], rows, align="lrr"))
+    click.echo(training_line(rep))
+    click.echo(f"student written to {output}")
 
 
 def main() -> None:

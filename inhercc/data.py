@@ -1,10 +1,11 @@
-"""Sample sources: input specs, ``--shape`` parsing, synthetic inputs and ``.npz`` feeds."""
+"""Sample sources: input specs, ``--shape`` parsing, synthetic inputs, ``.npz`` feeds, and training data
+from any source (file, folder of shards, iterable, ORT ``CalibrationDataReader``) as :class:`Samples`."""
 
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import onnx
 from onnx import ModelProto
 
 from inhercc.errors import InherccError
+from inhercc.model import _one_line
 
 Dim = int | str | None
 Feed = dict[str, np.ndarray]
@@ -162,9 +164,7 @@ def load_npz(path: str | Path, model: ModelProto | None = None) -> Feed:
         with np.load(path, allow_pickle=False) as z:
             feeds = {k: z[k] for k in z.files}
     except Exception as e:
-        raise InherccError(
-            f"cannot read {path} as .npz: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from e
+        raise InherccError(f"cannot read {path} as .npz: {_one_line(e)}") from e
     if not feeds:
         raise InherccError(f"{path} holds no arrays")
     if model is not None:
@@ -172,8 +172,11 @@ def load_npz(path: str | Path, model: ModelProto | None = None) -> Feed:
     return feeds
 
 
-def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelProto, source: str = "data") -> None:
-    """Every graph input present with a matching dtype kind and rank; same sample count; no NaN/Inf."""
+def check_feeds(
+    feeds: Mapping[str, np.ndarray], model: ModelProto, source: str = "data", *, check_finite: bool = True
+) -> None:
+    """Every graph input present with a matching dtype kind and rank; same sample count; no NaN/Inf
+    (``check_finite=False`` checks shapes and dtypes only, without reading the values)."""
     specs = input_specs(model)
     missing = [s.name for s in specs if s.name not in feeds]
     if missing:
@@ -190,11 +193,20 @@ def check_feeds(feeds: Mapping[str, np.ndarray], model: ModelProto, source: str 
             spec.dtype == np.bool_
         ) != (a.dtype == np.bool_):
             raise InherccError(f"{source}: {spec.name} is {a.dtype}, the model expects {spec.dtype}")
-        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+        if check_finite and np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
             raise InherccError(f"{source}: {spec.name} contains NaN or Inf")
         if a.shape[0] == 0:
             raise InherccError(f"{source}: {spec.name} has no samples")
         counts.add(a.shape[0])
+    if LABELS_KEY in feeds:
+        labels = feeds[LABELS_KEY]
+        if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+            raise InherccError(f"{source}: {LABELS_KEY} must hold class ids, got dtype {labels.dtype}")
+        if labels.ndim == 0:
+            raise InherccError(f"{source}: {LABELS_KEY} must have one entry per sample, got a scalar")
+        if check_finite and np.issubdtype(labels.dtype, np.floating) and not np.all(labels == np.round(labels)):
+            raise InherccError(f"{source}: {LABELS_KEY} must hold whole class ids, got non-integral values")
+        counts.add(labels.shape[0])
     if len(counts) > 1:
         raise InherccError(f"{source}: inputs have different sample counts {sorted(counts)}")
 
@@ -209,3 +221,293 @@ def iter_batches(feeds: Mapping[str, np.ndarray], batch_size: int) -> Iterator[F
     n = len(next(iter(feeds.values())))
     for i in range(0, n, batch_size):
         yield {k: v[i : i + batch_size] for k, v in feeds.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training data: any source as shards loaded on demand
+
+
+Signature = tuple[tuple[str, tuple[int, ...], str], ...]
+
+
+@dataclass
+class Shard:
+    """``size`` samples of a data set, read by ``load()`` only when needed. ``signature`` (per-sample
+    shape and dtype of every array) says which shards can share a batch."""
+
+    size: int
+    signature: Signature
+    load: Callable[[], Feed]
+    source: str
+    checked: bool = False
+
+
+def feed_signature(feeds: Mapping[str, np.ndarray]) -> Signature:
+    return tuple(sorted((k, tuple(int(d) for d in v.shape[1:]), np.dtype(v.dtype).str) for k, v in feeds.items()))
+
+
+def _in_memory(feeds: Feed, source: str) -> Shard:
+    return Shard(len(next(iter(feeds.values()))), feed_signature(feeds), lambda: feeds, source)
+
+
+class Samples:
+    """A data set as a list of shards read one at a time (a folder of shards is never loaded whole).
+    Samples are numbered globally in shard order; ``labels`` says whether every shard has ``_labels``."""
+
+    def __init__(self, shards: list[Shard], model: ModelProto, source: str, synthetic: bool = False) -> None:
+        if not shards or sum(s.size for s in shards) == 0:
+            raise InherccError(f"{source} holds no samples")
+        self.shards, self.model, self.source, self.synthetic = shards, model, source, synthetic
+        self.offsets = np.cumsum([0] + [s.size for s in shards])
+        has = [any(k == LABELS_KEY for k, _, _ in s.signature) for s in shards]
+        if any(has) and not all(has):
+            missing = next(s.source for s, h in zip(shards, has) if not h)
+            raise InherccError(f"{missing} lacks {LABELS_KEY} while other shards of {source} have them")
+        self.labels = all(has)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def load(self, i: int) -> Feed:
+        """Shard ``i``, its values checked (NaN/Inf, labels) as it is read."""
+        shard = self.shards[i]
+        feeds = shard.load()
+        if not shard.checked:
+            check_feeds(feeds, self.model, shard.source)
+            if feed_signature(feeds) != shard.signature:
+                raise InherccError(f"{shard.source} changed while being read")
+            shard.checked = True
+        return feeds
+
+    def _groups(self, indices: np.ndarray) -> dict[int, np.ndarray]:
+        """Global sample indices → ``{shard: rows}`` (rows in the given order)."""
+        shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+        out: dict[int, np.ndarray] = {}
+        for s in np.unique(shard_of):
+            out[int(s)] = indices[shard_of == s]
+        return out
+
+    def count_batches(self, indices: np.ndarray, batch_size: int, min_rows: int = 1) -> int:
+        """How many batches :meth:`batches` yields (independent of the shuffling)."""
+        per_sig: dict[Signature, int] = {}
+        for s, rows in self._groups(np.asarray(indices)).items():
+            sig = self.shards[s].signature
+            per_sig[sig] = per_sig.get(sig, 0) + len(rows)
+        return sum(n // batch_size + (1 if n % batch_size >= min_rows else 0) for n in per_sig.values())
+
+    def batches(
+        self,
+        indices: np.ndarray,
+        batch_size: int,
+        rng: np.random.Generator | None = None,
+        min_rows: int = 1,
+    ) -> Iterator[tuple[np.ndarray, Feed]]:
+        """``(global indices, feeds)`` batches of the given samples, one shard in memory at a time. With
+        ``rng`` the shard order and the rows within each shard are shuffled. Shards of one signature fill
+        batches together; what is left of each signature at the end comes as a last, smaller batch
+        (dropped when it has fewer than ``min_rows`` samples)."""
+        if batch_size <= 0:
+            raise InherccError(f"batch size must be positive, got {batch_size}")
+        groups = self._groups(np.asarray(indices))
+        order = list(groups)
+        if rng is not None:
+            order = [order[i] for i in rng.permutation(len(order))]
+        pending: dict[Signature, list[tuple[np.ndarray, Feed]]] = {}
+        for s in order:
+            rows = groups[s]
+            if rng is not None:
+                rows = rows[rng.permutation(len(rows))]
+            feeds = self.load(s)
+            local = rows - self.offsets[s]
+            part = (rows, {k: np.asarray(v[local]) for k, v in feeds.items()})
+            buf = pending.setdefault(self.shards[s].signature, [])
+            buf.append(part)
+            while sum(len(p[0]) for p in buf) >= batch_size:
+                yield _take(buf, batch_size)
+        for buf in pending.values():
+            n = sum(len(p[0]) for p in buf)
+            if n >= min_rows and n > 0:
+                yield _take(buf, n)
+
+    def gather(self, indices: np.ndarray) -> Feed:
+        """The given samples in one feed dict (for calibration and small held-out sets)."""
+        parts = [f for _, f in self.batches(np.asarray(indices), max(1, len(indices)))]
+        if len(parts) > 1:
+            raise InherccError(f"{self.source}: shards differ in shape; cannot put these samples in one batch")
+        return parts[0]
+
+
+def _take(buf: list[tuple[np.ndarray, Feed]], n: int) -> tuple[np.ndarray, Feed]:
+    """The first ``n`` buffered samples (concatenated across parts); the rest stays in ``buf``."""
+    idx: list[np.ndarray] = []
+    feeds: list[Feed] = []
+    need = n
+    while need:
+        rows, f = buf[0]
+        if len(rows) <= need:
+            buf.pop(0)
+            idx.append(rows)
+            feeds.append(f)
+            need -= len(rows)
+        else:
+            idx.append(rows[:need])
+            feeds.append({k: v[:need] for k, v in f.items()})
+            buf[0] = (rows[need:], {k: v[need:] for k, v in f.items()})
+            need = 0
+    if len(feeds) == 1:
+        return idx[0], feeds[0]
+    return np.concatenate(idx), {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+
+
+def split_indices(n: int, val_split: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, validation)`` sample indices, both sorted: a seeded random ``val_split`` fraction is held
+    out (at least one sample when the fraction is positive; at least one is kept for training)."""
+    if not 0.0 <= val_split < 1.0:
+        raise InherccError(f"--val-split must be in [0, 1), got {val_split}")
+    n_val = 0 if val_split == 0 else max(1, int(round(n * val_split)))
+    if n_val >= n:
+        raise InherccError(f"{n} sample(s) are too few to hold out {val_split:.0%} for validation")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _model_arrays(feeds: Mapping[str, np.ndarray], model: ModelProto) -> Feed:
+    """The model inputs and ``_labels`` of a feed dict (other keys are dropped)."""
+    keep = {s.name for s in input_specs(model)} | {LABELS_KEY}
+    return {k: v for k, v in feeds.items() if k in keep}
+
+
+def _npz_header(path: Path) -> Feed:
+    """Zero-stride stand-ins with the shape and dtype of every array in an ``.npz`` (values not read)."""
+    import zipfile
+
+    out: Feed = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else None
+                    shape, _, dtype = (read or np.lib.format.read_array_header_2_0)(f)
+                out[info.filename[:-4]] = _stand_in(shape, dtype)
+    except Exception as e:
+        raise InherccError(f"cannot read {path} as .npz: {_one_line(e)}") from e
+    if not out:
+        raise InherccError(f"{path} holds no arrays")
+    return out
+
+
+def _stand_in(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype=dtype), shape=shape, strides=(0,) * len(shape))
+
+
+def _npz_shard(path: Path, model: ModelProto) -> Shard:
+    head = _model_arrays(_npz_header(path), model)
+    check_feeds(head, model, str(path), check_finite=False)
+
+    def load() -> Feed:
+        return _model_arrays(load_npz(path), model)
+
+    return Shard(len(next(iter(head.values()))), feed_signature(head), load, str(path))
+
+
+def _npy_shard(files: list[Path], model: ModelProto, source: str) -> Shard:
+    """One shard from ``<input>.npy`` files (memory-mapped: rows are read from disk when batched)."""
+    arrays: Feed = {}
+    for f in files:
+        try:
+            arrays[f.stem] = np.load(f, mmap_mode="r", allow_pickle=False)
+        except Exception as e:
+            raise InherccError(f"cannot read {f} as .npy: {_one_line(e)}") from e
+    arrays = _model_arrays(arrays, model)
+    check_feeds(arrays, model, source, check_finite=False)
+    return Shard(len(next(iter(arrays.values()))), feed_signature(arrays), lambda: arrays, source)
+
+
+def _folder_shards(folder: Path, model: ModelProto) -> list[Shard]:
+    """Shards of a folder: every ``*.npz`` file, the ``<input>.npy`` files at the top level (one shard), and
+    every sub-folder of ``<input>.npy`` files (one shard each); all in name order."""
+    shards: list[Shard] = []
+    top_npy = sorted(folder.glob("*.npy"))
+    if top_npy:
+        shards.append(_npy_shard(top_npy, model, str(folder)))
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and entry.suffix == ".npz":
+            shards.append(_npz_shard(entry, model))
+        elif entry.is_dir() and any(entry.glob("*.npy")):
+            shards.append(_npy_shard(sorted(entry.glob("*.npy")), model, str(entry)))
+    if not shards:
+        raise InherccError(f"{folder} holds no .npz files and no .npy arrays")
+    return shards
+
+
+def _iterable_shards(items: Iterable[Mapping[str, np.ndarray]], model: ModelProto, source: str) -> list[Shard]:
+    """Feed dicts (each one sample or a batch) read once; consecutive ones of one signature are merged."""
+    specs = input_specs(model)
+    runs: list[list[Feed]] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise InherccError(f"{source} item {i} is a {type(item).__name__}, not a dict of input arrays")
+        feeds = _model_arrays({k: np.asarray(v) for k, v in item.items()}, model)
+        # one unbatched sample (rank one below the model input's) gets its batch axis
+        for spec in specs:
+            a = feeds.get(spec.name)
+            if a is not None and spec.shape and a.ndim == len(spec.shape) - 1:
+                feeds = {k: v[None] for k, v in feeds.items()}
+                break
+        check_feeds(feeds, model, f"{source} item {i}")
+        if runs and feed_signature(runs[-1][-1]) == feed_signature(feeds):
+            runs[-1].append(feeds)
+        else:
+            runs.append([feeds])
+    shards = []
+    for run in runs:
+        merged = run[0] if len(run) == 1 else {k: np.concatenate([f[k] for f in run]) for k in run[0]}
+        shards.append(_in_memory(merged, source))
+    return shards
+
+
+def open_samples(
+    data: object,
+    model: ModelProto,
+    *,
+    shapes: Mapping[str, list[int]] | None = None,
+    synthetic: int = 256,
+    seed: int = 0,
+) -> Samples:
+    """Training samples for ``model`` from any supported source:
+
+    - an ``.npz`` path (one array per graph input, first axis = samples, optional ``_labels``);
+    - a folder of shards (``*.npz`` files, ``<input>.npy`` files, sub-folders of ``<input>.npy`` files),
+      read one shard at a time;
+    - a dict of arrays; any iterable of feed dicts; an ONNX Runtime ``CalibrationDataReader``
+      (``get_next()`` until None) — read once and kept in memory;
+    - ``None``: ``synthetic`` samples from the input specs (with a warning: quality will suffer).
+    """
+    if isinstance(data, Samples):
+        return data
+    if data is None:
+        warn_synthetic("distillation")
+        feeds = synthetic_feeds(model, shapes, batch=synthetic, seed=seed)
+        return Samples([_in_memory(feeds, "synthetic inputs")], model, "synthetic inputs", synthetic=True)
+    if isinstance(data, (str, Path)) or hasattr(data, "__fspath__"):
+        path = Path(data)  # type: ignore[arg-type]
+        if path.is_dir():
+            return Samples(_folder_shards(path, model), model, str(path))
+        feeds = _model_arrays(load_npz(path, model), model)
+        return Samples([_in_memory(feeds, str(path))], model, str(path))
+    if isinstance(data, Mapping):
+        feeds = _model_arrays({k: np.asarray(v) for k, v in data.items()}, model)
+        check_feeds(feeds, model)
+        return Samples([_in_memory(feeds, "data")], model, "data")
+    get_next = getattr(data, "get_next", None)
+    if callable(get_next):
+        return Samples(_iterable_shards(iter(get_next, None), model, "data reader"), model, "data reader")
+    if isinstance(data, Iterable):
+        return Samples(_iterable_shards(data, model, "data"), model, "data")
+    raise InherccError(
+        f"unsupported data {type(data).__name__}: pass an .npz path, a folder of shards, a dict of arrays, "
+        "an iterable of feed dicts or a CalibrationDataReader"
+    )

@@ -13,7 +13,7 @@ matrices ``[groups, out/g, in/g·k]``; every function here takes and returns suc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -50,15 +50,25 @@ def thin_svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thin float64 SVD ``a = u · diag(s) · vt`` of a matrix or a stack, through the eigendecomposition of
     the smaller Gram matrix (``a aᵀ`` or ``aᵀ a``) with torch's LAPACK.
 
-    Why not a plain SVD: on these 2-core machines a 768×3072 ``gesdd`` cost 7–17 s of CPU (numpy and
-    torch alike) against 0.6 s for Gram + ``eigh``, and a BERT-base has 72 such matrices. The price is
+    Why not a plain SVD: on these shared 2-core machines a 768×3072 ``gesdd`` cost 7–17 s of CPU (numpy and
+    torch alike) against 0.12 s for Gram + single-threaded ``eigh``, and a BERT-base has 72 such matrices. The price is
     that singular values below ≈ 1e-8·σ_max lose relative accuracy — irrelevant for truncation — while
     the singular vectors stay orthonormal, so ``u[:, :r] u[:, :r]ᵀ a`` is still the exact projection:
     the full-rank product reproduces ``a`` and rank-``r`` errors are the Eckart–Young tail.
     """
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # multi-threaded LAPACK spin-waits: 0.12 s of CPU alone, 3× that on 2 threads
+    try:
+        return _thin_svd_eigh(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _thin_svd_eigh(t: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import torch
+
     squeeze = t.ndim == 2
     if squeeze:
         t = t[None]
@@ -111,15 +121,22 @@ def eckart_young_error(singular_values: np.ndarray, rank: int) -> float:
 
 def cholesky_with_ridge(gram: np.ndarray, ridge: float = 1e-6, max_tries: int = 8) -> tuple[np.ndarray, float]:
     """Lower Cholesky factor ``S`` of ``G + λI`` (``G = S Sᵀ``); λ starts at 0 and grows (relative to the
-    mean diagonal) until the factorization succeeds. Returns ``(S, λ)``."""
+    mean diagonal) until the factorization succeeds. Returns ``(S, λ)``.
+
+    A rank-deficient Gram (fewer samples than features, duplicated or constant features) often factorizes
+    "successfully" with pivots at rounding level; ``S⁻¹`` then holds entries of 1e7 and more along the
+    directions the data never visited, and the factors blow up on new inputs. So a factorization is only
+    accepted when every pivot ``S[i, i]²`` is at least ``ridge/2`` of the mean diagonal: directions with
+    less variance than that are regularized (their share of the output energy is below ``ridge``)."""
     g = np.asarray(gram, dtype=np.float64)
     g = 0.5 * (g + g.T)
     scale = float(np.mean(np.diag(g))) or 1.0
+    floor = 0.5 * ridge * scale
     lam = 0.0
     for attempt in range(max_tries + 1):
         try:
             s = np.linalg.cholesky(g + lam * np.eye(g.shape[0]))
-            if np.all(np.isfinite(s)):
+            if np.all(np.isfinite(s)) and float(np.min(np.diag(s))) ** 2 >= floor:
                 return s, lam
         except np.linalg.LinAlgError:
             pass
@@ -142,25 +159,39 @@ class WhitenedSVD:
         return int(self.s.shape[1])
 
 
-def whitened_svd(weight: np.ndarray, gram: np.ndarray, ridge: float = 1e-6) -> WhitenedSVD:
+def whitened_svd(
+    weight: np.ndarray, gram: np.ndarray, ridge: float = 1e-6, cross: np.ndarray | None = None
+) -> WhitenedSVD:
     """Activation-aware SVD: with ``G = XᵀX = S Sᵀ``, ``‖X Wᵀ − X M‖ = ‖Sᵀ(Wᵀ − M)‖``, so the SVD of
     ``Sᵀ Wᵀ`` truncated to ``r`` gives the output-optimal rank-``r`` approximation.
 
-    ``gram`` is ``[in, in]`` or per group ``[g, in, in]``.
+    With ``cross = X_sᵀ X_t`` (the student's inputs ``X_s`` against the teacher's ``X_t``, and ``gram`` the
+    student's ``X_sᵀ X_s``) the target becomes the teacher's output from the student's input:
+    ``‖X_t Wᵀ − X_s M‖² = ‖Sᵀ M − S⁻¹ C Wᵀ‖² + const``, so the SVD is of ``S⁻¹ C Wᵀ`` (error compensation;
+    equal to ``Sᵀ Wᵀ`` when ``X_s = X_t``).
+
+    ``gram`` (and ``cross``) are ``[in, in]`` or per group ``[g, in, in]``.
     """
     w = as_stack(np.asarray(weight, dtype=np.float64))
-    grams = np.asarray(gram, dtype=np.float64)
-    grams = np.broadcast_to(grams, (w.shape[0],) + grams.shape[-2:]) if grams.ndim == 2 else grams
-    chols, us, ss, vts, lam_max = [], [], [], [], 0.0
-    for wg, gg in zip(w, grams):
+    grams = _per_group(gram, w.shape[0])
+    crosses = _per_group(cross, w.shape[0]) if cross is not None else None
+    chols, targets, lam_max = [], [], 0.0
+    for i, (wg, gg) in enumerate(zip(w, grams)):
         chol, lam = cholesky_with_ridge(gg, ridge)
         lam_max = max(lam_max, lam)
-        u, s, vt = thin_svd(chol.T @ wg.T)
         chols.append(chol)
-        us.append(u)
-        ss.append(s)
-        vts.append(vt)
-    return WhitenedSVD(np.stack(chols), np.stack(us), np.stack(ss), np.stack(vts), lam_max)
+        if crosses is None:
+            targets.append(chol.T @ wg.T)
+        else:
+            targets.append(solve_triangular(chol, crosses[i] @ wg.T, lower=True))
+    u, s, vt = thin_svd(np.stack(targets))
+    return WhitenedSVD(np.stack(chols), u, s, vt, lam_max)
+
+
+def _per_group(m: np.ndarray, groups: int) -> np.ndarray:
+    """``[k, k]`` broadcast to ``[g, k, k]``; a ``[g, k, k]`` stack as is (float64)."""
+    a = np.asarray(m, dtype=np.float64)
+    return np.broadcast_to(a, (groups,) + a.shape[-2:]) if a.ndim == 2 else a
 
 
 def whitened_factorize(
@@ -175,10 +206,19 @@ def whitened_factorize(
     d = decomposition if decomposition is not None else whitened_svd(weight, gram)
     r = _check_rank(rank, d.full_rank)
     # Wᵀ ≈ S⁻ᵀ U_r Σ_r V_rᵀ ; in [out, in] convention W ≈ V_r Σ_r (S⁻ᵀ U_r)ᵀ.
-    ur = np.stack([np.linalg.solve(c.T, u[:, :r]) for c, u in zip(d.chol, d.u)])  # S⁻ᵀ U_r: [g, in, r]
+    ur = np.stack([solve_triangular(c.T, u[:, :r], lower=False) for c, u in zip(d.chol, d.u)])  # S⁻ᵀ U_r: [g, in, r]
     vt_like = np.swapaxes(ur, -1, -2)  # [g, r, in]
     u_like = np.swapaxes(d.vt[..., :r, :], -1, -2)  # [g, out, r]
     return split_factors(u_like, d.s[..., :r], vt_like, split)
+
+
+def solve_triangular(tri: np.ndarray, b: np.ndarray, lower: bool) -> np.ndarray:
+    """``T⁻¹ b`` for a triangular ``T`` (scipy's O(k²) solver when installed, else a general solve)."""
+    try:
+        from scipy.linalg import solve_triangular as _solve
+    except ImportError:  # scipy is optional
+        return np.linalg.solve(tri, b)
+    return _solve(tri, b, lower=lower)
 
 
 def random_factors(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -12,6 +13,8 @@ import numpy as np
 from onnx import ModelProto
 
 from inhercc import linalg
+from inhercc.calibrate import DEFAULT_BATCH_SIZE as DEFAULT_CALIB_BATCH_SIZE
+from inhercc.calibrate import DEFAULT_SAMPLES as DEFAULT_CALIB_SAMPLES
 from inhercc.data import (
     Feed,
     Samples,
@@ -31,18 +34,19 @@ from inhercc.model import (
     file_size,
     float_param_count,
     infer_model_shapes,
-    shape_skeleton,
     load_model,
     model_bytes,
     prepare_model,
     save_model,
+    shape_skeleton,
 )
 from inhercc.passes import FactorizeConv, FactorizeGemm, FactorizeMatMul, run_passes
 from inhercc.passes.base import FactorSource
-from inhercc.plan import RankPlan, apply_plan, plan_energy, plan_ratio, plan_uniform
+from inhercc.plan import RankPlan, apply_plan, plan_energy, plan_proportional, plan_ratio, plan_uniform
 from inhercc.verify import fidelity
 
 INITS = ("svd", "whitened", "random")
+ALLOCATIONS = ("greedy", "uniform", "sensitivity")
 CALIBRATION_LIMIT = 4096  # samples read into memory for calibration from a streamed source
 DEFAULT_RATIO = 0.5
 DEFAULT_RANK_MULTIPLE = 8
@@ -56,6 +60,16 @@ class CompressResult:
     plan: RankPlan
     layers: list[Layer]
     report: dict[str, Any] = field(default_factory=dict)
+
+
+def has_value_info(model: ModelProto | str | os.PathLike[str]) -> bool:
+    """Whether the teacher as given (before our shape inference) carries ``value_info``."""
+    if isinstance(model, ModelProto):
+        return len(model.graph.value_info) > 0
+    try:
+        return len(onnx.load(str(model), load_external_data=False).graph.value_info) > 0
+    except Exception:
+        return False  # load_model reports unreadable files
 
 
 def as_model(model: ModelProto | str | os.PathLike[str]) -> ModelProto:
@@ -110,8 +124,11 @@ def choose_plan(
     rank_multiple: int,
     min_saving: float,
     spectrum: str,
+    allocation: str = "greedy",
+    layer_weights: Mapping[str, float] | None = None,
 ) -> RankPlan:
-    """Exactly one of ratio / rank / energy / plan (ratio 0.5 when none is given)."""
+    """Exactly one of ratio / rank / energy / plan (ratio 0.5 when none is given). A ratio is allocated by
+    ``allocation``: 'greedy' over the spectra (scaled by ``layer_weights`` when given), or 'uniform'."""
     given = [
         n for n, v in (("--ratio", ratio), ("--rank", rank), ("--energy", energy), ("--plan", plan)) if v is not None
     ]
@@ -125,13 +142,17 @@ def choose_plan(
         return plan_uniform(layers, rank, rank_multiple=rank_multiple, min_saving=min_saving)
     if energy is not None:
         return plan_energy(layers, spectra, energy, rank_multiple=rank_multiple, min_saving=min_saving)
+    ratio = DEFAULT_RATIO if ratio is None else ratio
+    if allocation == "uniform":
+        return plan_proportional(layers, ratio, rank_multiple=rank_multiple, min_saving=min_saving)
     return plan_ratio(
         layers,
         spectra,
-        DEFAULT_RATIO if ratio is None else ratio,
+        ratio,
         rank_multiple=rank_multiple,
         min_saving=min_saving,
         spectrum=spectrum,
+        layer_weights=layer_weights,
     )
 
 
@@ -169,9 +190,8 @@ class Factorizer:
     def __call__(self, layer: Layer, rank: int) -> tuple[np.ndarray, np.ndarray]:
         per_group = rank // layer.groups
         if self.init == "random":
-            return linalg.random_factors(
-                layer.out_features, layer.in_features, per_group, layer.groups, seed=self.seed + hash(layer.name) % 1000
-            )
+            seed = self.seed + zlib.crc32(layer.name.encode()) % 1000  # hash() differs between processes
+            return linalg.random_factors(layer.out_features, layer.in_features, per_group, layer.groups, seed=seed)
         d = self.decomposition(layer)
         if isinstance(d, linalg.WhitenedSVD):
             return linalg.whitened_factorize(layer.matrix(), self.grams[layer.name], per_group, self.split, d)
@@ -258,6 +278,11 @@ def compress(
     verify_data: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
     shapes: Mapping[str, list[int]] | None = None,
     grams: Mapping[str, np.ndarray] | None = None,
+    calib_samples: int | None = DEFAULT_CALIB_SAMPLES,
+    calib_batch_size: int = DEFAULT_CALIB_BATCH_SIZE,
+    allocation: str | None = None,
+    sequential: bool = False,
+    progress: bool = False,
     verify: bool = True,
     verify_samples: int = 8,
     seed: int = 0,
@@ -280,13 +305,22 @@ def compress(
     calibration uses its training split only — and the report gains ``fidelity_before`` / ``fidelity``
     (on the held-out validation split) and ``training``.
 
+    Calibration (``init='whitened'``, the default with data): Gram matrices of the layer inputs over the
+    first ``calib_samples`` samples (:mod:`inhercc.calibrate`); ``allocation`` of a ratio: 'uniform' (the
+    default with calibration: every layer keeps ``ratio`` of its weights), 'greedy' (over the spectra; the
+    default without) or 'sensitivity' (greedy weighted by each layer's measured effect on the outputs,
+    :mod:`inhercc.sensitivity`); ``sequential`` fits each layer to the teacher's outputs from the
+    student's own inputs, stage by stage (slower, better). ``progress`` draws bars on stderr.
+
     Exactly one of ``ratio`` (default 0.5), ``rank``, ``energy`` or ``plan``. Returns the student model,
     the plan and a report with params, FLOPs, size and fidelity (teacher vs student in ONNX Runtime on
     ``verify_data``, else on the last ``verify_samples`` samples of ``data`` — held out from calibration —,
     else on synthetic inputs).
     """
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     say = log or (lambda _msg: None)
+    teacher_value_info = has_value_info(teacher)
     model = as_model(teacher)
     training = distill is not None or epochs is not None or steps is not None
     if training:
@@ -323,15 +357,43 @@ def compress(
     if init == "whitened" and grams is None:
         if feeds is None:
             raise InherccError("--init whitened needs calibration data (--data)")
-        from inhercc.calibrate import collect_grams
+        from inhercc.calibrate import collect_grams, split_quota
 
         say("calibrating (Gram matrices of the layer inputs)")
+        t_calib = time.perf_counter()
         compressible = [la for la in layers if la.compressible]
-        grams = sum_grams(collect_grams(model, compressible, part) for part in calibration or [feeds])
+        grams = sum_grams(
+            collect_grams(model, compressible, part, samples=n, batch_size=calib_batch_size, progress=progress)
+            for part, n in split_quota(calibration or [feeds], calib_samples)
+        )
+        timings["calibrate"] = round(time.perf_counter() - t_calib, 3)
     factorizer = Factorizer(init, split, grams, seed)
     spectrum = "whitened" if init == "whitened" else "weight"
     needs_spectra = plan is None and rank is None
     spectra = factorizer.spectra(layers) if needs_spectra else {}
+    allocation = allocation or ("uniform" if init == "whitened" else "greedy")
+    if allocation not in ALLOCATIONS:
+        raise InherccError(f"unknown --allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+    layer_weights = None
+    if allocation == "sensitivity" and needs_spectra and energy is None:
+        if feeds is None:
+            raise InherccError("--sensitivity needs calibration data (--data)")
+        from inhercc.sensitivity import measure_sensitivity, sensitivity_feeds, sensitivity_weights
+
+        say("measuring each layer's effect on the outputs")
+        t_sens = time.perf_counter()
+        measured = measure_sensitivity(
+            model,
+            layers,
+            sensitivity_feeds(feeds, calib_samples),
+            factorizer,
+            spectra,
+            ratio=DEFAULT_RATIO if ratio is None else ratio,
+            batch_size=calib_batch_size,
+            progress=progress,
+        )
+        layer_weights = sensitivity_weights(measured)
+        timings["sensitivity"] = round(time.perf_counter() - t_sens, 3)
     rank_plan = choose_plan(
         layers,
         spectra,
@@ -342,6 +404,8 @@ def compress(
         rank_multiple=rank_multiple,
         min_saving=min_saving,
         spectrum=spectrum,
+        allocation=allocation,
+        layer_weights=layer_weights,
     )
     rank_plan.method.setdefault("init", init)
     rank_plan.method.setdefault("split", split)
@@ -365,8 +429,18 @@ def compress(
         )
         if not rank_plan.factorized():
             raise InherccError("every factor chain is slower than its dense layer on this provider: nothing to do")
+    factors: FactorSource = factorizer
+    if sequential:
+        if feeds is None or init != "whitened":
+            raise InherccError("--sequential needs calibration data (--data) and --init whitened")
+        t_seq = time.perf_counter()
+        factors = sequential_source(
+            model, layers, rank_plan, feeds, factorizer, calib_samples, calib_batch_size, progress, say
+        )
+        timings["sequential"] = round(time.perf_counter() - t_seq, 3)
+        rank_plan.method["sequential"] = True
     say(f"rewriting {len(rank_plan.factorized())} layer(s)")
-    student = rewrite(model, rank_plan, layers, factorizer)
+    student = rewrite(model, rank_plan, layers, factors)
     factorizer.release()
     t_rewrite = time.perf_counter() - t0
     report = build_report(model, student, layers, rank_plan, shapes or sample_shapes(held_out, model))
@@ -383,8 +457,50 @@ def compress(
         vfeeds = verification_feeds(model, held_out, shapes, verify_samples, seed)
         report["fidelity"] = fidelity(model, student, vfeeds)
         report["fidelity_inputs"] = "data" if held_out is not None else "synthetic"
-    report["time_s"] = {"rewrite": round(t_rewrite, 3), "total": round(time.perf_counter() - t0, 3)}
+    report["time_s"] = {**timings, "rewrite": round(t_rewrite, 3), "total": round(time.perf_counter() - t0, 3)}
+    if not teacher_value_info:
+        # Inferred shapes are ours, not the teacher's: with them ONNX Runtime's CPU provider fused
+        # Add+Add+LayerNorm into a SkipLayerNormalization 4.6× slower than the separate ops (MiniLM, batch
+        # 32×128), costing the student 0.04 of its latency ratio. Ship the graph as plain as it came.
+        del student.graph.value_info[:]
     return CompressResult(student, rank_plan, layers, report)
+
+
+def sequential_source(
+    model: ModelProto,
+    layers: list[Layer],
+    plan: RankPlan,
+    feeds: Feed,
+    factorizer: Factorizer,
+    samples: int | None,
+    batch_size: int,
+    progress: bool,
+    say: Callable[[str], None],
+) -> FactorSource:
+    """Error-compensating factors (:func:`inhercc.calibrate.sequential_factors`) for the planned layers;
+    the factorizer's for any layer whose input could not be exposed."""
+    from inhercc.calibrate import sequential_factors
+
+    def build(done: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> ModelProto:
+        return rewrite(model, RankPlan({n: plan.rank(n) for n in done}), layers, lambda la, _r: done[la.name])
+
+    say("sequential calibration (each layer fitted on the student's own inputs)")
+    compensated = sequential_factors(
+        model,
+        layers,
+        plan.factorized(),
+        feeds,
+        build,
+        split=factorizer.split,
+        samples=samples,
+        batch_size=batch_size,
+        progress=progress,
+    )
+
+    def source(layer: Layer, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        return compensated[layer.name] if layer.name in compensated else factorizer(layer, rank)
+
+    return source
 
 
 def sample_shapes(feeds: Feed | None, model: ModelProto) -> dict[str, list[int]] | None:
@@ -469,10 +585,14 @@ def inspect_model(
     rank_multiple: int = DEFAULT_RANK_MULTIPLE,
     data: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
     grams: Mapping[str, np.ndarray] | None = None,
+    calib_samples: int | None = DEFAULT_CALIB_SAMPLES,
+    calib_batch_size: int = DEFAULT_CALIB_BATCH_SIZE,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Per-layer table (name, op, weight shape, params, FLOPs, the ranks keeping 90 % / 99 % of the
-    spectral energy — of the weights, or of the layer outputs when ``grams`` are given — and the reason
-    for every layer that cannot be compressed) with totals."""
+    spectral energy — of the weights, or of the layer outputs when ``grams`` are given or calibrated on
+    the first ``calib_samples`` of ``data`` — and the reason for every layer that cannot be compressed)
+    with totals."""
     from inhercc.plan import rank_keeping
 
     m = as_model(model)
@@ -481,7 +601,14 @@ def inspect_model(
     if feeds is not None and grams is None:
         from inhercc.calibrate import collect_grams
 
-        grams = collect_grams(m, [la for la in layers if la.weight is not None and la.out_features], feeds)
+        grams = collect_grams(
+            m,
+            [la for la in layers if la.weight is not None and la.out_features],
+            feeds,
+            samples=calib_samples,
+            batch_size=calib_batch_size,
+            progress=progress,
+        )
     factorizer = Factorizer("whitened" if grams is not None else "svd", grams=grams)
     rows = []
     for layer in layers:

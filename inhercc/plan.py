@@ -153,15 +153,19 @@ def plan_ratio(
     rank_multiple: int = 1,
     min_saving: float = DEFAULT_MIN_SAVING,
     spectrum: str = "weight",
+    layer_weights: Mapping[str, float] | None = None,
 ) -> RankPlan:
     """Global greedy: keep ``ratio`` of the compressible layers' weight parameters, buying the steps with
-    the largest energy share per parameter first. Every layer starts at one step; a layer whose rank
-    would save less than ``min_saving`` is bought dense in one last step (its remaining energy for its
-    remaining parameters). The result stays within the budget and misses it by less than one step."""
+    the largest energy share per parameter first (each layer's shares scaled by ``layer_weights[name]``
+    when given: the measured per-layer importance of :mod:`inhercc.sensitivity`). Every layer starts at
+    one step; a layer whose rank would save less than ``min_saving`` is bought dense in one last step (its
+    remaining energy for its remaining parameters). The result stays within the budget and misses it by
+    less than one step."""
     if not 0.0 < ratio <= 1.0:
         raise InherccError(f"--ratio must be in (0, 1], got {ratio}")
     cands = _compressible(layers)
     method = {"mode": "ratio", "value": ratio, "rank_multiple": rank_multiple, "spectrum": spectrum}
+    method["allocation"] = "sensitivity" if layer_weights is not None else "greedy"
     if not cands:
         return _finish(layers, {}, method, min_saving)
     budget = ratio * sum(layer.weight_params for layer in cands)
@@ -173,6 +177,8 @@ def plan_ratio(
         r0 = min(m, layer.full_rank)
         state[layer.name] = r0
         energies[layer.name] = spectrum_energy(spectra[layer.name])
+        if layer_weights is not None:
+            energies[layer.name] = energies[layer.name] * float(layer_weights.get(layer.name, 1.0))
         spent += layer.factor_params(r0 * layer.groups)
     if spent > budget:
         raise InherccError(
@@ -212,6 +218,27 @@ def plan_ratio(
         if step:
             heapq.heappush(heap, (-step[0], i, step[1], step[2]))
     chosen = {name: (r * _by_name(cands, name).groups if r is not None else None) for name, r in state.items()}
+    return _finish(layers, chosen, method, min_saving)
+
+
+def keep_ratio_rank(layer: Layer, ratio: float) -> float:
+    """The (fractional) per-group rank at which a layer's factors hold ``ratio`` of its weights."""
+    return ratio * layer.out_features * layer.in_features / (layer.out_features + layer.in_features)
+
+
+def plan_proportional(
+    layers: list[Layer], ratio: float, *, rank_multiple: int = 1, min_saving: float = DEFAULT_MIN_SAVING
+) -> RankPlan:
+    """Every layer keeps the same fraction ``ratio`` of its weights (rank rounded down to ``rank_multiple``,
+    at least one step): no spectrum involved — the baseline a calibrated allocation has to beat."""
+    if not 0.0 < ratio <= 1.0:
+        raise InherccError(f"--ratio must be in (0, 1], got {ratio}")
+    m = max(1, rank_multiple)
+    chosen = {}
+    for layer in _compressible(layers):
+        r = min(layer.full_rank, max(m, int(keep_ratio_rank(layer, ratio) // m) * m))
+        chosen[layer.name] = r * layer.groups
+    method = {"mode": "ratio", "value": ratio, "rank_multiple": rank_multiple, "allocation": "uniform"}
     return _finish(layers, chosen, method, min_saving)
 
 

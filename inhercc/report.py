@@ -95,3 +95,140 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench results (format "inhercc-bench", see inhercc.bench)
+
+BENCH_HEADERS = (
+    "shapes",
+    "model",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "samples/s",
+    "ratio [95% CI]",
+    "params",
+    "FLOPs/sample",
+)
+
+
+def ratio_text(ratio: dict[str, Any] | None) -> str:
+    """``0.532 [0.518, 0.547]`` from a ``ratio_of_medians`` dict; ``1 (reference)`` for the reference."""
+    if ratio is None:
+        return "1 (reference)"
+    return f"{ratio['ratio']:.3f} [{ratio['ci_low']:.3f}, {ratio['ci_high']:.3f}]"
+
+
+def bench_rows(result: dict[str, Any]) -> list[list[Any]]:
+    """One row per (shape set, model) of a bench result."""
+    from inhercc.bench import shape_text
+
+    params = {m["label"]: m["params"] for m in result["models"]}
+    rows: list[list[Any]] = []
+    for run in result["runs"]:
+        for r in run["results"]:
+            lat = r["latency_ms"]
+            rows.append(
+                [
+                    shape_text(run["shapes"]),
+                    r["model"],
+                    f"{lat['p50']:.3f}",
+                    f"{lat['p90']:.3f}",
+                    f"{lat['p99']:.3f}",
+                    f"{r['throughput_per_s']:.1f}" if r["throughput_per_s"] else "-",
+                    ratio_text(r["ratio_to_reference"]),
+                    human_count(params.get(r["model"])),
+                    human_count(run["flops_per_sample"].get(r["model"])),
+                ]
+            )
+    return rows
+
+
+def bench_header(result: dict[str, Any]) -> str:
+    """One line: provider, device, ORT version, threads, optimization level and how it was timed."""
+    env, st = result["environment"], result["settings"]
+    threads = env["threads"] if env["threads"] else f"ORT default ({env['cpu_count']} logical CPUs)"
+    timing = f"{st['repeat']} rounds" if st.get("repeat") else f"{st['duration']} s per shape set"
+    extra = ""
+    if env.get("cudnn_conv_algo_search"):
+        extra += f", cuDNN algo search {env['cudnn_conv_algo_search']}"
+    if env.get("cuda_graph"):
+        extra += ", CUDA graphs"
+    return (
+        f"{env['provider']} on {env['device']}, onnxruntime {env['onnxruntime']}, threads {threads}, "
+        f"opt level {env['opt_level']}{extra}; IO binding, warm-up {st['warmup']}, {timing} interleaved; "
+        f"ratio = median / median of the reference, {int(st['confidence'] * 100)}% paired bootstrap CI "
+        f"({st['resamples']} resamples, seed {st['seed']})"
+    )
+
+
+def bench_table(result: dict[str, Any]) -> str:
+    """The terminal table of a bench result (with its header line and notes)."""
+    table = format_table(BENCH_HEADERS, bench_rows(result), align="llrrrrlrr")
+    out = f"{bench_header(result)}\n\n{table}"
+    sizes = ", ".join(f"{m['label']} {human_bytes(m['size_bytes'])}" for m in result["models"])
+    out += f"\n\nsize on disk: {sizes}"
+    for note in result.get("notes", []):
+        out += f"\nnote: {note}"
+    return out
+
+
+def bench_markdown(result: dict[str, Any], title: str = "Latency") -> str:
+    """A markdown section for a bench result: header line, table, sizes, notes."""
+    lines = [f"## {title}", "", bench_header(result), "", format_markdown(BENCH_HEADERS, bench_rows(result)), ""]
+    lines += [
+        format_markdown(
+            ["model", "params", "size on disk"],
+            [[m["label"], human_count(m["params"]), human_bytes(m["size_bytes"])] for m in result["models"]],
+        ),
+        "",
+    ]
+    lines += [f"- note: {n}" for n in result.get("notes", [])]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_bench(result: dict[str, Any], path: str | Path) -> Path:
+    """Latency distributions, the models side by side, one panel per shape set (PNG; needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        from inhercc.errors import InherccError
+
+        raise InherccError("--plot needs matplotlib (pip install matplotlib)") from e
+    import numpy as np
+
+    from inhercc.bench import shape_text
+
+    runs = result["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(max(5.0, 2.2 + 1.6 * len(runs[0]["results"])) * len(runs), 4.2))
+    axes = np.atleast_1d(axes).ravel()
+    for ax, run in zip(axes, runs):
+        data = [r["samples_ms"] for r in run["results"]]
+        labels = [r["model"] for r in run["results"]]
+        ax.violinplot(data, showmedians=True, showextrema=False)
+        ax.boxplot(data, widths=0.12, showfliers=False)
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=15)
+        top = 1.15 * max(r["latency_ms"]["p99"] for r in run["results"])
+        for i, r in enumerate(run["results"], start=1):
+            ax.annotate(
+                ratio_text(r["ratio_to_reference"]).replace("1 (reference)", "reference"),
+                (i, r["latency_ms"]["p99"]),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        ax.set_ylim(0, top)  # the rare long stalls of a shared machine would squash the distributions
+        ax.set_ylabel("latency (ms, axis cut at 1.15 × p99)")
+        ax.set_title(shape_text(run["shapes"]), fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    env = result["environment"]
+    fig.suptitle(f"{env['provider']} · {env['device']} · threads {env['threads'] or 'default'}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

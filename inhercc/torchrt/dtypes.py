@@ -87,12 +87,12 @@ def from_numpy(array: Any) -> torch.Tensor:
     if name in _CARRIED_BY_NAME:
         dtype = _CARRIED_BY_NAME[name]
         _, carrier, np_carrier = _CARRIED[dtype]
-        return torch.from_numpy(np.ascontiguousarray(a).view(np_carrier).copy()).view(dtype)
+        return torch.from_numpy(np.array(a, order="C").view(np_carrier)).view(dtype)
     if a.dtype == object or a.dtype.kind in "USV":
         raise InherccError(f"numpy dtype {a.dtype} is not supported by the torch runtime")
     if not a.flags.writeable or not a.flags.c_contiguous or a.dtype.byteorder == ">":
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
-        a = a.copy() if not a.flags.writeable else a
+        # a writable, native-endian C-order copy (np.ascontiguousarray would turn 0-d into 1-d)
+        a = np.array(a, dtype=a.dtype.newbyteorder("="), order="C")
     return torch.from_numpy(a)
 
 
@@ -110,6 +110,11 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 def tensor_from_proto(proto: onnx.TensorProto) -> torch.Tensor:
     """The value of a TensorProto (its external data must already be loaded) as a torch tensor."""
     torch_dtype(proto.data_type)  # clear error for unsupported element types
+    if proto.data_location == TensorProto.EXTERNAL:
+        raise InherccError(
+            f"tensor {proto.name!r} keeps its data in an external file; load the model with "
+            "its external data (onnx.load(path), or onnx.load_external_data_for_model)"
+        )
     return from_numpy(numpy_helper.to_array(proto))
 
 

@@ -8,43 +8,43 @@ import torch
 import torch.nn.functional as F
 
 from inhercc.torchrt.ops.common import axis, scalar
-from inhercc.torchrt.ops.registry import Kernel, NodeContext, one_of, register
+from inhercc.torchrt.ops.registry import Kernel, NodeContext, one_of, register, with_inplace
 
 
-@register("Relu", since=6)
+@register("Relu", since=6, fresh=True, saves_output=True)
 def relu(ctx: NodeContext) -> Kernel:
-    return torch.relu
+    return with_inplace(lambda x: torch.relu(x), {0: torch.relu_})
 
 
-@register("Sigmoid", since=6)
+@register("Sigmoid", since=6, fresh=True, saves_output=True)
 def sigmoid(ctx: NodeContext) -> Kernel:
-    return torch.sigmoid
+    return with_inplace(lambda x: torch.sigmoid(x), {0: torch.sigmoid_})
 
 
-@register("Tanh", since=6)
+@register("Tanh", since=6, fresh=True, saves_output=True)
 def tanh(ctx: NodeContext) -> Kernel:
-    return torch.tanh
+    return with_inplace(lambda x: torch.tanh(x), {0: torch.tanh_})
 
 
-@register("LeakyRelu", since=6)
+@register("LeakyRelu", since=6, fresh=True)
 def leaky_relu(ctx: NodeContext) -> Kernel:
     alpha = ctx.attr("alpha", 0.01)
     return lambda x: F.leaky_relu(x, alpha)
 
 
-@register("Elu", since=6)
+@register("Elu", since=6, fresh=True, saves_output=True)
 def elu(ctx: NodeContext) -> Kernel:
     alpha = ctx.attr("alpha", 1.0)
     return lambda x: F.elu(x, alpha)
 
 
-@register("Celu", since=12)
+@register("Celu", since=12, fresh=True, saves_output=True)
 def celu(ctx: NodeContext) -> Kernel:
     alpha = ctx.attr("alpha", 1.0)
     return lambda x: F.celu(x, alpha)
 
 
-@register("Selu", since=6)
+@register("Selu", since=6, fresh=True, saves_output=True)
 def selu(ctx: NodeContext) -> Kernel:
     alpha = ctx.attr("alpha", 1.67326319217681884765625)
     gamma = ctx.attr("gamma", 1.05070102214813232421875)
@@ -57,19 +57,19 @@ def thresholded_relu(ctx: NodeContext) -> Kernel:
     return lambda x: torch.where(x > alpha, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-@register("HardSigmoid", since=6)
+@register("HardSigmoid", since=6, fresh=True)
 def hard_sigmoid(ctx: NodeContext) -> Kernel:
     alpha = ctx.attr("alpha", 0.2)
     beta = ctx.attr("beta", 0.5)
     return lambda x: torch.clamp(x * alpha + beta, 0.0, 1.0)
 
 
-@register("HardSwish", since=14)
+@register("HardSwish", since=14, fresh=True)
 def hard_swish(ctx: NodeContext) -> Kernel:
     return F.hardswish
 
 
-@register("Softplus", since=1)
+@register("Softplus", since=1, fresh=True)
 def softplus(ctx: NodeContext) -> Kernel:
     return F.softplus
 
@@ -92,13 +92,25 @@ def swish(ctx: NodeContext) -> Kernel:
     return lambda x: x * torch.sigmoid(x * alpha)
 
 
-@register("Gelu", since=20)
+@register("Gelu", since=20, fresh=True)
 def gelu(ctx: NodeContext) -> Kernel:
     approximate = one_of(ctx, "approximate", "none", ("none", "tanh"))
     return lambda x: F.gelu(x, approximate=approximate)
 
 
-@register("PRelu", since=7)
+@register("PRelu", since=6, until=6, fresh=True)
+def prelu_6(ctx: NodeContext) -> Kernel:
+    """Opset 6: a 1-D slope holds one value per channel (axis 1)."""
+
+    def kernel(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+        if slope.dim() == 1 and x.dim() > 2 and slope.numel() == x.shape[1]:
+            slope = slope.reshape((-1,) + (1,) * (x.dim() - 2))
+        return torch.where(x >= 0, x, x * slope)
+
+    return kernel
+
+
+@register("PRelu", since=7, fresh=True)
 def prelu(ctx: NodeContext) -> Kernel:
     """x for x >= 0 else slope * x, the slope broadcasting to x (not only per channel as in F.prelu)."""
     return lambda x, slope: torch.where(x >= 0, x, x * slope)
@@ -183,4 +195,4 @@ def _log_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 for _name, _fn in (("Softmax", _softmax), ("LogSoftmax", _log_softmax), ("Hardmax", _hardmax)):
     register(_name, since=1, until=12)(_softmax_builder(_fn, legacy=True))
-    register(_name, since=13)(_softmax_builder(_fn, legacy=False))
+    register(_name, since=13, fresh=True, saves_output=True)(_softmax_builder(_fn, legacy=False))

@@ -6,9 +6,10 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from inhercc.torchrt.ops.common import widen_unsigned
-from inhercc.torchrt.ops.registry import Kernel, NodeContext, one_of, register
+from inhercc.torchrt.ops.registry import Kernel, NodeContext, one_of, register, with_inplace
 
 Binary = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,30 +42,59 @@ def _legacy_broadcast(ctx: NodeContext, fn: Binary) -> Kernel:
     return kernel
 
 
-_BINARY: dict[str, tuple[Binary, int]] = {
-    # op -> (function, first version with numpy broadcasting)
-    "Add": (widen_unsigned(torch.add), 7),
-    "Sub": (widen_unsigned(torch.sub), 7),
-    "Mul": (torch.mul, 7),
-    "Div": (widen_unsigned(_div), 7),
+def _add(ctx: NodeContext) -> Kernel:
+    fn = widen_unsigned(torch.add)
+    return with_inplace(lambda a, b: fn(a, b), {0: lambda a, b: a.add_(b), 1: lambda a, b: b.add_(a)}, grad="always")
+
+
+def _sub(ctx: NodeContext) -> Kernel:
+    fn = widen_unsigned(torch.sub)
+    return with_inplace(
+        lambda a, b: fn(a, b), {0: lambda a, b: a.sub_(b), 1: lambda a, b: b.neg_().add_(a)}, grad="always"
+    )
+
+
+def _mul(ctx: NodeContext) -> Kernel:
+    return with_inplace(
+        lambda a, b: torch.mul(a, b), {0: lambda a, b: a.mul_(b), 1: lambda a, b: b.mul_(a)}, grad="if_others_constant"
+    )
+
+
+def _div_builder(ctx: NodeContext) -> Kernel:
+    fn = widen_unsigned(_div)
+    return with_inplace(lambda a, b: fn(a, b), {0: lambda a, b: a.div_(b)}, grad="if_others_constant")
+
+
+_BINARY: dict[str, tuple[Binary, Callable[[NodeContext], Kernel], int]] = {
+    # op -> (function, builder for numpy broadcasting, first version with numpy broadcasting)
+    "Add": (widen_unsigned(torch.add), _add, 7),
+    "Sub": (widen_unsigned(torch.sub), _sub, 7),
+    "Mul": (torch.mul, _mul, 7),
+    "Div": (widen_unsigned(_div), _div_builder, 7),
 }
 
 
-def _binary_builder(fn: Binary, legacy: bool) -> Callable[[NodeContext], Kernel]:
+def _legacy_builder(fn: Binary) -> Callable[[NodeContext], Kernel]:
     def build(ctx: NodeContext) -> Kernel:
-        return _legacy_broadcast(ctx, fn) if legacy else fn
+        return _legacy_broadcast(ctx, fn)
 
     return build
 
 
-for _name, (_fn, _numpy_since) in _BINARY.items():
-    register(_name, since=6, until=_numpy_since - 1)(_binary_builder(_fn, legacy=True))
-    register(_name, since=_numpy_since)(_binary_builder(_fn, legacy=False))
+def _plain_builder(fn: Binary) -> Callable[[NodeContext], Kernel]:
+    def build(ctx: NodeContext) -> Kernel:
+        return fn
+
+    return build
 
 
-@register("Pow", since=7)
-def pow_(ctx: NodeContext) -> Kernel:
-    return widen_unsigned(_pow)
+for _name, (_fn, _build, _numpy_since) in _BINARY.items():
+    register(_name, since=6, until=_numpy_since - 1)(_legacy_builder(_fn))
+    register(_name, since=_numpy_since, fresh=True)(_build)
+
+
+register("Pow", since=1, until=6)(_legacy_builder(widen_unsigned(_pow)))
+register("Pow", since=7, fresh=True, saves_output=True)(_plain_builder(widen_unsigned(_pow)))
 
 
 @register("Mod", since=10)
@@ -90,44 +120,49 @@ def mean(ctx: NodeContext) -> Kernel:
     return lambda *xs: functools.reduce(torch.add, xs) / len(xs)
 
 
-_UNARY: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {
-    # op -> (function, first version implemented)
-    "Sqrt": (torch.sqrt, 6),
-    "Exp": (torch.exp, 6),
-    "Log": (torch.log, 6),
-    "Neg": (torch.neg, 6),
-    "Abs": (torch.abs, 6),
-    "Reciprocal": (torch.reciprocal, 6),
-    "Floor": (torch.floor, 6),
-    "Ceil": (torch.ceil, 6),
-    "Round": (torch.round, 11),
-    "Sign": (torch.sign, 9),
-    "Erf": (torch.erf, 9),
-    "Sin": (torch.sin, 7),
-    "Cos": (torch.cos, 7),
-    "Tan": (torch.tan, 7),
-    "Asin": (torch.asin, 7),
-    "Acos": (torch.acos, 7),
-    "Atan": (torch.atan, 7),
-    "Sinh": (torch.sinh, 9),
-    "Cosh": (torch.cosh, 9),
-    "Asinh": (torch.asinh, 9),
-    "Acosh": (torch.acosh, 9),
-    "Atanh": (torch.atanh, 9),
-    "IsNaN": (torch.isnan, 9),
-    "BitwiseNot": (torch.bitwise_not, 18),
+_UNARY: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int, bool]] = {
+    # op -> (function, first version implemented, whether its backward keeps the output)
+    "Sqrt": (torch.sqrt, 6, True),
+    "Exp": (torch.exp, 6, True),
+    "Log": (torch.log, 6, False),
+    "Neg": (torch.neg, 6, False),
+    "Abs": (torch.abs, 6, False),
+    "Reciprocal": (torch.reciprocal, 6, True),
+    "Floor": (torch.floor, 6, False),
+    "Ceil": (torch.ceil, 6, False),
+    "Round": (torch.round, 11, False),
+    "Sign": (torch.sign, 9, False),
+    "Erf": (torch.erf, 9, False),
+    "Sin": (torch.sin, 7, False),
+    "Cos": (torch.cos, 7, False),
+    "Tan": (torch.tan, 7, True),
+    "Asin": (torch.asin, 7, False),
+    "Acos": (torch.acos, 7, False),
+    "Atan": (torch.atan, 7, False),
+    "Sinh": (torch.sinh, 9, False),
+    "Cosh": (torch.cosh, 9, False),
+    "Asinh": (torch.asinh, 9, False),
+    "Acosh": (torch.acosh, 9, False),
+    "Atanh": (torch.atanh, 9, False),
+    "IsNaN": (torch.isnan, 9, False),
+    "BitwiseNot": (widen_unsigned(torch.bitwise_not), 18, False),
 }
 
 
-def _unary_builder(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[NodeContext], Kernel]:
+def unary_builder(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[NodeContext], Kernel]:
+    """A builder for a one-input op; torch's in-place twin (`Tensor.<name>_`), if any, is attached."""
+    twin = getattr(torch.Tensor, f"{getattr(fn, '__name__', '')}_", None)
+
     def build(ctx: NodeContext) -> Kernel:
-        return fn
+        if twin is None:
+            return fn
+        return with_inplace(lambda x: fn(x), {0: twin})
 
     return build
 
 
-for _name, (_ufn, _since) in _UNARY.items():
-    register(_name, since=_since)(_unary_builder(_ufn))
+for _name, (_ufn, _since, _saves) in _UNARY.items():
+    register(_name, since=_since, fresh=True, saves_output=_saves)(unary_builder(_ufn))
 
 
 @register("IsInf", since=10)
@@ -149,7 +184,7 @@ _BITWISE: dict[str, Binary] = {
     "BitwiseXor": torch.bitwise_xor,
 }
 for _name, _bfn in _BITWISE.items():
-    register(_name, since=18)(_binary_builder(widen_unsigned(_bfn), legacy=False))
+    register(_name, since=18)(_plain_builder(widen_unsigned(_bfn)))
 
 
 @register("BitShift", since=11)
@@ -160,24 +195,33 @@ def bitshift(ctx: NodeContext) -> Kernel:
     return widen_unsigned(torch.bitwise_right_shift)
 
 
-@register("CumSum", since=11, static_inputs=(1,))
-def cumsum(ctx: NodeContext) -> Kernel:
-    exclusive = ctx.attr("exclusive", 0)
-    reverse = ctx.attr("reverse", 0)
-    const_axis = ctx.const_ints(1)
+def _cumulative_builder(fn: Callable[..., torch.Tensor], identity: int) -> Callable[[NodeContext], Kernel]:
+    """CumSum/CumProd along a (constant or runtime) axis; `exclusive` shifts in the identity element."""
 
-    def kernel(x: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:
-        dim = const_axis[0] if const_axis is not None else int(ax.reshape(-1)[0])
-        y = x.flip(dim) if reverse else x
-        out = torch.cumsum(y, dim, dtype=x.dtype)
-        if exclusive:
-            out = out - y
-        return out.flip(dim) if reverse else out
+    def build(ctx: NodeContext) -> Kernel:
+        exclusive = ctx.attr("exclusive", 0)
+        reverse = ctx.attr("reverse", 0)
+        const_axis = ctx.const_ints(1)
 
-    return kernel
+        def kernel(x: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:
+            dim = const_axis[0] if const_axis is not None else int(ax.reshape(-1)[0])
+            dim = dim + x.dim() if dim < 0 else dim
+            y = x.flip(dim) if reverse else x
+            if exclusive:
+                pad = [0, 0] * (x.dim() - 1 - dim) + [1, 0]
+                y = F.pad(y.narrow(dim, 0, max(y.shape[dim] - 1, 0)), pad, value=identity)
+            out = fn(y, dim, dtype=x.dtype)
+            return out.flip(dim) if reverse else out
+
+        return kernel
+
+    return build
+
+
+register("CumSum", since=11, static_inputs=(1,))(_cumulative_builder(torch.cumsum, 0))
+register("CumProd", since=26, static_inputs=(1,))(_cumulative_builder(torch.cumprod, 1))
 
 
 @register("Det", since=11)
 def det(ctx: NodeContext) -> Kernel:
     return torch.linalg.det
-

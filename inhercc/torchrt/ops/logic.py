@@ -38,6 +38,6 @@ def not_(ctx: NodeContext) -> Kernel:
     return torch.logical_not
 
 
-@register("Where", since=9)
+@register("Where", since=9, fresh=True)
 def where(ctx: NodeContext) -> Kernel:
     return torch.where

@@ -46,6 +46,11 @@ class OpSpec:
     static_inputs: frozenset[int] = field(default_factory=frozenset)
     # False for ops whose result changes from call to call (random ops): never constant-folded.
     deterministic: bool = True
+    # The kernel always returns newly allocated tensors that alias nothing else (so a later in-place
+    # kernel may overwrite them once dead) …
+    fresh: bool = False
+    # … and whose backward keeps the output (Relu, Softmax …): those may be overwritten without grad only.
+    saves_output: bool = False
 
 
 _REGISTRY: dict[tuple[str, str], list[OpSpec]] = {}
@@ -58,11 +63,15 @@ def register(
     domain: str = "",
     static_inputs: Iterable[int] = (),
     deterministic: bool = True,
+    fresh: bool = False,
+    saves_output: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Register a builder for `op_type` schema versions `since`..`until` (inclusive; None = open)."""
 
     def decorate(build: Builder) -> Builder:
-        spec = OpSpec(domain, op_type, since, until, build, frozenset(static_inputs), deterministic)
+        spec = OpSpec(
+            domain, op_type, since, until, build, frozenset(static_inputs), deterministic, fresh, saves_output
+        )
         specs = _REGISTRY.setdefault((domain, op_type), [])
         if any(s.since == since for s in specs):
             raise ValueError(f"{domain or 'ai.onnx'}::{op_type} since {since} registered twice")
@@ -71,6 +80,32 @@ def register(
         return build
 
     return decorate
+
+
+@dataclass(frozen=True)
+class InPlace:
+    """In-place variants of a kernel: input position -> a kernel that writes the result into that input.
+
+    The module uses a variant only when that input is a dead-after-this-node temporary that already has
+    the result's shape and dtype; reusing its memory avoids allocating (and page-faulting) a new tensor.
+    `grad`: when autograd may use the variant — "always" (its backward needs neither operand's old
+    value, e.g. add_), "if_others_constant" (only the other operands are needed, so they must not
+    require grad, e.g. mul_ by a constant) or "never".
+    """
+
+    variants: dict[int, Kernel]
+    grad: str = "never"
+
+
+def with_inplace(kernel: Kernel, variants: dict[int, Kernel], grad: str = "never") -> Kernel:
+    """Attach in-place variants to a kernel (a function object built for this node)."""
+    kernel.inplace = InPlace(variants, grad)  # type: ignore[attr-defined]
+    return kernel
+
+
+def inplace_of(kernel: Kernel) -> InPlace | None:
+    """The in-place variants attached to a kernel, if any."""
+    return getattr(kernel, "inplace", None)
 
 
 def schema_version(domain: str, op_type: str, opset: int) -> int | None:

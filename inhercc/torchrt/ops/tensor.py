@@ -7,6 +7,7 @@ build-time constants, otherwise taken from the runtime tensor, which the module 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -72,28 +73,56 @@ def size(ctx: NodeContext) -> Kernel:
     return lambda x: torch.tensor(x.numel(), dtype=torch.int64)
 
 
+def _float8_overflow(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where x rounds (to nearest even) beyond the largest finite value of a float8 type."""
+    finite = torch.finfo(dtype).max
+    mantissa_bits = 3 if dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz) else 2
+    exponent = math.floor(math.log2(finite))
+    threshold = finite + 2.0 ** (exponent - mantissa_bits) / 2
+    max_is_odd = int(finite / 2.0**exponent * 2**mantissa_bits) % 2 == 1  # a tie then rounds up
+    magnitude = x.abs()
+    return magnitude >= threshold if max_is_odd else magnitude > threshold
+
+
+def _to_float8(x: torch.Tensor, dtype: torch.dtype, saturate: bool) -> torch.Tensor:
+    """ONNX float8 casts: saturate=1 clamps to the finite range (inf included), saturate=0 overflows
+    to inf where the type has one (e5m2) and to NaN otherwise. torch's own casts do neither uniformly."""
+    if not x.is_floating_point():
+        return x.to(dtype)
+    x = x.float()
+    if saturate:
+        finite = torch.finfo(dtype).max
+        return torch.where(x.isnan(), x, x.clamp(-finite, finite)).to(dtype)
+    if dtype == torch.float8_e5m2:
+        return x.to(dtype)
+    return torch.where(_float8_overflow(x, dtype), torch.full_like(x, float("nan")), x).to(dtype)
+
+
+def _saturate_attr(ctx: NodeContext) -> bool:
+    """Cast/CastLike's float8 attributes: `saturate` (returned) and `round_mode` (float8e8m0 only)."""
+    ctx.require(ctx.attr("round_mode", "up") == "up", "round_mode other than 'up'")
+    return bool(ctx.attr("saturate", 1))
+
+
 @register("Cast", since=6)
 def cast(ctx: NodeContext) -> Kernel:
     dtype = _target_dtype(ctx.attr("to"))
-    saturate = ctx.attr("saturate", 1)
-    ctx.require(ctx.attr("round_mode", "up") == "up", "round_mode other than 'up'")
-    if dtype in FLOAT8_DTYPES and saturate:
-        finite = torch.finfo(dtype).max
-
-        def saturating(x: torch.Tensor) -> torch.Tensor:
-            if x.is_floating_point():
-                x = torch.where(x.isinf(), x.clamp(-finite, finite), x)
-            return x.to(dtype)
-
-        return saturating
+    saturate = _saturate_attr(ctx)
+    if dtype in FLOAT8_DTYPES:
+        return lambda x: _to_float8(x, dtype, saturate)
     return lambda x: x.to(dtype)
 
 
 @register("CastLike", since=15, static_inputs=(1,))
 def cast_like(ctx: NodeContext) -> Kernel:
-    ctx.attr("saturate", 1)
-    ctx.require(ctx.attr("round_mode", "up") == "up", "round_mode other than 'up'")
-    return lambda x, like: x.to(like.dtype)
+    saturate = _saturate_attr(ctx)
+
+    def kernel(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if like.dtype in FLOAT8_DTYPES:
+            return _to_float8(x, like.dtype, saturate)
+        return x.to(like.dtype)
+
+    return kernel
 
 
 def _reshape_target(shape: Sequence[int], x: torch.Tensor, allowzero: int) -> list[int]:
@@ -203,8 +232,9 @@ def split(ctx: NodeContext) -> Kernel:
     return kernel
 
 
-def _slice(x: torch.Tensor, starts: Sequence[int], ends: Sequence[int], ax: Sequence[int],
-           steps: Sequence[int]) -> torch.Tensor:
+def _slice(
+    x: torch.Tensor, starts: Sequence[int], ends: Sequence[int], ax: Sequence[int], steps: Sequence[int]
+) -> torch.Tensor:
     """ONNX Slice semantics (clamping, negative indices, negative steps via flip)."""
     index: list[slice] = [slice(None)] * x.dim()
     flips: list[int] = []
@@ -251,8 +281,9 @@ def slice_(ctx: NodeContext) -> Kernel:
         steps = consts[3] if present[3] else [1] * len(starts)
         return lambda x, *_: _slice(x, starts, ends, ax, steps)
 
-    def kernel(x: torch.Tensor, s: torch.Tensor, e: torch.Tensor, a: torch.Tensor | None = None,
-               st: torch.Tensor | None = None) -> torch.Tensor:
+    def kernel(
+        x: torch.Tensor, s: torch.Tensor, e: torch.Tensor, a: torch.Tensor | None = None, st: torch.Tensor | None = None
+    ) -> torch.Tensor:
         starts, ends = value(0, s), value(1, e)
         ax = value(2, a) or list(range(len(starts)))
         steps = value(3, st) or [1] * len(starts)
@@ -266,7 +297,7 @@ def _fix_negative(index: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(index < 0, index + n, index)
 
 
-@register("Gather", since=1)
+@register("Gather", since=1, fresh=True)
 def gather(ctx: NodeContext) -> Kernel:
     ax = ctx.attr("axis", 0)
     const = ctx.const(1)
@@ -279,7 +310,7 @@ def gather(ctx: NodeContext) -> Kernel:
         if a == 0 and x.dim() == 2 and index.dim() > 0 and x.is_floating_point():
             return F.embedding(index, x)
         out = x.index_select(a, index.reshape(-1))
-        return out.reshape(x.shape[:a] + index.shape + x.shape[a + 1:])
+        return out.reshape(x.shape[:a] + index.shape + x.shape[a + 1 :])
 
     return kernel
 
@@ -300,7 +331,7 @@ def _nd_index(x: torch.Tensor, index: torch.Tensor, batch_dims: int) -> tuple[to
     k = index.shape[-1]
     batch = math.prod(x.shape[:batch_dims])
     flat = index.reshape(batch, -1, k)
-    dims = torch.tensor(x.shape[batch_dims:batch_dims + k], dtype=index.dtype, device=index.device)
+    dims = torch.tensor(x.shape[batch_dims : batch_dims + k], dtype=index.dtype, device=index.device)
     flat = torch.where(flat < 0, flat + dims, flat)
     rows = torch.arange(batch, device=index.device).reshape(batch, 1).expand(batch, flat.shape[1])
     return (rows, *flat.unbind(-1))
@@ -314,7 +345,7 @@ def gather_nd(ctx: NodeContext) -> Kernel:
         k = index.shape[-1]
         flat_x = x.reshape(math.prod(x.shape[:batch_dims]), *x.shape[batch_dims:])
         out = flat_x[_nd_index(x, index, batch_dims)]
-        return out.reshape(tuple(index.shape[:-1]) + tuple(x.shape[batch_dims + k:]))
+        return out.reshape(tuple(index.shape[:-1]) + tuple(x.shape[batch_dims + k :]))
 
     return kernel
 
@@ -329,8 +360,7 @@ def scatter_nd(ctx: NodeContext) -> Kernel:
     def kernel(x: torch.Tensor, index: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
         k = index.shape[-1]
         lead, rest = x.shape[:k], x.shape[k:]
-        strides = torch.tensor([math.prod(lead[j + 1:]) for j in range(k)], dtype=torch.int64,
-                               device=index.device)
+        strides = torch.tensor([math.prod(lead[j + 1 :]) for j in range(k)], dtype=torch.int64, device=index.device)
         dims = torch.tensor(lead, dtype=torch.int64, device=index.device)
         index = index.to(torch.int64)
         linear = (torch.where(index < 0, index + dims, index) * strides).sum(-1).reshape(-1)
@@ -341,7 +371,9 @@ def scatter_nd(ctx: NodeContext) -> Kernel:
         elif reduction == "add":
             out = flat.index_add(0, linear, values)
         else:
-            out = flat.index_reduce(0, linear, values, _INDEX_REDUCE[reduction], include_self=True)
+            with warnings.catch_warnings():  # "index_reduce() is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                out = flat.index_reduce(0, linear, values, _INDEX_REDUCE[reduction], include_self=True)
         return out.reshape(x.shape)
 
     return kernel
@@ -446,8 +478,9 @@ def pad(ctx: NodeContext) -> Kernel:
     const_value = ctx.const(2)
     value_number = 0 if const_value is None or const_value.numel() == 0 else scalar(const_value)
 
-    def kernel(x: torch.Tensor, p: torch.Tensor, v: torch.Tensor | None = None,
-               a: torch.Tensor | None = None) -> torch.Tensor:
+    def kernel(
+        x: torch.Tensor, p: torch.Tensor, v: torch.Tensor | None = None, a: torch.Tensor | None = None
+    ) -> torch.Tensor:
         given = const_pads if const_pads is not None else ints(p)
         ax = ints(a) if runtime_axes else const_axes
         if ax is not None:
@@ -576,11 +609,35 @@ def depth_to_space(ctx: NodeContext) -> Kernel:
 @register("SpaceToDepth", since=1)
 def space_to_depth(ctx: NodeContext) -> Kernel:
     block = ctx.attr("blocksize")
+    mode = one_of(ctx, "mode", "DCR", ("DCR", "CRD")) if ctx.version >= 28 else "DCR"
+    order = (0, 3, 5, 1, 2, 4) if mode == "DCR" else (0, 1, 3, 5, 2, 4)
 
     def kernel(x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        y = x.reshape(n, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
+        y = x.reshape(n, c, h // block, block, w // block, block).permute(order)
         return y.reshape(n, c * block**2, h // block, w // block)
+
+    return kernel
+
+
+@register("CenterCropPad", since=18, static_inputs=(1,))
+def center_crop_pad(ctx: NodeContext) -> Kernel:
+    """Crop or zero-pad each listed axis to the target length, keeping the centre (extra cell at the end)."""
+    given_axes = ctx.attr("axes", None)
+    const = ctx.const_ints(1)
+
+    def kernel(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        sizes = const if const is not None else ints(target)
+        dims = axes(given_axes, x.dim()) if given_axes is not None else list(range(x.dim()))
+        for d, want in zip(dims, sizes):
+            have = x.shape[d]
+            if want < have:
+                x = x.narrow(d, (have - want) // 2, want)
+            elif want > have:
+                before = (want - have) // 2
+                pads = [0, 0] * (x.dim() - 1 - d) + [before, want - have - before]
+                x = F.pad(x, pads)
+        return x
 
     return kernel
 

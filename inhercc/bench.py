@@ -1,0 +1,564 @@
+"""ONNX Runtime latency harness (``inhercc bench``): what a student buys in milliseconds.
+
+Measured the way ONNX Runtime's perf tool and Olive measure it:
+
+* one session per model on the requested execution provider, which must be the one ONNX Runtime really
+  uses (it silently falls back to CPU when CUDA libraries are missing; see :func:`inhercc.runtime.make_session`);
+* inputs and outputs bound on the device with IO binding, so the timed loop has no host copies;
+* every shape set warmed up on its own, then the models timed *interleaved* (A B A B …) so that drift on a
+  shared machine hits all of them alike;
+* p50/p90/p99 per model and the ratio of medians against the first model (the teacher) with a seeded
+  paired-bootstrap confidence interval.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto
+
+from inhercc.data import input_specs, parse_shapes, resolve_shapes, synthetic_feeds
+from inhercc.errors import InherccError
+from inhercc.runtime import make_session, provider_name
+
+BENCH_FORMAT = "inhercc-bench"
+BENCH_VERSION = 1
+PROVIDERS = ("cuda", "cpu", "tensorrt")
+GPU_PROVIDERS = ("cuda", "tensorrt")
+CUDNN_ALGO_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+DEFAULT_WARMUP = 10
+DEFAULT_REPEAT = 100
+MIN_DURATION_ROUNDS = 3
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.95
+
+ShapeSet = dict[str, list[int]]
+Runner = Callable[[], object]
+
+
+@dataclass
+class BenchOptions:
+    """How to run a benchmark. ``shape_sets`` empty = one set resolved from the models (``batch`` for a
+    leading dynamic dim); ``repeat`` and ``duration`` (seconds per shape set) are exclusive."""
+
+    provider: str = "cpu"
+    threads: int | None = None
+    opt_level: str = "all"
+    shape_sets: list[ShapeSet] = field(default_factory=list)
+    batch: int | None = None
+    warmup: int = DEFAULT_WARMUP
+    repeat: int | None = None
+    duration: float | None = None
+    cudnn_conv_algo_search: str = "HEURISTIC"
+    fp16: bool = False
+    cuda_graph: bool = False
+    seed: int = 0
+    resamples: int = BOOTSTRAP_RESAMPLES
+    confidence: float = CONFIDENCE
+
+    def check(self) -> BenchOptions:
+        """Validate (one-line :class:`InherccError` on a bad value); fills ``repeat`` when neither is set."""
+        self.provider = self.provider.lower()
+        if self.provider not in PROVIDERS:
+            raise InherccError(f"unknown --provider {self.provider!r}; choose from {', '.join(PROVIDERS)}")
+        if self.opt_level not in OPT_LEVELS:
+            raise InherccError(f"unknown --opt-level {self.opt_level!r}; choose from {', '.join(OPT_LEVELS)}")
+        self.cudnn_conv_algo_search = self.cudnn_conv_algo_search.upper()
+        if self.cudnn_conv_algo_search not in CUDNN_ALGO_SEARCH:
+            raise InherccError(
+                f"unknown cuDNN algo search {self.cudnn_conv_algo_search!r}; choose from {', '.join(CUDNN_ALGO_SEARCH)}"
+            )
+        if self.threads is not None and self.threads <= 0:
+            raise InherccError(f"--threads must be positive, got {self.threads}")
+        if self.batch is not None and self.batch <= 0:
+            raise InherccError(f"--batch must be positive, got {self.batch}")
+        if self.warmup < 0:
+            raise InherccError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.repeat is not None and self.duration is not None:
+            raise InherccError("choose one of --repeat and --duration")
+        if self.repeat is None and self.duration is None:
+            self.repeat = DEFAULT_REPEAT
+        if self.repeat is not None and self.repeat < 2:
+            raise InherccError(f"--repeat must be at least 2, got {self.repeat}")
+        if self.duration is not None and self.duration <= 0:
+            raise InherccError(f"--duration must be positive, got {self.duration}")
+        if self.fp16 and self.provider not in GPU_PROVIDERS:
+            raise InherccError("--fp16 needs --provider cuda or tensorrt (the CPU provider has few fp16 kernels)")
+        if self.cuda_graph and self.provider != "cuda":
+            raise InherccError("--cuda-graph needs --provider cuda")
+        if not 0.0 < self.confidence < 1.0:
+            raise InherccError(f"confidence must be in (0, 1), got {self.confidence}")
+        if self.resamples < 100:
+            raise InherccError(f"bootstrap resamples must be >= 100, got {self.resamples}")
+        return self
+
+
+def default_provider() -> str:
+    """``cuda`` when a session can really run on the CUDA provider, else ``cpu``."""
+    from inhercc.runtime import cuda_available
+
+    return "cuda" if cuda_available() else "cpu"
+
+
+def parse_shape_sets(items: Iterable[str]) -> list[ShapeSet]:
+    """``--shape`` values → shape sets. Within a set every input is named once; a name that appears again
+    starts the next set: ``ids=1x128 mask=1x128 ids=32x128 mask=32x128`` → two sets. Inputs whose dims
+    share a symbolic name with a given one (``batch``, ``sequence``) follow it and need not be repeated."""
+    sets: list[ShapeSet] = []
+    current: ShapeSet = {}
+    for item in items:
+        ((name, dims),) = parse_shapes([item]).items()
+        if name in current:
+            sets.append(current)
+            current = {}
+        current[name] = dims
+    if current:
+        sets.append(current)
+    return sets
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def latency_stats(samples_ms: Sequence[float] | np.ndarray) -> dict[str, float | int]:
+    """p50 / p90 / p99 / mean / std / min / max (ms) and the sample count."""
+    a = np.asarray(samples_ms, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no latency samples")
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": int(a.size),
+    }
+
+
+def ratio_of_medians(
+    reference: Sequence[float] | np.ndarray,
+    other: Sequence[float] | np.ndarray,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+    paired: bool | None = None,
+) -> dict[str, Any]:
+    """``median(other) / median(reference)`` with a percentile-bootstrap confidence interval.
+
+    ``paired`` (default: when both have the same length, as interleaved rounds do) resamples *rounds*, so a
+    slow spell that hit both models in the same round stays paired; otherwise each sample is resampled
+    on its own. Seeded: the same samples always give the same interval."""
+    a = np.asarray(reference, dtype=np.float64)
+    b = np.asarray(other, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        raise ValueError("no latency samples")
+    if paired is None:
+        paired = a.size == b.size
+    if paired and a.size != b.size:
+        raise ValueError("paired bootstrap needs the same number of samples")
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(resamples)
+    chunk = max(1, min(resamples, 2_000_000 // max(a.size, b.size)))
+    for start in range(0, resamples, chunk):
+        k = min(chunk, resamples - start)
+        ia = rng.integers(0, a.size, size=(k, a.size))
+        ib = ia if paired else rng.integers(0, b.size, size=(k, b.size))
+        ratios[start : start + k] = np.median(b[ib], axis=1) / np.median(a[ia], axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return {
+        "ratio": float(np.median(b) / np.median(a)),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "confidence": confidence,
+        "resamples": resamples,
+        "paired": bool(paired),
+        "seed": seed,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_interleaved(
+    runners: Sequence[Runner],
+    *,
+    warmup: int = DEFAULT_WARMUP,
+    repeat: int | None = DEFAULT_REPEAT,
+    duration: float | None = None,
+    clock: Callable[[], int] = time.perf_counter_ns,
+) -> list[np.ndarray]:
+    """Warm each runner up on its own (``warmup`` calls), then time them in rounds A B A B …: ``repeat``
+    rounds, or rounds until ``duration`` seconds have passed (at least a few). Latencies in ms, per runner."""
+    for run in runners:
+        for _ in range(warmup):
+            run()
+    samples: list[list[float]] = [[] for _ in runners]
+    start = clock()
+    rounds = 0
+    while True:
+        if repeat is not None and rounds >= repeat:
+            break
+        if duration is not None and rounds >= MIN_DURATION_ROUNDS and (clock() - start) >= duration * 1e9:
+            break
+        for i, run in enumerate(runners):
+            t0 = clock()
+            run()
+            samples[i].append((clock() - t0) / 1e6)
+        rounds += 1
+    return [np.asarray(s) for s in samples]
+
+
+class BoundRunner:
+    """One session run with inputs (and, for CUDA graphs, outputs) bound on the device: the timed call is
+    ``run_with_iobinding`` alone. ONNX Runtime synchronizes the device at the end of every run."""
+
+    def __init__(self, session: Any, feeds: Mapping[str, np.ndarray], device: str, fixed_outputs: Mapping | None):
+        import onnxruntime as ort
+
+        self.session = session
+        self.binding = session.io_binding()
+        self._keep = {k: np.ascontiguousarray(v) for k, v in feeds.items()}  # OrtValues on CPU alias these
+        self.inputs = {k: ort.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in self._keep.items()}
+        for name, value in self.inputs.items():
+            self.binding.bind_ortvalue_input(name, value)
+        self.outputs: dict[str, Any] = {}
+        for out in session.get_outputs():
+            if fixed_outputs is not None:  # CUDA graphs replay fixed addresses: pre-allocate the outputs
+                shape, dtype = fixed_outputs[out.name]
+                self.outputs[out.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+                self.binding.bind_ortvalue_output(out.name, self.outputs[out.name])
+            else:
+                self.binding.bind_output(out.name, device, 0)
+        self.binding.synchronize_inputs()
+
+    def __call__(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+    def output_specs(self) -> dict[str, tuple[list[int], np.dtype]]:
+        """Shapes and dtypes of the outputs of the last run."""
+        names = [o.name for o in self.session.get_outputs()]
+        arrays = self.binding.copy_outputs_to_cpu()
+        return {n: (list(a.shape), a.dtype) for n, a in zip(names, arrays)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Environment
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU model name (``/proc/cpuinfo``, else the platform's)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+@functools.lru_cache(maxsize=4)
+def gpu_model(device_id: int = 0) -> str:
+    """The GPU name from ``nvidia-smi`` (``CUDA device N`` when it is not there)."""
+    exe = shutil.which("nvidia-smi")
+    if exe:
+        try:
+            out = subprocess.run(
+                [exe, "--query-gpu=name", "--format=csv,noheader", f"--id={device_id}"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            ).stdout.strip()
+            if out:
+                return out.splitlines()[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return f"CUDA device {device_id}"
+
+
+def device_description(provider: str) -> str:
+    if provider in GPU_PROVIDERS:
+        return gpu_model()
+    return f"{cpu_model()} ({os.cpu_count()} logical CPUs)"
+
+
+def environment(options: BenchOptions, providers_used: Sequence[str]) -> dict[str, Any]:
+    """What every result is recorded with: device, provider, ONNX Runtime version, threads, options."""
+    import onnxruntime as ort
+
+    from inhercc import __version__
+
+    gpu = options.provider in GPU_PROVIDERS
+    return {
+        "provider": provider_name(options.provider),
+        "providers_used": list(providers_used),
+        "device": device_description(options.provider),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": options.threads,
+        "opt_level": options.opt_level,
+        "onnxruntime": ort.__version__,
+        "onnxruntime_build": ort.get_device(),
+        "inhercc": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cudnn_conv_algo_search": options.cudnn_conv_algo_search if options.provider == "cuda" else None,
+        "cuda_graph": options.cuda_graph if gpu else None,
+        "io_binding": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class Subject:
+    """One model at one precision: what gets timed."""
+
+    label: str
+    path: str
+    precision: str
+    model: ModelProto
+    size_bytes: int
+    session: Any = None
+
+
+def fp16_copy(model: ModelProto) -> ModelProto:
+    """A float16 copy (initializers and compute; inputs/outputs stay float32, ops without fp16 kernels are
+    blocked) by ``onnxruntime.transformers.float16``, which ships in the onnxruntime wheel."""
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as e:
+        raise InherccError(f"--fp16 needs onnxruntime.transformers.float16 ({e})") from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return convert_float_to_float16(model, keep_io_types=True)
+        except Exception as e:
+            raise InherccError(f"cannot convert the model to float16: {str(e).strip().splitlines()[0]}") from e
+
+
+def labels_for(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """File stems, made unique (``student``, ``student#2``); a bare ``model`` gets its folder's name."""
+    out: list[str] = []
+    for p in paths:
+        path = Path(p)
+        base = path.stem if path.stem != "model" or not path.parent.name else f"{path.parent.name}/{path.stem}"
+        label, i = base, 2
+        while label in out:
+            label, i = f"{base}#{i}", i + 1
+        out.append(label)
+    return out
+
+
+def session_setup(options: BenchOptions, cuda_graph: bool) -> tuple[list[str], list[dict[str, str]], str]:
+    """Providers, their options and the IO-binding device for the requested provider (TensorRT falls back
+    to CUDA, not to the CPU, for the nodes it does not take)."""
+    cuda_opts = {"device_id": "0", "cudnn_conv_algo_search": options.cudnn_conv_algo_search}
+    if cuda_graph:
+        cuda_opts["enable_cuda_graph"] = "1"
+    if options.provider == "cuda":
+        return ["cuda"], [cuda_opts], "cuda"
+    if options.provider == "tensorrt":
+        return ["tensorrt", "cuda"], [{"device_id": "0"}, cuda_opts], "cuda"
+    return ["cpu"], [{}], "cpu"
+
+
+def _open(subject: Subject, options: BenchOptions, cuda_graph: bool) -> Any:
+    providers, provider_options, _ = session_setup(options, cuda_graph)
+    source: ModelProto | str = subject.model if subject.precision == "fp16" else subject.path
+    return make_session(
+        source,
+        providers,
+        threads=options.threads,
+        opt_level=options.opt_level,
+        provider_options=provider_options,
+        require=True,
+    )
+
+
+def load_subjects(
+    paths: Sequence[str | os.PathLike[str]], options: BenchOptions, labels: Sequence[str] | None = None
+) -> list[Subject]:
+    from inhercc.model import file_size, load_model
+
+    if labels is not None and (len(labels) != len(paths) or len(set(labels)) != len(labels)):
+        raise InherccError("give one distinct label per model")
+    subjects = []
+    for label, p in zip(labels or labels_for(paths), paths):
+        model = load_model(p)
+        subjects.append(Subject(label, str(p), "fp32", model, file_size(p)))
+    if options.fp16:
+        from inhercc.model import model_bytes
+
+        for s in list(subjects):
+            half = fp16_copy(s.model)
+            subjects.append(Subject(f"{s.label} fp16", s.path, "fp16", half, model_bytes(half)))
+    return subjects
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def bench(
+    models: Sequence[str | os.PathLike[str]],
+    options: BenchOptions | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Time ``models`` (the first is the reference, normally the teacher) on ONNX Runtime; returns the
+    JSON-ready result (format ``inhercc-bench``): environment, per-model params/FLOPs/size and, per shape
+    set, each model's latency distribution, throughput and ratio of medians to the reference. ``labels``
+    name the models (default: the file stems)."""
+    from inhercc.model import float_param_count
+    from inhercc.pipeline import fixed_shape_flops
+
+    say = log or (lambda _msg: None)
+    if not models:
+        raise InherccError("bench needs at least one model")
+    options = (options or BenchOptions()).check()
+    for p in models:
+        if not Path(p).is_file():
+            raise InherccError(f"no such file: {p}")
+    subjects = load_subjects(models, options, labels)
+    shape_sets = options.shape_sets or [{}]
+    concrete = [[resolve_shapes(input_specs(s.model), ss, options.batch) for ss in shape_sets] for s in subjects]
+
+    notes: list[str] = []
+    cuda_graph = options.cuda_graph
+    warmup = options.warmup
+    if options.provider == "cuda" and options.cudnn_conv_algo_search == "EXHAUSTIVE":
+        warmup = max(2 * warmup, warmup + 10)
+        notes.append(f"cuDNN EXHAUSTIVE algo search: warm-up raised to {warmup} runs per shape set")
+    say(f"opening {len(subjects)} session(s) on {provider_name(options.provider)}")
+    for s in subjects:
+        s.session = _open(s, options, cuda_graph=False)
+    providers_used = subjects[0].session.get_providers()
+
+    runs = []
+    for k, shape_set in enumerate(shape_sets):
+        shapes_k = [c[k] for c in concrete]
+        runners = _runners(subjects, shapes_k, options, cuda_graph, notes)
+        if runners is None:  # CUDA graphs not possible for some model: all run without, for a fair ratio
+            cuda_graph = False
+            runners = _runners(subjects, shapes_k, options, False, notes)
+        assert runners is not None
+        say(f"shape set {k + 1}/{len(shape_sets)} {shape_text(shapes_k[0])}: warm-up {warmup}, timing")
+        samples = time_interleaved(runners, warmup=warmup, repeat=options.repeat, duration=options.duration)
+        batch = _batch_of(shapes_k[0])
+        results = []
+        for i, (s, lat) in enumerate(zip(subjects, samples)):
+            stats = latency_stats(lat)
+            ref = next(j for j, r in enumerate(subjects) if r.precision == s.precision)
+            ratio = None
+            if i != ref:
+                ratio = ratio_of_medians(
+                    samples[ref], lat, resamples=options.resamples, confidence=options.confidence, seed=options.seed
+                )
+            results.append(
+                {
+                    "model": s.label,
+                    "precision": s.precision,
+                    "reference": subjects[ref].label,
+                    "latency_ms": stats,
+                    "throughput_per_s": batch / (stats["p50"] / 1e3) if stats["p50"] > 0 else None,
+                    "ratio_to_reference": ratio,
+                    "provider": provider_name(options.provider),
+                    "device": device_description(options.provider),
+                    "threads": options.threads,
+                    "shapes": shapes_k[i],
+                    "samples_ms": [round(float(x), 6) for x in lat],
+                }
+            )
+        flops = {s.label: fixed_shape_flops(s.model, shapes_k[i])[0] for i, s in enumerate(subjects)}
+        runs.append(
+            {
+                "shapes": shapes_k[0],
+                "requested": shape_set,
+                "batch": batch,
+                "rounds": int(len(samples[0])),
+                "flops_per_sample": flops,
+                "results": results,
+            }
+        )
+    if options.cuda_graph and not cuda_graph:
+        notes.append("CUDA graphs were requested but not used (see the note above)")
+    settings = asdict(options)
+    settings.update({"warmup": warmup, "interleaved": True, "cuda_graph": cuda_graph if options.cuda_graph else False})
+    models_out = [
+        {
+            "label": s.label,
+            "path": s.path,
+            "precision": s.precision,
+            "params": float_param_count(s.model),
+            "size_bytes": s.size_bytes,
+            "flops_per_sample": runs[0]["flops_per_sample"][s.label] if runs else None,
+        }
+        for s in subjects
+    ]
+    return {
+        "format": BENCH_FORMAT,
+        "version": BENCH_VERSION,
+        "environment": environment(options, providers_used),
+        "settings": settings,
+        "models": models_out,
+        "runs": runs,
+        "notes": notes,
+    }
+
+
+def _runners(
+    subjects: Sequence[Subject], shapes: Sequence[ShapeSet], options: BenchOptions, cuda_graph: bool, notes: list[str]
+) -> list[Runner] | None:
+    _, _, device = session_setup(options, cuda_graph)
+    runners: list[Runner] = []
+    for s, shape in zip(subjects, shapes):
+        feeds = synthetic_feeds(s.model, shape, seed=options.seed)
+        plain = BoundRunner(s.session, feeds, device, None)
+        if not cuda_graph:
+            runners.append(plain)
+            continue
+        plain()  # one plain run gives the output shapes to pre-allocate
+        try:
+            graph_session = _open(s, options, cuda_graph=True)
+            runners.append(BoundRunner(graph_session, feeds, device, plain.output_specs()))
+            runners[-1]()  # capture now: a model that cannot be captured fails here, not in the timed loop
+        except Exception as e:  # ORT raises plain RuntimeErrors
+            notes.append(f"CUDA graph not possible for {s.label}: {' '.join(str(e).split())[:200]}")
+            return None
+    return runners
+
+
+def _batch_of(shapes: ShapeSet) -> int:
+    first = next(iter(shapes.values()), [1])
+    return int(first[0]) if first else 1
+
+
+def shape_text(shapes: Mapping[str, Sequence[int]]) -> str:
+    """``{"ids": [1, 128]}`` → ``ids=1x128`` (the ``--shape`` syntax)."""
+    return " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())

@@ -1,0 +1,814 @@
+"""Distillation: fine-tune an inherited student from its teacher.
+
+The teacher runs in ONNX Runtime (its outputs computed once per sample and cached when they fit in
+memory); the student runs forward and backward in torch through :class:`inhercc.torchrt.OnnxModule`, whose
+parameters are the student's initializers, and is written back into the ONNX graph at the end. AdamW with
+a warm-up + cosine schedule and gradient clipping; validation fidelity (mean cosine to the teacher on
+held-out samples) after every epoch; the best weights are kept; early stop; checkpoints and resume.
+
+Under ``torchrun --nproc_per_node N`` it trains data-parallel with DDP (NCCL on GPU, gloo on CPU): every
+rank sees the same shuffled global batches and takes its own slice of each; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from onnx import ModelProto
+
+from inhercc.data import LABELS_KEY, Feed, Samples, cast_feeds, input_specs, open_samples, split_indices
+from inhercc.errors import InherccError
+from inhercc.losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DistillLoss
+from inhercc.model import FLOAT_TYPES
+from inhercc.verify import compare_outputs, mean_cosine, output_fidelity
+
+FACTOR_PATTERN = re.compile(r"\.inherit_(in|out)(_\d+)?$")
+TRAIN_MODES = ("factors", "all")
+DEFAULT_EPOCHS = 3
+DEFAULT_CACHE_BYTES = 1 << 30
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+# Settings that shape the trajectory: resuming with other values would not continue the same run.
+_RESUME_KEYS = (
+    "lr",
+    "batch_size",
+    "weight_decay",
+    "warmup",
+    "clip",
+    "temperature",
+    "alpha",
+    "losses",
+    "feature_loss",
+    "train",
+    "val_split",
+    "seed",
+    "rebalance",
+)
+
+
+@dataclass
+class DistillConfig:
+    """Every knob of :func:`distill` (the CLI options map one to one)."""
+
+    epochs: int | None = None  # default DEFAULT_EPOCHS unless ``steps`` is given
+    steps: int | None = None  # optimizer steps in all (overrides epochs)
+    lr: float = 5e-4
+    batch_size: int = 32  # per process; the global batch is batch_size × world size
+    weight_decay: float = 0.0  # decay pulls inherited weights away from the teacher's: off by default
+    warmup: float = 0.05  # fraction of the steps with a linear warm-up
+    clip: float | None = 1.0  # gradient-norm clipping
+    temperature: float = DEFAULT_TEMPERATURE
+    alpha: float = DEFAULT_ALPHA  # weight of the cross-entropy on ``_labels``
+    losses: dict[str, tuple[str, float]] = field(default_factory=dict)  # {output: (kind, weight)} overrides
+    feature_loss: float = 0.0  # weight of the feature inheritance loss (0 = off)
+    train: str = "factors"  # "factors" | "all" | a regex over initializer names
+    val_split: float = 0.1
+    seed: int = 0
+    patience: int | None = 3  # evaluations without improvement before stopping (None = never)
+    eval_every: int | None = None  # steps between validations (default: once per epoch)
+    cache_teacher: bool | None = None  # None: cache when the teacher outputs fit in DEFAULT_CACHE_BYTES
+    checkpoint: str | None = None  # folder for checkpoint.pt
+    checkpoint_every: int | None = None  # steps between checkpoints (default: at every validation)
+    resume: bool = False  # continue from the checkpoint in ``checkpoint`` when there is one
+    device: str | None = None  # "cpu" | "cuda" | "cuda:N"; default cuda when available
+    quiet: bool = False  # no progress bar and no per-epoch lines
+    synthetic_samples: int = 256  # samples drawn from the input specs when no data is given
+    rebalance: bool = True  # equalize the scale of each factor pair before training (product unchanged)
+    threads: int | None = None  # torch and ONNX Runtime intra-op threads (default: theirs)
+
+    def check(self) -> None:
+        for name in ("epochs", "steps", "batch_size", "eval_every", "checkpoint_every", "synthetic_samples", "threads"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise InherccError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if self.patience is not None and self.patience <= 0:
+            raise InherccError(f"--patience must be positive, got {self.patience}")
+        if not self.lr > 0:
+            raise InherccError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise InherccError(f"--warmup must be in [0, 1), got {self.warmup}")
+        if self.clip is not None and self.clip <= 0:
+            raise InherccError(f"--clip must be positive, got {self.clip}")
+        if self.weight_decay < 0:
+            raise InherccError(f"--weight-decay must be ≥ 0, got {self.weight_decay}")
+        if self.resume and not self.checkpoint:
+            raise InherccError("--resume needs --checkpoint DIR")
+
+
+@dataclass
+class DistillResult:
+    """The fine-tuned student and the report entries ``fidelity_before``, ``fidelity`` and ``training``."""
+
+    model: ModelProto
+    report: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands in a (possibly single-process) data-parallel run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a torchrun/DDP run (and in a plain single process): the one that writes files."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def init_processes(device_type: str) -> Processes:
+    """Join the torchrun process group (NCCL on GPU, gloo on CPU) when ``WORLD_SIZE`` > 1."""
+    dist = torch.distributed
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        return Processes(dist.get_rank(), dist.get_world_size(), local, False)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes()
+    if not dist.is_available():
+        raise InherccError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size(), local, True)
+
+
+def resolve_device(device: str | None, procs: Processes | None = None) -> torch.device:
+    """``cpu``, ``cuda`` (this rank's GPU under torchrun) or ``cuda:N``; default cuda when available."""
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise InherccError(f"unknown --device {name!r}; choose cpu or cuda")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InherccError(f"--device {name} but torch sees no CUDA GPU")
+        if name == "cuda":
+            return torch.device("cuda", (procs.local_rank if procs else 0) % torch.cuda.device_count())
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What is trained, and what the feature loss compares
+
+
+def factor_names(names: Iterable[str]) -> list[str]:
+    """The factor initializers (``<weight>.inherit_in`` / ``.inherit_out``) among ``names``."""
+    return [n for n in names if FACTOR_PATTERN.search(n)]
+
+
+def select_trainable(model: ModelProto, train: str = "factors") -> list[str]:
+    """Names of the initializers to train: ``factors`` (the inherited factor chains), ``all`` (every float
+    initializer with more than one element — scalars are constants such as epsilons), or a regex matched
+    (``re.search``) against the float initializer names."""
+    floats = [t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES]
+    if train == "factors":
+        chosen = factor_names(floats)
+        if not chosen:
+            raise InherccError(
+                "the student has no factor initializers (<weight>.inherit_in/.inherit_out): is it a compressed "
+                "student? use --train all or a regex to train other weights"
+            )
+        return chosen
+    if train == "all":
+        sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
+        return [n for n in floats if sizes[n] > 1]
+    try:
+        pattern = re.compile(train)
+    except re.error as e:
+        raise InherccError(f"--train {train!r} is neither factors, all nor a valid regex: {e}") from None
+    chosen = [n for n in floats if pattern.search(n)]
+    if not chosen:
+        raise InherccError(f"--train {train!r} matches no float initializer of the student")
+    return chosen
+
+
+def rebalance_factors(params: Mapping[str, torch.nn.Parameter], trainable: Iterable[str]) -> int:
+    """Rescale each factor chain's input factors by ``c`` and its output factors by ``1/c`` so both have the
+    same RMS: the product — the student's function — is unchanged, but an optimizer with one learning
+    rate no longer meets factors 10⁵ times apart in scale (whitened factors: ``S⁻ᵀU`` is tiny, ``ΣVᵀ``
+    huge). Chains are grouped by weight name (every chain of a group runs through one ``inherit_in`` and
+    one ``inherit_out`` of it, heads included); only groups whose factors are all trained are touched.
+    Returns the number of groups rescaled."""
+    trainable = set(trainable)
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for name in factor_names(params):
+        m = FACTOR_PATTERN.search(name)
+        assert m is not None
+        ins, outs = groups.setdefault(name[: m.start()], ([], []))
+        (ins if m.group(1) == "in" else outs).append(name)
+    done = 0
+    with torch.no_grad():
+        for ins, outs in groups.values():
+            if not ins or not outs or not all(n in trainable for n in ins + outs):
+                continue
+            rms_in = torch.sqrt(sum(params[n].float().pow(2).sum() for n in ins) / sum(params[n].numel() for n in ins))
+            rms_out = torch.sqrt(
+                sum(params[n].float().pow(2).sum() for n in outs) / sum(params[n].numel() for n in outs)
+            )
+            if not (rms_in > 0 and rms_out > 0):
+                continue
+            c = torch.sqrt(rms_out / rms_in)
+            for n in ins:
+                params[n].mul_(c.to(params[n].dtype))
+            for n in outs:
+                params[n].div_(c.to(params[n].dtype))
+            done += 1
+    return done
+
+
+def inherited_outputs(student: ModelProto, teacher: ModelProto) -> list[str]:
+    """Tensors produced in both graphs by different nodes — the outputs of the factorized layers (a factor
+    chain keeps the original node's output name) —, graph outputs excluded, in student order."""
+    teacher_by = {o: n.name or f"#{i}" for i, n in enumerate(teacher.graph.node) for o in n.output if o}
+    graph_out = {o.name for o in student.graph.output}
+    out = []
+    for i, node in enumerate(student.graph.node):
+        for o in node.output:
+            if o and o in teacher_by and o not in graph_out and teacher_by[o] != (node.name or f"#{i}"):
+                out.append(o)
+    return out
+
+
+def check_pair(student: ModelProto, teacher: ModelProto) -> None:
+    """Student and teacher must take the same inputs and give the same outputs."""
+    si, ti = [s.name for s in input_specs(student)], [s.name for s in input_specs(teacher)]
+    if sorted(si) != sorted(ti):
+        raise InherccError(f"student inputs {', '.join(si)} differ from teacher inputs {', '.join(ti)}")
+    so, to = [o.name for o in student.graph.output], [o.name for o in teacher.graph.output]
+    if so != to:
+        raise InherccError(f"student outputs {', '.join(so)} differ from teacher outputs {', '.join(to)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The teacher
+
+
+class Teacher:
+    """The teacher in ONNX Runtime with the feature tensors exposed. Its per-sample outputs are cached by
+    sample index: validation samples always, training samples when ``cache`` is True, or — ``cache`` None —
+    when those of the whole training set fit in ``DEFAULT_CACHE_BYTES`` (judged on the first batch)."""
+
+    def __init__(
+        self,
+        model: ModelProto,
+        features: Sequence[str],
+        provider: str,
+        device_id: int,
+        cache: bool | None,
+        train_samples: int,
+        threads: int | None = None,
+    ) -> None:
+        from inhercc.calibrate import _with_outputs
+        from inhercc.runtime import make_session
+
+        self.model = model
+        self.outputs = [o.name for o in model.graph.output]
+        self.features = list(features)
+        exposed, _ = _with_outputs(model, self.outputs + self.features)
+        options = [{"device_id": str(device_id)}] if provider == "cuda" else None
+        self.session = make_session(exposed, [provider], threads=threads, provider_options=options)
+        self.provider = provider
+        self.train_samples = train_samples
+        self.cache_train = cache
+        self._cache: dict[int, tuple[np.ndarray, ...]] = {}
+
+    def run(self, feeds: Feed, features: bool) -> list[np.ndarray]:
+        """One ONNX Runtime run: the graph outputs, then (``features``) the feature tensors."""
+        names = self.outputs + (self.features if features else [])
+        return list(self.session.run(names, cast_feeds(feeds, self.model)))
+
+    def __call__(
+        self, idx: np.ndarray, feeds: Feed, *, features: bool, train: bool = True
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Outputs and (when asked) feature tensors for the samples ``idx`` whose inputs are ``feeds``."""
+        n_out = len(self.outputs)
+        width = n_out + (len(self.features) if features else 0)
+        rows: list[tuple[np.ndarray, ...] | None] = [self._cache.get(int(i)) for i in idx]
+        rows = [r if r is not None and len(r) >= width else None for r in rows]
+        miss = [j for j, r in enumerate(rows) if r is None]
+        if miss:
+            sub = feeds if len(miss) == len(idx) else {k: v[miss] for k, v in feeds.items()}
+            values = self.run(sub, features)
+            if not all(v.ndim and v.shape[0] == len(miss) for v in values):  # not batch-major: no cache
+                values = values if len(miss) == len(idx) else self.run(feeds, features)
+                return values[:n_out], values[n_out:]
+            if train and self.cache_train is None:
+                per_sample = sum(v.nbytes for v in values) / len(miss)
+                self.cache_train = per_sample * self.train_samples <= DEFAULT_CACHE_BYTES
+            keep = not train or self.cache_train
+            for r, j in enumerate(miss):
+                rows[j] = tuple(v[r] for v in values)
+                if keep:
+                    self._cache[int(idx[j])] = rows[j]
+            if len(miss) == len(idx):
+                return values[:n_out], values[n_out:width]
+        stacked = [np.stack([r[k] for r in rows]) for k in range(width)]  # type: ignore[index]
+        return stacked[:n_out], stacked[n_out:]
+
+    @property
+    def caching(self) -> bool:
+        """Whether training samples' teacher outputs are cached."""
+        return bool(self.cache_train)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _as_torch(feeds: Feed, model: ModelProto, device: torch.device) -> dict[str, torch.Tensor]:
+    from inhercc.torchrt.dtypes import from_numpy
+
+    return {k: from_numpy(v).to(device) for k, v in cast_feeds(feeds, model).items()}
+
+
+def _local(idx: np.ndarray, feeds: Feed, procs: Processes) -> tuple[np.ndarray, Feed]:
+    """This rank's contiguous slice of a global batch."""
+    if procs.world == 1:
+        return idx, feeds
+    n = len(idx)
+    lo, hi = n * procs.rank // procs.world, n * (procs.rank + 1) // procs.world
+    return idx[lo:hi], {k: v[lo:hi] for k, v in feeds.items()}
+
+
+def _schedule(total: int, warmup: float) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup·total`` steps, then cosine decay to zero."""
+    w = int(round(warmup * total))
+
+    def factor(step: int) -> float:
+        if step < w:
+            return (step + 1) / (w + 1)
+        progress = (step - w) / max(1, total - w)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class _Progress:
+    """The progress bar (``calibrate.Progress``) on an interactive stderr, its label carrying loss and
+    validation fidelity; per-epoch summary lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool, say: Callable[[str], None]) -> None:
+        from inhercc.calibrate import Progress
+
+        self.bar = Progress(total, "distilling", enabled and sys.stderr.isatty())
+        self.say = say if enabled else (lambda _m: None)
+        self.loss: float | None = None
+        self.val: float | None = None
+        self.epoch = ""
+
+    def step(self, loss: float, epoch: str) -> None:
+        self.loss = loss if self.loss is None else 0.9 * self.loss + 0.1 * loss
+        self.epoch = epoch
+        val = f" val {self.val:.4f}" if self.val is not None else ""
+        self.bar.label = f"distilling epoch {epoch} loss {self.loss:.4g}{val}"
+        self.bar.step()
+
+    def line(self, text: str) -> None:
+        if self.bar.enabled:
+            sys.stderr.write("\r\033[K")
+        self.say(text)
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic ``torch.save`` (a crash never leaves a half-written checkpoint)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InherccError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+
+
+def _load_checkpoint(path: Path, cfg: DistillConfig, trainable: Mapping[str, torch.nn.Parameter]) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InherccError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InherccError(f"{path} is not an inhercc distillation checkpoint")
+    theirs = ckpt["config"]
+    ours = _resume_config(cfg)
+    diff = [k for k in _RESUME_KEYS if theirs.get(k) != ours.get(k)]
+    if diff:
+        detail = ", ".join(f"{k} {theirs.get(k)!r} → {ours.get(k)!r}" for k in diff)
+        raise InherccError(f"cannot resume from {path}: settings differ ({detail})")
+    shapes = {k: list(v.shape) for k, v in trainable.items()}
+    if ckpt["shapes"] != shapes:
+        raise InherccError(f"cannot resume from {path}: it trains other tensors than this student's")
+    return ckpt
+
+
+def _resume_config(cfg: DistillConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["losses"] = {k: list(v) for k, v in sorted(cfg.losses.items())}
+    return {k: d[k] for k in _RESUME_KEYS}
+
+
+def distill(
+    student: ModelProto | str | os.PathLike[str],
+    teacher: ModelProto | str | os.PathLike[str],
+    data: Any = None,
+    *,
+    config: DistillConfig | None = None,
+    shapes: Mapping[str, list[int]] | None = None,
+    log: Callable[[str], None] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
+) -> DistillResult:
+    """Fine-tune ``student`` to mimic ``teacher`` on ``data`` (see :func:`inhercc.data.open_samples`: an
+    ``.npz``, a folder of shards, a dict of arrays, an iterable of feed dicts, a ``CalibrationDataReader``,
+    or None for synthetic samples). Settings come from ``config`` and/or keyword ``options`` (the fields of
+    :class:`DistillConfig`). ``callback`` is called after every optimizer step with
+    ``{"epoch", "step", "loss"}``. Returns the student with the best validation weights written back."""
+    from inhercc.pipeline import as_model
+
+    t0 = time.perf_counter()
+    cfg = replace(config or DistillConfig(), **options)
+    cfg.check()
+    student_model = as_model(student)
+    teacher_model = as_model(teacher)
+    check_pair(student_model, teacher_model)
+    samples = open_samples(data, teacher_model, shapes=shapes, synthetic=cfg.synthetic_samples, seed=cfg.seed)
+    train_idx, val_idx = split_indices(len(samples), cfg.val_split, cfg.seed)
+
+    device = resolve_device(cfg.device)
+    procs = init_processes(device.type)
+    threads = torch.get_num_threads()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device, procs)
+        return _train(student_model, teacher_model, samples, train_idx, val_idx, cfg, procs, device, log, callback, t0)
+    finally:
+        torch.set_num_threads(threads)
+        if procs.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(
+    student_model: ModelProto,
+    teacher_model: ModelProto,
+    samples: Samples,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    cfg: DistillConfig,
+    procs: Processes,
+    device: torch.device,
+    log: Callable[[str], None] | None,
+    callback: Callable[[dict[str, Any]], None] | None,
+    t0: float,
+) -> DistillResult:
+    """The training loop of :func:`distill` (data split, processes and device already settled)."""
+    from inhercc.runtime import cuda_available
+    from inhercc.torchrt import OnnxModule
+
+    def say(msg: str) -> None:
+        if procs.main and not cfg.quiet:
+            (log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
+
+    features = inherited_outputs(student_model, teacher_model) if cfg.feature_loss > 0 else []
+    if cfg.feature_loss > 0 and not features:
+        raise InherccError("--feature-loss: the student has no factorized layer whose output the teacher also has")
+    trainable_names = select_trainable(student_model, cfg.train)
+    torch.manual_seed(cfg.seed)
+    module = OnnxModule(student_model, extra_outputs=features).to(device)
+    module.set_trainable(trainable_names)
+    params = module.onnx_parameters()
+    trainable = {n: params[n] for n in trainable_names if n in params}
+    if len(trainable) != len(trainable_names):
+        missing = sorted(set(trainable_names) - set(trainable))
+        raise InherccError(f"the torch module holds no parameter for {', '.join(missing[:5])}")
+    rebalanced = rebalance_factors(params, trainable) if cfg.rebalance else 0
+
+    provider = "cuda" if device.type == "cuda" and cuda_available() else "cpu"
+    teacher = Teacher(
+        teacher_model, features, provider, device.index or 0, cfg.cache_teacher, len(train_idx), cfg.threads
+    )
+    n_out = len(teacher.outputs)
+
+    global_batch = cfg.batch_size * procs.world
+    per_epoch = samples.count_batches(train_idx, global_batch, min_rows=procs.world)
+    if per_epoch == 0:
+        raise InherccError(f"{len(train_idx)} training sample(s) are too few for {procs.world} process(es)")
+    total = cfg.steps or per_epoch * (cfg.epochs or DEFAULT_EPOCHS)
+    epochs = math.ceil(total / per_epoch)
+
+    # The loss: kinds chosen from the teacher's outputs on one sample.
+    probe_idx = train_idx[:1]
+    probe = next(samples.batches(probe_idx, 1))[1]
+    probe_out = teacher.run(probe, features=False)
+    loss_fn = DistillLoss.for_outputs(
+        dict(zip(teacher.outputs, probe_out)),
+        cfg.losses,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        labels=samples.labels,
+        feature_weight=cfg.feature_loss,
+    )
+
+    model: torch.nn.Module = module
+    if procs.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, cfg.warmup))
+
+    def forward(feeds: Feed) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        outs = model(**_as_torch(feeds, student_model, device))
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        return outs[:n_out], outs[n_out:]
+
+    def labels_of(feeds: Feed) -> torch.Tensor | None:
+        return torch.as_tensor(np.asarray(feeds[LABELS_KEY])).to(device) if samples.labels else None
+
+    def validate() -> dict[str, Any] | None:
+        """Mean cosine (and top-1 agreement for logits) per output over this rank's share of the held-out
+        samples, summed over ranks; plus the validation loss."""
+        if not len(val_idx):
+            return None
+        mine = val_idx[procs.rank :: procs.world]
+        sums: dict[tuple[str, str], float] = {}
+        loss_sum, count = 0.0, 0
+        with torch.no_grad():
+            for idx, feeds in samples.batches(mine, cfg.batch_size) if len(mine) else ():
+                t_out, _ = teacher(idx, feeds, features=False, train=False)
+                s_out, _ = forward(feeds)
+                loss, _ = loss_fn(s_out, [torch.from_numpy(t).to(device) for t in t_out], labels_of(feeds))
+                loss_sum += float(loss) * len(idx)
+                count += len(idx)
+                for name, t, s in zip(teacher.outputs, t_out, s_out):
+                    if np.issubdtype(t.dtype, np.floating):
+                        for metric, v in output_fidelity(t, s.detach().float().cpu().numpy(), name).items():
+                            if metric != "rel_l2":
+                                sums[(name, metric)] = sums.get((name, metric), 0.0) + v * len(idx)
+        keys = sorted({(n, m) for n in teacher.outputs for m in ("cosine", "top1_agreement")})
+        vec = torch.tensor([sums.get(k, 0.0) for k in keys] + [loss_sum, count], dtype=torch.float64)
+        present = torch.tensor([1.0 if k in sums else 0.0 for k in keys], dtype=torch.float64)
+        if procs.world > 1:
+            vec, present = vec.to(device), present.to(device)
+            torch.distributed.all_reduce(vec)
+            torch.distributed.all_reduce(present)
+            vec, present = vec.cpu(), present.cpu()
+        n = float(vec[-1])
+        fid: dict[str, dict[str, float]] = {}
+        for k, v, p in zip(keys, vec[:-2].tolist(), present.tolist()):
+            if p:
+                fid.setdefault(k[0], {})[k[1]] = v / n
+        return {"fidelity": fid, "score": mean_cosine(fid), "loss": float(vec[-2]) / n}
+
+    # Fidelity before training, in ONNX Runtime on the held-out samples (rank 0).
+    eval_idx, eval_inputs = (val_idx, "validation split") if len(val_idx) else (train_idx, "training samples")
+    if samples.synthetic:
+        eval_inputs = f"synthetic {eval_inputs}"
+    report: dict[str, Any] = {}
+    if procs.main:
+        say(f"fidelity before training on {len(eval_idx)} {eval_inputs}")
+        report["fidelity_before"] = onnx_fidelity(
+            teacher, student_model, samples, eval_idx, cfg.batch_size, cfg.threads
+        )
+    report["fidelity_inputs"] = f"{eval_inputs} ({len(eval_idx)} samples)"
+
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "best": None,
+        "best_step": None,
+        "best_epoch": None,
+        "bad": 0,
+        "stopped_early": False,
+        "history": [],
+        "losses": [],
+    }
+    best_params: dict[str, torch.Tensor] | None = None
+    ckpt_path = Path(cfg.checkpoint) / CHECKPOINT_FILE if cfg.checkpoint else None
+    resumed_from = None
+    if ckpt_path is not None and cfg.resume:
+        if ckpt_path.exists():
+            ckpt = _load_checkpoint(ckpt_path, cfg, trainable)
+            with torch.no_grad():
+                for name, p in trainable.items():
+                    p.copy_(ckpt["params"][name].to(p.device, p.dtype))
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            state = ckpt["state"]
+            best_params = ckpt["best_params"]
+            resumed_from = state["step"]
+            say(f"resuming from {ckpt_path} at step {state['step']} (epoch {state['epoch'] + 1})")
+        else:
+            say(f"no checkpoint in {cfg.checkpoint}; starting from the beginning")
+
+    def checkpoint() -> None:
+        if ckpt_path is None or not procs.main:
+            return
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": _resume_config(cfg),
+                "shapes": {k: list(v.shape) for k, v in trainable.items()},
+                "params": {k: v.detach().cpu().clone() for k, v in trainable.items()},
+                "best_params": best_params,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": state,
+            },
+        )
+
+    def evaluate(epoch_label: str) -> bool:
+        """Validate, keep the best weights, say so; True when patience has run out."""
+        nonlocal best_params
+        val = validate()
+        entry: dict[str, Any] = {
+            "epoch": state["epoch"],
+            "step": state["step"],
+            "loss": float(np.mean(state["losses"])) if state["losses"] else None,
+        }
+        state["losses"] = []
+        stop = False
+        if val is not None:
+            entry.update({"val_cosine": val["score"], "val_loss": val["loss"]})
+            progress.val = val["score"]
+            if state["best"] is None or val["score"] > state["best"] + 1e-7:
+                state.update(best=val["score"], best_step=state["step"], best_epoch=state["epoch"], bad=0)
+                best_params = {k: v.detach().cpu().clone() for k, v in trainable.items()}
+            else:
+                state["bad"] += 1
+                stop = cfg.patience is not None and state["bad"] >= cfg.patience
+        state["history"].append(entry)
+        val_txt = f", val cosine {val['score']:.5f}, val loss {val['loss']:.4g}" if val else ""
+        loss_txt = f"loss {entry['loss']:.4g}" if entry["loss"] is not None else "no step"
+        progress.line(f"epoch {epoch_label}: step {state['step']}/{total}, {loss_txt}{val_txt}")
+        return stop
+
+    progress = _Progress(total, procs.main and not cfg.quiet, say)
+    progress.bar.done = state["step"]
+    if not state["history"]:  # the initialization is the first candidate: training never returns worse
+        evaluate(f"0/{epochs}")
+    model.train()
+    stop = state["stopped_early"] or state["step"] >= total
+    while not stop and state["epoch"] < epochs:
+        epoch = state["epoch"]
+        label = f"{epoch + 1}/{epochs}"
+        rng = np.random.default_rng([cfg.seed, epoch])
+        for b, (idx, feeds) in enumerate(samples.batches(train_idx, global_batch, rng, min_rows=procs.world)):
+            if b < state["batch"]:
+                continue  # resumed inside this epoch: these batches were trained on already
+            idx, feeds = _local(idx, feeds, procs)
+            t_out, t_feat = teacher(idx, feeds, features=bool(features))
+            s_out, s_feat = forward(feeds)
+            loss, _parts = loss_fn(
+                s_out,
+                [torch.from_numpy(t).to(device) for t in t_out],
+                labels_of(feeds),
+                s_feat,
+                [torch.from_numpy(t).to(device) for t in t_feat],
+            )
+            if not torch.isfinite(loss):
+                raise InherccError(f"the loss became {float(loss)} at step {state['step'] + 1}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip:
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            state["batch"] = b + 1
+            state["step"] += 1
+            state["losses"].append(float(loss.detach()))
+            progress.step(float(loss.detach()), label)
+            if callback is not None:
+                callback({"epoch": epoch, "step": state["step"], "loss": float(loss.detach())})
+            done = state["step"] >= total
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and not done:
+                if evaluate(f"{label} @ step {state['step']}"):
+                    state["stopped_early"] = stop = True
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                checkpoint()
+            if done or stop:
+                break
+        if not stop:
+            state["epoch"], state["batch"] = epoch + 1, 0
+            if evaluate(label):
+                state["stopped_early"] = stop = True
+        checkpoint()
+        if state["step"] >= total:
+            break
+    progress.bar.close()
+
+    if best_params is not None:
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(best_params[name].to(p.device, p.dtype))
+    trained = module.write_back(student_model)
+    if procs.main:
+        report["fidelity"] = onnx_fidelity(teacher, trained, samples, eval_idx, cfg.batch_size, cfg.threads)
+    report["training"] = {
+        "epochs": state["epoch"],
+        "steps": state["step"],
+        "steps_planned": total,
+        "steps_per_epoch": per_epoch,
+        "best_val_cosine": state["best"],
+        "best_epoch": state["best_epoch"],
+        "best_step": state["best_step"],
+        "stopped_early": state["stopped_early"],
+        "resumed_from_step": resumed_from,
+        "train_samples": int(len(train_idx)),
+        "val_samples": int(len(val_idx)),
+        "batch_size": cfg.batch_size,
+        "world_size": procs.world,
+        "device": str(device),
+        "teacher_provider": teacher.provider,
+        "teacher_cached": teacher.caching,
+        "trained": {
+            "mode": cfg.train,
+            "factor_pairs_rebalanced": rebalanced,
+            "tensors": len(trainable),
+            "params": int(sum(p.numel() for p in trainable.values())),
+        },
+        "losses": {o.name: o.kind for o in loss_fn.outputs}
+        | ({"_labels": f"ce alpha={cfg.alpha}"} if loss_fn.labels_output else {})
+        | ({"features": f"{len(features)} tensors x {cfg.feature_loss}"} if features else {}),
+        "lr": cfg.lr,
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "history": state["history"],
+    }
+    return DistillResult(trained, report)
+
+
+def onnx_fidelity(
+    teacher: Teacher,
+    student: ModelProto,
+    samples: Samples,
+    indices: np.ndarray,
+    batch_size: int,
+    threads: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Teacher vs student in ONNX Runtime on the given samples (the exported student, not the torch one)."""
+    from inhercc.runtime import make_session
+
+    sess = make_session(student, threads=threads)
+    names = teacher.outputs
+    t_parts: list[list[np.ndarray]] = []
+    s_parts: list[list[np.ndarray]] = []
+    for idx, feeds in samples.batches(indices, batch_size):
+        t_out, _ = teacher(idx, feeds, features=False, train=False)
+        t_parts.append(t_out)
+        s_parts.append(list(sess.run(names, cast_feeds(feeds, student))))
+    t_all = [np.concatenate([p[k] for p in t_parts]) for k in range(len(names))]
+    s_all = [np.concatenate([p[k] for p in s_parts]) for k in range(len(names))]
+    return compare_outputs(names, t_all, s_all)
+
+
+def finetune_file(
+    student_path: str | os.PathLike[str],
+    teacher_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    data: Any = None,
+    *,
+    report_path: str | os.PathLike[str] | None = None,
+    external_data: bool | None = None,
+    **kwargs: Any,
+) -> DistillResult:
+    """:func:`distill` from files to a file: output paths checked before any work; rank 0 writes the
+    student atomically (never over an input) and the JSON report."""
+    from inhercc.model import check_output_path, file_size, save_model
+
+    check_output_path(output_path, [student_path, teacher_path])
+    if report_path is not None:
+        check_output_path(report_path, [student_path, teacher_path])
+    result = distill(student_path, teacher_path, data, **kwargs)
+    if is_main_process():
+        save_model(result.model, output_path, external_data=external_data)
+        result.report["files"] = {
+            "teacher": str(teacher_path),
+            "student": str(student_path),
+            "output": str(output_path),
+        }
+        result.report["size"] = {"student": file_size(output_path)}
+        if report_path is not None:
+            from inhercc.report import write_json
+
+            write_json(report_path, result.report)
+    return result

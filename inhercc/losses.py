@@ -1,0 +1,198 @@
+"""Distillation losses: knowledge distillation on logits, MSE + cosine on embeddings, cross-entropy on
+labels and the feature inheritance loss, combined per graph output into one objective."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inhercc.errors import InherccError
+from inhercc.verify import _NOT_LOGITS
+
+LOSS_KINDS = ("kd", "embedding", "none")
+DEFAULT_TEMPERATURE = 4.0
+DEFAULT_ALPHA = 0.3
+_EPS = 1e-12
+
+
+def output_kind(name: str, shape: Sequence[int]) -> str:
+    """``kd`` for logits — an output named like ``logits``, or a 2-D ``[batch, classes > 1]`` output whose
+    name does not say embedding / hidden / pool / feature (the rule :func:`inhercc.verify.output_fidelity`
+    uses for top-1 agreement) —, ``embedding`` for every other float output."""
+    lower = name.lower()
+    if "logit" in lower:
+        return "kd"
+    if len(shape) == 2 and shape[1] > 1 and not any(k in lower for k in _NOT_LOGITS):
+        return "kd"
+    return "embedding"
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE) -> torch.Tensor:
+    """``T²·KL(softmax(teacher/T) ‖ softmax(student/T))`` over the last axis, averaged over all other
+    positions (Hinton et al.; the T² keeps gradient magnitudes independent of T)."""
+    t = temperature
+    log_p_s = F.log_softmax(student.float() / t, dim=-1).reshape(-1, student.shape[-1])
+    log_p_t = F.log_softmax(teacher.float() / t, dim=-1).reshape(-1, teacher.shape[-1])
+    return t * t * F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean((s − t)²) / mean(t²)``: MSE made independent of the tensor's scale, so that outputs and layers
+    of very different magnitudes weigh alike."""
+    s, t = student.float(), teacher.float()
+    return ((s - t) ** 2).mean() / (t.pow(2).mean() + _EPS)
+
+
+def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of ``1 − cos(s, t)`` between the flattened per-sample tensors."""
+    s = student.float().reshape(student.shape[0], -1)
+    t = teacher.float().reshape(teacher.shape[0], -1)
+    return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
+
+
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Relative MSE + (1 − cosine): the magnitude and the direction of an embedding."""
+    return relative_mse(student, teacher) + cosine_distance(student, teacher)
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, output: str = "logits") -> torch.Tensor:
+    """Cross-entropy of class ids ``labels`` (shape = the logits' leading axes; -100 = ignore)."""
+    classes = logits.shape[-1]
+    labels = labels.long().reshape(-1)
+    if labels.numel() != logits.numel() // classes:
+        raise InherccError(
+            f"_labels has {labels.numel()} entries per batch, output {output} has "
+            f"{logits.numel() // classes} rows of {classes} classes"
+        )
+    valid = labels[labels != -100]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= classes):
+        raise InherccError(
+            f"_labels must be class ids in [0, {classes}) for output {output}, "
+            f"got {int(valid.min())}..{int(valid.max())}"
+        )
+    return F.cross_entropy(logits.float().reshape(-1, classes), labels, ignore_index=-100)
+
+
+@dataclass(frozen=True)
+class OutputLoss:
+    """How one graph output is distilled: ``kind`` in :data:`LOSS_KINDS` and its weight in the sum."""
+
+    name: str
+    kind: str
+    weight: float = 1.0
+
+
+def parse_loss_overrides(items: Sequence[str]) -> dict[str, tuple[str, float]]:
+    """``["logits=kd", "emb=embedding:0.5", "aux=none"]`` → ``{name: (kind, weight)}``."""
+    out: dict[str, tuple[str, float]] = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        kind, _, weight = spec.partition(":")
+        if not sep or not name or kind not in LOSS_KINDS:
+            raise InherccError(
+                f"bad --loss {item!r}: expected OUTPUT=KIND[:WEIGHT], KIND one of {', '.join(LOSS_KINDS)}"
+            )
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise InherccError(f"bad --loss {item!r}: weight {weight!r} is not a number") from None
+        if w < 0:
+            raise InherccError(f"bad --loss {item!r}: weight must be ≥ 0")
+        out[name.strip()] = (kind, w)
+    return out
+
+
+class DistillLoss:
+    """The training objective: ``Σ_o w_o·L_o`` over graph outputs (``kd``: T²·KL at temperature T;
+    ``embedding``: relative MSE + 1 − cosine); with labels, the first ``kd`` output's term becomes
+    ``(1 − α)·KD + α·CE``; with ``feature_weight > 0``, plus ``feature_weight`` × the mean relative MSE
+    between each factorized layer's output and the teacher's at the same tensor."""
+
+    def __init__(
+        self,
+        outputs: Sequence[OutputLoss],
+        *,
+        temperature: float = DEFAULT_TEMPERATURE,
+        alpha: float = DEFAULT_ALPHA,
+        labels: bool = False,
+        feature_weight: float = 0.0,
+    ) -> None:
+        if temperature <= 0:
+            raise InherccError(f"--temperature must be positive, got {temperature}")
+        if not 0.0 <= alpha <= 1.0:
+            raise InherccError(f"--alpha must be in [0, 1], got {alpha}")
+        if feature_weight < 0:
+            raise InherccError(f"--feature-loss weight must be ≥ 0, got {feature_weight}")
+        self.outputs, self.temperature, self.alpha, self.feature_weight = (
+            list(outputs),
+            temperature,
+            alpha,
+            feature_weight,
+        )
+        self.labels_output: str | None = None
+        if labels:
+            self.labels_output = next((o.name for o in self.outputs if o.kind == "kd"), None)
+            if self.labels_output is None:
+                raise InherccError(
+                    "_labels given, but no output is distilled as logits (kd); set one with --loss NAME=kd"
+                )
+        if not any(o.kind != "none" and o.weight > 0 for o in self.outputs) and feature_weight == 0:
+            raise InherccError("every output has loss 'none' or weight 0: nothing to train on")
+
+    @classmethod
+    def for_outputs(
+        cls,
+        examples: Mapping[str, np.ndarray],
+        overrides: Mapping[str, tuple[str, float]] | None = None,
+        **kwargs: object,
+    ) -> DistillLoss:
+        """The default loss per output (by :func:`output_kind`; ``none`` for non-float outputs), judged on
+        ``examples`` (the teacher's outputs for a batch), with ``overrides`` ``{name: (kind, weight)}``."""
+        overrides = dict(overrides or {})
+        unknown = set(overrides) - set(examples)
+        if unknown:
+            raise InherccError(
+                f"--loss names unknown output(s) {', '.join(sorted(unknown))}; outputs: {', '.join(examples)}"
+            )
+        outputs = []
+        for name, value in examples.items():
+            is_float = np.issubdtype(value.dtype, np.floating)
+            kind, weight = overrides.get(name, (output_kind(name, value.shape) if is_float else "none", 1.0))
+            if kind != "none" and not is_float:
+                raise InherccError(f"output {name} is {value.dtype}: only float outputs can be distilled")
+            outputs.append(OutputLoss(name, kind, weight))
+        return cls(outputs, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(
+        self,
+        student: Sequence[torch.Tensor],
+        teacher: Sequence[torch.Tensor],
+        labels: torch.Tensor | None = None,
+        student_features: Sequence[torch.Tensor] = (),
+        teacher_features: Sequence[torch.Tensor] = (),
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The total loss and its parts (``{output: value, "ce": …, "features": …}``, floats for logging)."""
+        total = torch.zeros((), device=student[0].device if student else "cpu")
+        parts: dict[str, float] = {}
+        for spec, s, t in zip(self.outputs, student, teacher):
+            if spec.kind == "none" or spec.weight == 0:
+                continue
+            if spec.kind == "kd":
+                term = kd_loss(s, t, self.temperature)
+                if labels is not None and spec.name == self.labels_output:
+                    ce = ce_loss(s, labels, spec.name)
+                    parts["ce"] = float(ce.detach())
+                    term = (1.0 - self.alpha) * term + self.alpha * ce
+            else:
+                term = embedding_loss(s, t)
+            parts[spec.name] = float(term.detach())
+            total = total + spec.weight * term
+        if self.feature_weight > 0 and student_features:
+            feat = torch.stack([relative_mse(s, t) for s, t in zip(student_features, teacher_features)]).mean()
+            parts["features"] = float(feat.detach())
+            total = total + self.feature_weight * feat
+        return total, parts

@@ -1,0 +1,143 @@
+"""Measured sensitivity: how much each layer's truncation costs at the model's *final* outputs.
+
+The whitened spectrum says how much of a layer's own output a rank keeps; it cannot say how much that
+layer matters downstream (an error in a query projection passes a softmax, one in an FFN output lands in
+the residual stream). Here every compressible weight becomes a graph input of one ONNX Runtime session;
+each layer in turn gets its low-rank approximation at a few ranks while all others keep the teacher's
+weights, and the relative squared error of the final outputs is measured. Per layer, a least-squares fit
+``error ≈ c · tail(rank)`` (``tail`` = share of the spectrum's energy the rank drops) gives the weight
+``c`` that :func:`inhercc.plan.plan_ratio` multiplies that layer's energy shares by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import ModelProto, numpy_helper
+
+from inhercc.calibrate import Progress, calibration_feeds, padding_trimmer
+from inhercc.data import Feed, iter_batches
+from inhercc.errors import InherccError
+from inhercc.layers import Layer
+from inhercc.plan import keep_ratio_rank, spectrum_energy
+from inhercc.runtime import make_session
+
+DEFAULT_SAMPLES = 32
+DEFAULT_PROBES = (0.5, 1.0)  # ranks probed, as multiples of the layer's rank under uniform ``ratio``
+
+# (layer, total rank) -> (input_factor [g, r/g, in], output_factor [g, out, r/g])
+FactorFn = Callable[[Layer, int], tuple[np.ndarray, np.ndarray]]
+
+
+def stored_weight(layer: Layer, matrix: np.ndarray) -> np.ndarray:
+    """Inverse of :meth:`Layer.matrix`: a ``[groups, out, in]`` stack back in the initializer's layout and
+    dtype (MatMul ``[in, out]``, Gemm with ``transB``/``alpha``, Conv ``[out, in/g, *kernel]``)."""
+    if layer.op == "Conv":
+        w = matrix.reshape(layer.weight_shape)
+    else:
+        m = matrix[0] / layer.scale
+        w = m.T if layer.transposed else m
+    return np.ascontiguousarray(w.astype(layer.weight_dtype))
+
+
+def weights_as_inputs(model: ModelProto, layers: Sequence[Layer]) -> ModelProto:
+    """A copy of ``model`` whose weights of ``layers`` are graph inputs (fed per run) instead of constants."""
+    out = ModelProto()
+    out.CopyFrom(model)
+    names = {layer.weight_name for layer in layers}
+    keep = [t for t in out.graph.initializer if t.name not in names]
+    moved = [t for t in out.graph.initializer if t.name in names]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    existing = {i.name for i in out.graph.input}
+    for t in moved:
+        if t.name not in existing:
+            out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out
+
+
+def relative_output_error(teacher: Sequence[np.ndarray], student: Sequence[np.ndarray]) -> float:
+    """Mean over float outputs of ``‖s − t‖² / ‖t‖²`` (for L2-normalized embeddings ≈ 2·(1 − cosine))."""
+    errs = []
+    for t, s in zip(teacher, student):
+        if not np.issubdtype(np.asarray(t).dtype, np.floating):
+            continue
+        t64, s64 = np.asarray(t, np.float64), np.asarray(s, np.float64)
+        errs.append(float(np.sum((s64 - t64) ** 2) / max(float(np.sum(t64**2)), 1e-30)))
+    return float(np.mean(errs)) if errs else 0.0
+
+
+def _run(
+    sess, feed: Feed, weights: Mapping[str, np.ndarray], batch_size: int, cut: Callable[[Feed], Feed]
+) -> list[np.ndarray]:
+    """All outputs over ``feed`` in batches (padding cut), the weights fed whole with every batch."""
+    parts = [sess.run(None, {**cut(batch), **weights}) for batch in iter_batches(feed, batch_size)]
+    return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(parts[0]))]
+
+
+def sensitivity_feeds(feeds: Feed, calib_samples: int | None, samples: int = DEFAULT_SAMPLES) -> Feed:
+    """Samples for the measurement, held apart from the Gram samples when the data has enough (factors fit
+    on the very samples they are judged on look better than they are), else the first ones."""
+    n = len(next(iter(feeds.values())))
+    start = calib_samples if calib_samples is not None and n >= calib_samples + samples else 0
+    return {k: v[start : start + samples] for k, v in feeds.items()}
+
+
+def measure_sensitivity(
+    model: ModelProto,
+    layers: Sequence[Layer],
+    feeds: Mapping[str, np.ndarray],
+    factors: FactorFn,
+    spectra: Mapping[str, np.ndarray],
+    *,
+    ratio: float = 0.5,
+    probes: Sequence[float] = DEFAULT_PROBES,
+    samples: int = DEFAULT_SAMPLES,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[str, dict[str, object]]:
+    """Per compressible layer: the end-to-end relative output error with only that layer truncated, at
+    ranks ``probe × keep_ratio_rank(layer, ratio)``, and the fitted weight ``c`` (error per unit of dropped
+    spectral energy share). Returns ``{name: {"ranks": [...], "errors": [...], "weight": c}}``."""
+    cands = [layer for layer in layers if layer.compressible]
+    if not cands:
+        return {}
+    if not probes or any(p <= 0 for p in probes):
+        raise InherccError("sensitivity probes must be positive multiples of the uniform rank")
+    feed, cut = padding_trimmer(model, calibration_feeds(model, feeds, samples))
+    open_model = weights_as_inputs(model, cands)
+    sess = make_session(open_model)
+    inits = {t.name: t for t in model.graph.initializer}
+    teacher_weights = {la.weight_name: numpy_helper.to_array(inits[la.weight_name]) for la in cands}
+    reference = _run(sess, feed, teacher_weights, batch_size, cut)
+    bar = Progress(len(cands) * len(probes), "sensitivity", progress)
+    result: dict[str, dict[str, object]] = {}
+    try:
+        for layer in cands:
+            share = spectrum_energy(spectra[layer.name])
+            tail = np.concatenate([np.cumsum(share[::-1])[::-1], [0.0]])  # tail[r] = energy share dropped at r
+            ranks = sorted({min(layer.full_rank, max(1, round(p * keep_ratio_rank(layer, ratio)))) for p in probes})
+            errors = []
+            for r in ranks:
+                a, b = factors(layer, r * layer.groups)
+                approx = stored_weight(layer, np.matmul(b, a))
+                out = _run(sess, feed, {**teacher_weights, layer.weight_name: approx}, batch_size, cut)
+                errors.append(relative_output_error(reference, out))
+                bar.step()
+            t = np.array([tail[r] for r in ranks])
+            e = np.array(errors)
+            weight = float(e @ t / (t @ t)) if float(t @ t) > 0 else 0.0
+            result[layer.name] = {"ranks": [r * layer.groups for r in ranks], "errors": errors, "weight": weight}
+    finally:
+        bar.close()
+    return result
+
+
+def sensitivity_weights(measured: Mapping[str, Mapping[str, object]]) -> dict[str, float]:
+    """The per-layer weights for :func:`inhercc.plan.plan_ratio` (a floor keeps every layer in the race)."""
+    weights = {name: float(m["weight"]) for name, m in measured.items()}  # type: ignore[arg-type]
+    positive = [w for w in weights.values() if w > 0]
+    floor = 1e-3 * (float(np.median(positive)) if positive else 1.0)
+    return {name: max(w, floor) for name, w in weights.items()}

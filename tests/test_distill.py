@@ -1,0 +1,518 @@
+"""Distillation (inhercc.distill / losses) on a real small case: a digit classifier (scikit-learn's 8×8
+digits) whose two hidden layers are compressed to rank 8, then fine-tuned from the teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from inhercc import compress
+from inhercc.cli import cli
+from inhercc.data import LABELS_KEY, open_samples, split_indices
+from inhercc.distill import (
+    DistillConfig,
+    Teacher,
+    distill,
+    factor_names,
+    inherited_outputs,
+    rebalance_factors,
+    select_trainable,
+)
+from inhercc.errors import InherccError
+from inhercc.losses import DistillLoss, OutputLoss, ce_loss, kd_loss, output_kind, parse_loss_overrides
+from inhercc.verify import fidelity
+
+FAST = {"threads": 1, "quiet": True, "batch_size": 64, "lr": 3e-3}
+
+
+def digits_teacher(x: np.ndarray, y: np.ndarray) -> onnx.ModelProto:
+    """x[64] → 128 → ReLU → 128 → ReLU → 10 logits: random features with a ridge-regression head (a real
+    classifier, ≈ 95 % accuracy, built in milliseconds)."""
+    rng = np.random.default_rng(0)
+    w0 = (rng.standard_normal((64, 128)) * np.sqrt(2 / 64) * 4).astype(np.float32)
+    b0 = (rng.standard_normal(128) * 0.1).astype(np.float32)
+    w1 = (rng.standard_normal((128, 128)) * np.sqrt(2 / 128)).astype(np.float32)
+    b1 = (rng.standard_normal(128) * 0.1).astype(np.float32)
+    h = np.maximum(np.maximum(x @ w0 + b0, 0) @ w1 + b1, 0)
+    hb = np.concatenate([h, np.ones((len(h), 1), np.float32)], 1)
+    w2 = np.linalg.solve(hb.T @ hb + 1e-1 * np.eye(hb.shape[1]), hb.T @ (np.eye(10)[y] * 10 - 5)).astype(np.float32)
+    weights = {"fc0.weight": w0, "fc0.bias": b0, "fc1.weight": w1, "fc1.bias": b1}
+    weights |= {"fc2.weight": w2[:-1], "fc2.bias": w2[-1]}
+    nodes, inp = [], "x"
+    for i in range(3):
+        out = "logits" if i == 2 else f"z{i}"
+        nodes += [
+            helper.make_node("MatMul", [inp, f"fc{i}.weight"], [f"h{i}"], name=f"fc{i}"),
+            helper.make_node("Add", [f"h{i}", f"fc{i}.bias"], [out], name=f"fc{i}_bias"),
+        ]
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [out], [f"a{i}"], name=f"act{i}"))
+            inp = f"a{i}"
+    graph = helper.make_graph(
+        nodes,
+        "digits",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> SimpleNamespace:
+    from sklearn.datasets import load_digits
+
+    d = tmp_path_factory.mktemp("digits")
+    x, y = load_digits(return_X_y=True)
+    x, y = (x / 16.0).astype(np.float32), y.astype(np.int64)
+    teacher = digits_teacher(x, y)
+    student = compress(teacher, rank=8, init="svd", verify=False).model
+    onnx.save(teacher, str(d / "teacher.onnx"))
+    onnx.save(student, str(d / "student.onnx"))
+    np.savez(d / "train.npz", x=x, **{LABELS_KEY: y})
+    np.savez(d / "nolabels.npz", x=x)
+    return SimpleNamespace(dir=d, x=x, y=y, teacher=teacher, student=student)
+
+
+def inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def changed(before: onnx.ModelProto, after: onnx.ModelProto) -> set[str]:
+    a, b = inits(before), inits(after)
+    return {k for k in a if not np.array_equal(a[k], b[k])}
+
+
+# --------------------------------------------------------------------------------------------------------
+# losses
+
+
+def test_kd_loss_is_zero_at_the_teacher_and_scales_with_t_squared() -> None:
+    t = torch.randn(8, 10)
+    assert float(kd_loss(t, t, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(8, 10)
+    p_t = torch.softmax(t / 2, -1)
+    kl = (p_t * (torch.log_softmax(t / 2, -1) - torch.log_softmax(s / 2, -1))).sum(-1).mean()
+    assert float(kd_loss(s, t, 2.0)) == pytest.approx(4 * float(kl), rel=1e-5)
+
+
+def test_output_kinds_and_overrides() -> None:
+    assert output_kind("logits", [1, 10]) == "kd"
+    assert output_kind("output", [1, 1000]) == "kd"
+    assert output_kind("sentence_embedding", [1, 384]) == "embedding"
+    assert output_kind("last_hidden_state", [1, 7, 384]) == "embedding"
+    assert output_kind("token_logits", [1, 7, 50]) == "kd"
+    assert parse_loss_overrides(["a=kd", "b=embedding:0.5", "c=none"]) == {
+        "a": ("kd", 1.0),
+        "b": ("embedding", 0.5),
+        "c": ("none", 1.0),
+    }
+    for bad in ("a", "a=mse", "a=kd:x", "a=kd:-1"):
+        with pytest.raises(InherccError, match="--loss"):
+            parse_loss_overrides([bad])
+    with pytest.raises(InherccError, match="unknown output"):
+        DistillLoss.for_outputs({"logits": np.zeros((1, 10), np.float32)}, {"nope": ("kd", 1.0)})
+    loss = DistillLoss.for_outputs({"logits": np.zeros((1, 10), np.float32), "label": np.zeros(1, np.int64)})
+    assert [(o.name, o.kind) for o in loss.outputs] == [("logits", "kd"), ("label", "none")]
+
+
+def test_labels_add_cross_entropy_with_weight_alpha() -> None:
+    s, t, y = torch.randn(6, 10), torch.randn(6, 10), torch.arange(6)
+    loss = DistillLoss([OutputLoss("logits", "kd")], temperature=7.0, alpha=0.3, labels=True)
+    total, parts = loss([s], [t], y)
+    expected = 0.7 * kd_loss(s, t, 7.0) + 0.3 * torch.nn.functional.cross_entropy(s, y)
+    assert float(total) == pytest.approx(float(expected), rel=1e-6) and "ce" in parts
+    assert float(DistillLoss([OutputLoss("logits", "kd")], temperature=7.0)([s], [t])[0]) != pytest.approx(float(total))
+    with pytest.raises(InherccError, match="class ids in"):
+        ce_loss(s, torch.full((6,), 10))
+    with pytest.raises(InherccError, match="no output is distilled as logits"):
+        DistillLoss([OutputLoss("emb", "embedding")], labels=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# training
+
+
+def test_distillation_lowers_the_loss_and_raises_held_out_fidelity(case, monkeypatch) -> None:
+    trained_on: set[int] = set()
+    original = Teacher.__call__
+
+    def spy(self, idx, feeds, *, features, train=True):
+        if train:
+            trained_on.update(int(i) for i in idx)
+        return original(self, idx, feeds, features=features, train=train)
+
+    monkeypatch.setattr(Teacher, "__call__", spy)
+    result = distill(case.student, case.teacher, case.dir / "train.npz", epochs=3, **FAST)
+    rep = result.report
+    hist = rep["training"]["history"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]  # the initialization, then every epoch
+    assert hist[-1]["loss"] < 0.5 * hist[1]["loss"]
+    assert hist[-1]["val_loss"] < hist[1]["val_loss"] < hist[0]["val_loss"]
+    before, after = rep["fidelity_before"]["logits"], rep["fidelity"]["logits"]
+    assert after["cosine"] > before["cosine"] + 0.02
+    assert after["rel_l2"] < before["rel_l2"]
+    assert after["top1_agreement"] >= before["top1_agreement"]
+    # held-out: the validation samples were never trained on, and the report's fidelity is the ONNX student's
+    train_idx, val_idx = split_indices(len(case.x), 0.1, 0)
+    assert rep["fidelity_inputs"].startswith("validation split") and rep["training"]["val_samples"] == len(val_idx)
+    assert trained_on == set(train_idx.tolist())
+    direct = fidelity(case.teacher, result.model, {"x": case.x[val_idx]})
+    assert direct["logits"]["cosine"] == pytest.approx(after["cosine"], abs=1e-6)
+    t = rep["training"]
+    assert t["steps"] == 3 * t["steps_per_epoch"] == t["steps_planned"]
+    assert t["best_val_cosine"] == pytest.approx(max(h["val_cosine"] for h in hist))
+    assert t["trained"]["tensors"] == 4 and t["wall_s"] > 0
+    assert changed(case.student, result.model) == set(factor_names(inits(case.student)))
+
+
+def test_labels_change_the_objective(case) -> None:
+    with_labels = distill(case.student, case.teacher, case.dir / "train.npz", steps=4, **FAST)
+    without = distill(case.student, case.teacher, case.dir / "nolabels.npz", steps=4, **FAST)
+    assert "_labels" in with_labels.report["training"]["losses"]
+    assert "_labels" not in without.report["training"]["losses"]
+    a, b = inits(with_labels.model), inits(without.model)
+    assert any(not np.allclose(a[k], b[k]) for k in factor_names(a))
+    # same weights (the initialization), other objective
+    assert with_labels.report["training"]["history"][0]["val_loss"] != pytest.approx(
+        without.report["training"]["history"][0]["val_loss"]
+    )
+
+
+def test_train_selects_exactly_the_intended_parameters(case) -> None:
+    factors = select_trainable(case.student, "factors")
+    assert sorted(factors) == [
+        "fc0.weight.inherit_in",
+        "fc0.weight.inherit_out",
+        "fc1.weight.inherit_in",
+        "fc1.weight.inherit_out",
+    ]
+    every = select_trainable(case.student, "all")
+    assert set(every) == set(inits(case.student))  # all float initializers of this student
+    assert select_trainable(case.student, r"bias$") == ["fc0.bias", "fc1.bias", "fc2.bias"]
+    for mode, expected in (
+        ("factors", set(factors)),
+        (r"^fc1\.", {"fc1.weight.inherit_in", "fc1.weight.inherit_out", "fc1.bias"}),
+        ("all", set(every)),
+    ):
+        result = distill(case.student, case.teacher, case.dir / "train.npz", steps=2, train=mode, **FAST)
+        assert changed(case.student, result.model) == expected, mode
+        assert result.report["training"]["trained"]["tensors"] == len(expected)
+    with pytest.raises(InherccError, match="matches no float initializer"):
+        select_trainable(case.student, "nothing-like-this")
+    with pytest.raises(InherccError, match="no factor initializers"):
+        select_trainable(case.teacher, "factors")  # e.g. finetune on an uncompressed model
+    with pytest.raises(InherccError, match="valid regex"):
+        select_trainable(case.student, "(")
+
+
+def test_rebalancing_keeps_the_function_and_equalizes_factor_scales(case) -> None:
+    from inhercc.torchrt import OnnxModule
+
+    module = OnnxModule(case.student)
+    params = module.onnx_parameters()
+    with torch.no_grad():
+        params["fc0.weight.inherit_in"].mul_(1e-4)  # a whitened-like imbalance
+        params["fc0.weight.inherit_out"].mul_(1e4)
+        before = module(x=case.x[:16])[0]
+        assert rebalance_factors(params, ["fc1.weight.inherit_in"]) == 0  # half a pair trained: untouched
+        assert rebalance_factors(params, factor_names(params)) == 2
+        after = module(x=case.x[:16])[0]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    for base in ("fc0.weight", "fc1.weight"):
+        rms = [float(params[f"{base}.inherit_{k}"].detach().pow(2).mean().sqrt()) for k in ("in", "out")]
+        assert rms[0] == pytest.approx(rms[1], rel=1e-4)
+
+
+def test_feature_loss_compares_factorized_layer_outputs(case) -> None:
+    assert inherited_outputs(case.student, case.teacher) == ["h0", "h1"]  # the factorized MatMuls' outputs
+    result = distill(case.student, case.teacher, case.dir / "train.npz", steps=6, feature_loss=1.0, **FAST)
+    assert result.report["training"]["losses"]["features"].startswith("2 tensors")
+    assert result.report["fidelity"]["logits"]["cosine"] > result.report["fidelity_before"]["logits"]["cosine"]
+
+
+def test_resume_continues_the_same_run(case, tmp_path) -> None:
+    cfg = DistillConfig(steps=20, checkpoint_every=4, seed=5, **{**FAST, "batch_size": 128})
+    full = distill(case.student, case.teacher, case.dir / "train.npz", config=cfg, checkpoint=str(tmp_path / "a"))
+
+    def crash(info):
+        if info["step"] == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(
+            case.student,
+            case.teacher,
+            case.dir / "train.npz",
+            config=cfg,
+            checkpoint=str(tmp_path / "b"),
+            callback=crash,
+        )
+    steps: list[int] = []
+    resumed = distill(
+        case.student,
+        case.teacher,
+        case.dir / "train.npz",
+        config=cfg,
+        checkpoint=str(tmp_path / "b"),
+        resume=True,
+        callback=lambda info: steps.append(info["step"]),
+    )
+    assert steps == list(range(9, 21))  # continued after the step-8 checkpoint
+    t_full, t_res = full.report["training"], resumed.report["training"]
+    assert t_res["resumed_from_step"] == 8 and t_res["steps"] == t_full["steps"] == 20
+    assert t_res["epochs"] == t_full["epochs"] == 2  # 13 batches per epoch: the run crossed an epoch
+    a, b = inits(full.model), inits(resumed.model)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert [h["val_cosine"] for h in t_res["history"]] == pytest.approx([h["val_cosine"] for h in t_full["history"]])
+    with pytest.raises(InherccError, match="settings differ"):
+        distill(
+            case.student,
+            case.teacher,
+            case.dir / "train.npz",
+            config=cfg,
+            checkpoint=str(tmp_path / "b"),
+            resume=True,
+            lr=1e-2,
+        )
+
+
+def test_early_stop_and_best_weights(case) -> None:
+    # a learning rate far too high: validation gets worse, training stops, the best weights are kept
+    result = distill(
+        case.student,
+        case.teacher,
+        case.dir / "train.npz",
+        epochs=8,
+        patience=1,
+        eval_every=3,
+        **{**FAST, "lr": 0.5, "clip": None, "warmup": 0.0},
+    )
+    t = result.report["training"]
+    assert t["stopped_early"] and t["steps"] < t["steps_planned"]
+    fid = result.report["fidelity"]["logits"]["cosine"]
+    assert fid == pytest.approx(t["best_val_cosine"], abs=1e-4)  # the written-back weights are the best ones
+
+
+def test_compress_then_distil_in_one_go(case) -> None:
+    cfg = DistillConfig(**FAST)
+    result = compress(case.teacher, rank=8, data=case.dir / "train.npz", epochs=2, distill=cfg)
+    rep = result.report
+    assert rep["init"] == "whitened"  # calibrated on the training split
+    assert rep["training"]["epochs"] == 2
+    assert rep["fidelity"]["logits"]["cosine"] > rep["fidelity_before"]["logits"]["cosine"] + 0.01
+    assert factor_names(inits(result.model))
+
+
+def test_data_sources_and_synthetic_fallback(case) -> None:
+    items = [{"x": case.x[i : i + 50]} for i in range(0, 400, 50)]
+    result = distill(case.student, case.teacher, iter(items), steps=3, **FAST)
+    assert result.report["training"]["train_samples"] == 360
+    with pytest.warns(UserWarning, match="synthetic"):
+        result = distill(case.student, case.teacher, None, steps=2, synthetic_samples=40, **FAST)
+    assert result.report["fidelity_inputs"].startswith("synthetic validation split")
+    samples = open_samples(case.dir / "train.npz", case.teacher)
+    result = distill(case.student, case.teacher, samples, steps=2, val_split=0.0, **FAST)
+    assert (
+        result.report["training"]["best_val_cosine"] is None and "training samples" in result.report["fidelity_inputs"]
+    )
+
+
+def test_distributed_two_cpu_processes_end_with_identical_weights(case, tmp_path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json, os, sys
+        import numpy as np
+        from onnx import numpy_helper
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from inhercc.distill import distill, is_main_process
+        d = {str(case.dir)!r}
+        r = distill(d + "/student.onnx", d + "/teacher.onnx", d + "/train.npz", steps=5, batch_size=32, lr=3e-3,
+                    threads=1, quiet=True, checkpoint={str(tmp_path / "ckpt")!r})
+        rank = os.environ["RANK"]
+        np.savez({str(tmp_path)!r} + f"/rank{{rank}}.npz",
+                 **{{t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}})
+        with open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w") as f:
+            json.dump({{"main": is_main_process(), "training": r.report["training"],
+                       "has_fidelity": "fidelity" in r.report}}, f)
+    """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
+    assert set(w0.files) == set(w1.files)
+    for k in w0.files:
+        assert np.array_equal(w0[k], w1[k]), k
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["main"] and not r1["main"]
+    assert r0["training"]["world_size"] == 2 and r0["training"]["steps"] == 5
+    assert r0["has_fidelity"] and not r1["has_fidelity"]
+    assert (tmp_path / "ckpt" / "checkpoint.pt").exists()
+    assert any(not np.array_equal(w0[k], v) for k, v in inits(case.student).items())
+
+
+# --------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_finetune_and_compress_with_epochs(case, tmp_path) -> None:
+    out, rep = tmp_path / "tuned.onnx", tmp_path / "r.json"
+    r = invoke(
+        "finetune",
+        case.dir / "student.onnx",
+        "--teacher",
+        case.dir / "teacher.onnx",
+        "--data",
+        case.dir / "train.npz",
+        "-o",
+        out,
+        "--epochs",
+        "1",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "64",
+        "--threads",
+        "1",
+        "--report",
+        rep,
+        "-q",
+    )
+    assert r.exit_code == 0, r.output
+    assert "logits cosine" in r.output and "distilled 1 epoch(s)" in r.output
+    report = json.loads(rep.read_text())
+    assert {"fidelity_before", "fidelity", "training"} <= set(report)
+    assert report["fidelity"]["logits"]["cosine"] > report["fidelity_before"]["logits"]["cosine"]
+    assert changed(case.student, onnx.load(str(out))) == set(factor_names(inits(case.student)))
+
+    out2, rep2 = tmp_path / "s.onnx", tmp_path / "r2.json"
+    r = invoke(
+        "compress",
+        case.dir / "teacher.onnx",
+        "-o",
+        out2,
+        "--rank",
+        "8",
+        "--init",
+        "svd",
+        "--data",
+        case.dir / "train.npz",
+        "--steps",
+        "5",
+        "--threads",
+        "1",
+        "--report",
+        rep2,
+        "-q",
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep2.read_text())
+    assert report["training"]["steps"] == 5 and "fidelity_before" in report
+    assert "→" in r.output and "distilled" in r.output
+
+
+def _npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p, x: _npz(p, pixels=x), "lacks model input(s) x"),
+        (lambda p, x: _npz(p, x=(x * 16).astype(np.int64)), "x is int64, the model expects float32"),
+        (lambda p, x: _npz(p, x=x[:, :32]), "expects dim 1 = 64"),
+        (lambda p, x: (p.write_bytes(b""), p)[1], "cannot read"),
+        (lambda p, x: _npz(p, x=np.where(np.arange(64) == 3, np.nan, x)), "contains NaN or Inf"),
+        (lambda p, x: _npz(p, x=x, _labels=np.arange(3)), "different sample counts"),
+    ],
+)
+def test_cli_bad_data_is_one_line_error(case, tmp_path, make, message) -> None:
+    data = make(tmp_path / "bad.npz", case.x[:100])
+    out = tmp_path / "o.onnx"
+    for args in (
+        ("finetune", case.dir / "student.onnx", "--teacher", case.dir / "teacher.onnx", "-o", out),
+        ("compress", case.dir / "teacher.onnx", "-o", out, "--epochs", "1"),
+    ):
+        r = invoke(*args, "--data", data, "-q")
+        assert r.exit_code == 2, r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
+        assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--lr", "0.1"), "only used with --epochs or --steps"),
+        (("--epochs", "1", "--resume"), "--resume needs --checkpoint"),
+        (("--epochs", "1", "--train", "nomatch"), "matches no float initializer"),
+        (("--epochs", "1", "--loss", "logits=mse"), "bad --loss"),
+        (("--epochs", "1", "--val-split", "1.5"), "--val-split"),
+        (("--epochs", "0"), "--epochs must be positive"),
+        (("--epochs", "1", "--device", "tpu"), "unknown --device"),
+    ],
+)
+def test_cli_bad_options_are_one_line_errors(case, tmp_path, extra, message) -> None:
+    r = invoke(
+        "compress",
+        case.dir / "teacher.onnx",
+        "-o",
+        tmp_path / "o.onnx",
+        "--data",
+        case.dir / "train.npz",
+        "--init",
+        "svd",
+        "-q",
+        *extra,
+    )
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.output
+
+
+def test_finetune_rejects_a_student_of_another_teacher(case, tmp_path) -> None:
+    other = onnx.ModelProto()
+    other.CopyFrom(case.teacher)
+    other.graph.output[0].name = "scores"
+    other.graph.node[-1].output[0] = "scores"
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    r = invoke(
+        "finetune",
+        case.dir / "student.onnx",
+        "--teacher",
+        tmp_path / "other.onnx",
+        "-o",
+        tmp_path / "o.onnx",
+        "--data",
+        case.dir / "train.npz",
+        "-q",
+    )
+    assert r.exit_code == 2 and "differ from teacher outputs" in r.output
