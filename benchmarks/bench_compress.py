@@ -55,34 +55,50 @@ def bert_base_graph(layers: int = 12, hidden: int = 768, ffn: int = 3072, seed: 
     for i in range(layers):
         p = f"layer.{i}"
         for proj in ("query", "key", "value"):
-            nodes.append(helper.make_node("MatMul", [x, weight(f"{p}.{proj}.weight", hidden, hidden)], [f"{p}.{proj}"],
-                                          name=f"{p}.{proj}"))
+            nodes.append(
+                helper.make_node(
+                    "MatMul", [x, weight(f"{p}.{proj}.weight", hidden, hidden)], [f"{p}.{proj}"], name=f"{p}.{proj}"
+                )
+            )
         nodes += [
             helper.make_node("Transpose", [f"{p}.key"], [f"{p}.keyT"], perm=[0, 2, 1]),
             helper.make_node("MatMul", [f"{p}.query", f"{p}.keyT"], [f"{p}.scores"]),
             helper.make_node("Mul", [f"{p}.scores", scale], [f"{p}.scaled"]),
             helper.make_node("Softmax", [f"{p}.scaled"], [f"{p}.probs"], axis=-1),
             helper.make_node("MatMul", [f"{p}.probs", f"{p}.value"], [f"{p}.ctx"]),
-            helper.make_node("MatMul", [f"{p}.ctx", weight(f"{p}.out.weight", hidden, hidden)], [f"{p}.attn"],
-                             name=f"{p}.out"),
+            helper.make_node(
+                "MatMul", [f"{p}.ctx", weight(f"{p}.out.weight", hidden, hidden)], [f"{p}.attn"], name=f"{p}.out"
+            ),
             helper.make_node("Add", [f"{p}.attn", x], [f"{p}.res1"]),
-            helper.make_node("LayerNormalization", [f"{p}.res1", const(f"{p}.ln1.g", np.ones(hidden)),
-                                                    const(f"{p}.ln1.b", np.zeros(hidden))], [f"{p}.h1"], axis=-1),
-            helper.make_node("MatMul", [f"{p}.h1", weight(f"{p}.ffn.up.weight", hidden, ffn)], [f"{p}.up"],
-                             name=f"{p}.ffn.up"),
+            helper.make_node(
+                "LayerNormalization",
+                [f"{p}.res1", const(f"{p}.ln1.g", np.ones(hidden)), const(f"{p}.ln1.b", np.zeros(hidden))],
+                [f"{p}.h1"],
+                axis=-1,
+            ),
+            helper.make_node(
+                "MatMul", [f"{p}.h1", weight(f"{p}.ffn.up.weight", hidden, ffn)], [f"{p}.up"], name=f"{p}.ffn.up"
+            ),
             helper.make_node("Add", [f"{p}.up", const(f"{p}.ffn.up.bias", np.zeros(ffn))], [f"{p}.upb"]),
             helper.make_node("Relu", [f"{p}.upb"], [f"{p}.act"]),
-            helper.make_node("MatMul", [f"{p}.act", weight(f"{p}.ffn.down.weight", ffn, hidden)], [f"{p}.down"],
-                             name=f"{p}.ffn.down"),
+            helper.make_node(
+                "MatMul", [f"{p}.act", weight(f"{p}.ffn.down.weight", ffn, hidden)], [f"{p}.down"], name=f"{p}.ffn.down"
+            ),
             helper.make_node("Add", [f"{p}.down", f"{p}.h1"], [f"{p}.res2"]),
-            helper.make_node("LayerNormalization", [f"{p}.res2", const(f"{p}.ln2.g", np.ones(hidden)),
-                                                    const(f"{p}.ln2.b", np.zeros(hidden))], [f"{p}.out_h"], axis=-1),
+            helper.make_node(
+                "LayerNormalization",
+                [f"{p}.res2", const(f"{p}.ln2.g", np.ones(hidden)), const(f"{p}.ln2.b", np.zeros(hidden))],
+                [f"{p}.out_h"],
+                axis=-1,
+            ),
         ]
         x = f"{p}.out_h"
     graph = helper.make_graph(
-        nodes, "bert_base_synthetic",
+        nodes,
+        "bert_base_synthetic",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", hidden])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", "sequence", hidden])], inits,
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", "sequence", hidden])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -97,9 +113,10 @@ t_import = time.perf_counter() - t0
 t1 = time.perf_counter()
 r = compress_file(sys.argv[1], sys.argv[2], ratio=0.5, shapes={"x": [1, 128, 768]})
 t = time.perf_counter() - t1
-print(json.dumps({"compress_s": t, "import_s": t_import, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "rewrite_s": r.report["time_s"]["rewrite"], "params": r.report["params"],
-                  "flops": r.report["flops"], "cosine": r.report["fidelity"][next(iter(r.report["fidelity"]))]["cosine"]}))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+fid = next(iter(r.report["fidelity"].values()))
+print(json.dumps({"compress_s": t, "import_s": t_import, "peak_rss_mb": rss, "rewrite_s": r.report["time_s"]["rewrite"],
+                  "params": r.report["params"], "flops": r.report["flops"], "cosine": fid["cosine"]}))
 """
 
 
@@ -109,10 +126,17 @@ def bench_bert(repeats: int = 2) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         teacher = Path(d) / "bert.onnx"
         onnx.save(bert_base_graph(), str(teacher))
-        n_matmul = sum(int(np.prod(t.dims)) for t in onnx.load(str(teacher)).graph.initializer if t.name.endswith("weight"))
+        n_matmul = sum(
+            int(np.prod(t.dims)) for t in onnx.load(str(teacher)).graph.initializer if t.name.endswith("weight")
+        )
         for i in range(repeats):
-            out = subprocess.run([sys.executable, "-c", _CHILD, str(teacher), str(Path(d) / f"s{i}.onnx")],
-                                 capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            out = subprocess.run(
+                [sys.executable, "-c", _CHILD, str(teacher), str(Path(d) / f"s{i}.onnx")],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            )
             res = json.loads(out.stdout.strip().splitlines()[-1])
             res["matmul_params"] = n_matmul
             rows.append(res)
@@ -149,11 +173,21 @@ def bench_minilm(ratios: tuple[float, ...] = (0.75, 0.5, 0.3)) -> list[dict]:
         from inhercc.verify import output_fidelity
 
         fid = output_fidelity(t_out, s_out, "sentence_embedding")
-        rows.append({"ratio": ratio, "init": "svd", "allocation": "greedy", "cosine": fid["cosine"],
-                     "rel_l2": fid["rel_l2"], "spearman": spearman_pairwise(t_out, s_out),
-                     "params_teacher": res.report["params"]["teacher"], "params_student": res.report["params"]["student"],
-                     "layers_factorized": sum(1 for r in res.report["layers"] if r["rank"] is not None),
-                     "compress_s": dt, "sentences": len(s_out)})
+        rows.append(
+            {
+                "ratio": ratio,
+                "init": "svd",
+                "allocation": "greedy",
+                "cosine": fid["cosine"],
+                "rel_l2": fid["rel_l2"],
+                "spearman": spearman_pairwise(t_out, s_out),
+                "params_teacher": res.report["params"]["teacher"],
+                "params_student": res.report["params"]["student"],
+                "layers_factorized": sum(1 for r in res.report["layers"] if r["rank"] is not None),
+                "compress_s": dt,
+                "sentences": len(s_out),
+            }
+        )
         print(f"  ratio {ratio}: cosine {fid['cosine']:.4f}, spearman {rows[-1]['spearman']:.4f}", flush=True)
     return rows
 
@@ -165,32 +199,79 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out: dict = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                             "python": platform.python_version()}}
+    out: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        }
+    }
     md = ["# Training-free compression benchmark", ""]
     if not args.skip_bert:
         print("synthetic BERT-base, ratio 0.5:", flush=True)
         rows = bench_bert(args.repeats)
         out["bert_base"] = rows
-        table = [[f"{r['matmul_params'] / 1e6:.1f}M", f"{r['compress_s']:.1f}", f"{r['rewrite_s']:.1f}",
-                  f"{r['peak_rss_mb']:.0f}", f"{r['params']['student'] / r['params']['teacher']:.3f}",
-                  f"{r['flops']['student'] / r['flops']['teacher']:.3f}", f"{r['cosine']:.4f}"] for r in rows]
-        headers = ["MatMul params", "compress s (target ≤ 20)", "of which rewrite s", "peak RSS MB", "params ratio",
-                   "FLOPs ratio", "cosine (synthetic)"]
+        table = [
+            [
+                f"{r['matmul_params'] / 1e6:.1f}M",
+                f"{r['compress_s']:.1f}",
+                f"{r['rewrite_s']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+                f"{r['params']['student'] / r['params']['teacher']:.3f}",
+                f"{r['flops']['student'] / r['flops']['teacher']:.3f}",
+                f"{r['cosine']:.4f}",
+            ]
+            for r in rows
+        ]
+        headers = [
+            "MatMul params",
+            "compress s (target ≤ 20)",
+            "of which rewrite s",
+            "peak RSS MB",
+            "params ratio",
+            "FLOPs ratio",
+            "cosine (synthetic)",
+        ]
         print(format_table(headers, table))
-        md += [f"## Synthetic BERT-base (12×768, FFN 3072), ratio 0.5, {os.cpu_count()} CPUs, fresh process per run",
-               "", format_markdown(headers, table), ""]
+        md += [
+            f"## Synthetic BERT-base (12×768, FFN 3072), ratio 0.5, {os.cpu_count()} CPUs, fresh process per run",
+            "",
+            format_markdown(headers, table),
+            "",
+        ]
     if not args.skip_minilm:
         print("MiniLM-L6, plain SVD + greedy, held-out sentences:", flush=True)
         rows = bench_minilm()
         out["minilm"] = rows
-        headers = ["ratio", "params (student/teacher)", "layers factorized", "cosine", "rel L2", "Spearman", "compress s"]
-        table = [[r["ratio"], f"{r['params_student'] / 1e6:.2f}M / {r['params_teacher'] / 1e6:.2f}M",
-                  f"{r['layers_factorized']}/36", f"{r['cosine']:.4f}", f"{r['rel_l2']:.4f}", f"{r['spearman']:.4f}",
-                  f"{r['compress_s']:.1f}"] for r in rows]
+        headers = [
+            "ratio",
+            "params (student/teacher)",
+            "layers factorized",
+            "cosine",
+            "rel L2",
+            "Spearman",
+            "compress s",
+        ]
+        table = [
+            [
+                r["ratio"],
+                f"{r['params_student'] / 1e6:.2f}M / {r['params_teacher'] / 1e6:.2f}M",
+                f"{r['layers_factorized']}/36",
+                f"{r['cosine']:.4f}",
+                f"{r['rel_l2']:.4f}",
+                f"{r['spearman']:.4f}",
+                f"{r['compress_s']:.1f}",
+            ]
+            for r in rows
+        ]
         print(format_table(headers, table))
-        md += [f"## MiniLM-L6 fidelity, no training, plain SVD, greedy allocation ({rows[0]['sentences']} held-out "
-               "sentences)", "", format_markdown(headers, table), ""]
+        md += [
+            f"## MiniLM-L6 fidelity, no training, plain SVD, greedy allocation ({rows[0]['sentences']} held-out "
+            "sentences)",
+            "",
+            format_markdown(headers, table),
+            "",
+        ]
     write_json(RESULTS / "compress.json", out)
     write_text_atomic(RESULTS / "compress.md", "\n".join(md))
     return 0

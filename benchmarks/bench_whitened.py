@@ -68,6 +68,7 @@ def run(
     heldout = encode(english_sentences("heldout"), max_length=128)
     teacher_out = run_session(make_session(teacher), heldout, 32)[0]
     layers = [la for la in find_layers(teacher) if la.compressible]
+    names = {la.name for la in layers}
     # sensitivity is measured on 32 train sentences after the calibration ones: load a few more
     calib_all = encode(english_sentences("train", max((samples, *more_samples)) + 32), max_length=128)
 
@@ -104,10 +105,12 @@ def run(
             **fid,
             "params_teacher": res.report["params"]["teacher"],
             "params_student": res.report["params"]["student"],
-            "matmul_params_kept": sum(r["params_after"] for r in res.report["layers"] if r["reason"] is None)
-            / sum(r["params_before"] for r in res.report["layers"] if r["reason"] is None),
+            "matmul_params_kept": sum(r["params_after"] for r in res.report["layers"] if r["name"] in names)
+            / sum(r["params_before"] for r in res.report["layers"] if r["name"] in names),
             "layers_factorized": len(res.plan.factorized()),
-            "calibration_s": (t_grams if whitened else 0.0) + times.get("sensitivity", 0.0) + times.get("sequential", 0.0),
+            "calibration_s": (t_grams if whitened else 0.0)
+            + times.get("sensitivity", 0.0)
+            + times.get("sequential", 0.0),
             "grams_s": t_grams if whitened else 0.0,
             "sensitivity_s": times.get("sensitivity", 0.0),
             "sequential_s": times.get("sequential", 0.0),

@@ -31,9 +31,24 @@ def main(argv: list[str] | None = None) -> int:
     np.savez(heldout, **encode(english_sentences("heldout", n=64), max_length=128))
     student = args.workdir / "minilm-student.onnx"
     cmd = [
-        sys.executable, "-m", "inhercc", "compress", str(teacher), "-o", str(student),
-        "--ratio", str(args.ratio), "--data", str(calib), "--verify-data", str(heldout),
-        "--report", str(args.workdir / "report.json"), "--save-plan", str(args.workdir / "plan.json"), "-v",
+        sys.executable,
+        "-m",
+        "inhercc",
+        "compress",
+        str(teacher),
+        "-o",
+        str(student),
+        "--ratio",
+        str(args.ratio),
+        "--data",
+        str(calib),
+        "--verify-data",
+        str(heldout),
+        "--report",
+        str(args.workdir / "report.json"),
+        "--save-plan",
+        str(args.workdir / "plan.json"),
+        "-v",
     ]
     print("$ inhercc " + shlex.join(cmd[3:]), flush=True)
     return subprocess.call(cmd)

@@ -12,7 +12,6 @@ import click
 from inhercc.errors import InherccError
 from inhercc.report import format_table, human_bytes, human_count
 
-
 _NO_ARGS_IS_HELP: type[Exception] = getattr(click.exceptions, "NoArgsIsHelpError", type("_Never", (Exception,), {}))
 
 

@@ -141,7 +141,9 @@ def node_flops(node: NodeProto, shapes: dict[str, list[Dim]]) -> tuple[int, tupl
 
 def _count(dims: list[Dim], k: Dim) -> tuple[int, tuple[str, ...]]:
     symbolic = tuple(
-        "unnamed" if str(d).startswith("unk__") or d is None else str(d) for d in list(dims) + [k] if not isinstance(d, int)
+        "unnamed" if str(d).startswith("unk__") or d is None else str(d)
+        for d in list(dims) + [k]
+        if not isinstance(d, int)
     )
     n = 1
     for d in list(dims) + [k]:

@@ -98,10 +98,13 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch) -> None:
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "not an ONNX model"),
-    (b"hello, I am a text file\n", "not a readable ONNX model"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "not an ONNX model"),
+        (b"hello, I am a text file\n", "not a readable ONNX model"),
+    ],
+)
 def test_bad_files(tmp_path, content: bytes, message: str) -> None:
     p = tmp_path / "bad.onnx"
     p.write_bytes(content)

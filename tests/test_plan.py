@@ -118,11 +118,14 @@ def test_plan_json_round_trip_and_hand_edit(tmp_path) -> None:
     assert all(replayed.ranks[k] == plan.ranks[k] for k in plan.ranks if k != "l0")
 
 
-@pytest.mark.parametrize("edit,message", [
-    ({"format": "nope"}, "not an inhercc plan"),
-    ({"layers": [{"name": "l0", "rank": -3}]}, "must be a positive integer"),
-    ({"layers": [{"name": "ghost", "rank": 8}]}, "not in the model"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ({"format": "nope"}, "not an inhercc plan"),
+        ({"layers": [{"name": "l0", "rank": -3}]}, "must be a positive integer"),
+        ({"layers": [{"name": "ghost", "rank": 8}]}, "not in the model"),
+    ],
+)
 def test_bad_plans_are_rejected(edit, message) -> None:
     layers, _ = layers_and_spectra(spectral_model(np.random.default_rng(6)))
     data = {"format": "inhercc-plan", "version": 1, "layers": [{"name": "l0", "rank": 8}]} | edit

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from inhercc.passes import FactorizeConv
 from onnx import helper
 
 from inhercc.layers import find_layers
 from inhercc.model import prepare_model
-from inhercc.passes import FactorizeConv
 from inhercc.pipeline import Factorizer
 from tests.helpers import factor_product, make_model, rel_err, run
 
@@ -91,8 +91,10 @@ def test_depthwise_and_3d_conv_skipped_with_reasons() -> None:
     rng = np.random.default_rng(12)
     dw = helper.make_node("Conv", ["x", "Wd"], ["h"], name="dw", group=64, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     c3 = helper.make_node("Conv", ["v", "W3"], ["z"], name="c3", kernel_shape=[3, 3, 3])
-    weights = {"Wd": rng.standard_normal((64, 1, 3, 3)).astype(np.float32),
-               "W3": rng.standard_normal((64, 64, 3, 3, 3)).astype(np.float32)}
+    weights = {
+        "Wd": rng.standard_normal((64, 1, 3, 3)).astype(np.float32),
+        "W3": rng.standard_normal((64, 64, 3, 3, 3)).astype(np.float32),
+    }
     m = make_model([dw, c3], {"x": [1, 64, 8, 8], "v": [1, 64, 4, 4, 4]}, ["h", "z"], weights)
     reasons = {la.name: la.reason for la in find_layers(prepare_model(m), min_params=0)}
     assert reasons["dw"].startswith("no saving at any rank")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from inhercc.passes import FactorizeMatMul
 from onnx import TensorProto, helper
 
 from inhercc import linalg
 from inhercc.layers import find_layers
 from inhercc.model import prepare_model
-from inhercc.passes import FactorizeMatMul
 from inhercc.pipeline import Factorizer, compress
 from tests.helpers import factor_product, make_model, rel_err, run
 
@@ -57,8 +57,11 @@ def test_split_places_singular_values() -> None:
     rng = np.random.default_rng(3)
     w = rng.standard_normal((16, 16))
     s = np.linalg.svd(w, compute_uv=False)
-    for split, expect_in, expect_out in [("output", 1.0, s[:4]), ("input", s[:4], 1.0), ("sqrt", np.sqrt(s[:4]),
-                                                                                         np.sqrt(s[:4]))]:
+    for split, expect_in, expect_out in [
+        ("output", 1.0, s[:4]),
+        ("input", s[:4], 1.0),
+        ("sqrt", np.sqrt(s[:4]), np.sqrt(s[:4])),
+    ]:
         a, b = linalg.factorize(w, 4, split)  # a: [1, r, in] rows, b: [1, out, r] columns
         np.testing.assert_allclose(np.linalg.norm(a[0], axis=1), expect_in, rtol=1e-10)
         np.testing.assert_allclose(np.linalg.norm(b[0], axis=0), expect_out, rtol=1e-10)
@@ -83,8 +86,13 @@ def test_names_derive_from_teacher_and_bias_add_untouched() -> None:
     teacher = mlp(rng)
     res = compress(teacher, rank=16, rank_multiple=8, min_params=0, verify=False)
     names = {t.name for t in res.model.graph.initializer}
-    assert {"fc1.weight.inherit_in", "fc1.weight.inherit_out", "fc2.weight.inherit_in", "fc2.weight.inherit_out",
-            "fc2.bias"} <= names
+    assert {
+        "fc1.weight.inherit_in",
+        "fc1.weight.inherit_out",
+        "fc2.weight.inherit_in",
+        "fc2.weight.inherit_out",
+        "fc2.bias",
+    } <= names
     assert "fc1.weight" not in names and "fc2.weight" not in names
     assert [n.op_type for n in res.model.graph.node] == ["MatMul", "MatMul", "Relu", "MatMul", "MatMul", "Add"]
     assert [o.name for o in res.model.graph.output] == ["y"]
@@ -103,7 +111,9 @@ def test_anonymous_exporter_names_use_the_module_path() -> None:
 def test_shared_weight_is_skipped_with_reason() -> None:
     rng = np.random.default_rng(7)
     w = rng.standard_normal((64, 64)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="a"), helper.make_node("MatMul", ["h", "W"], ["y"],
-                                                                                      name="b")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="a"),
+        helper.make_node("MatMul", ["h", "W"], ["y"], name="b"),
+    ]
     layers = find_layers(prepare_model(make_model(nodes, {"x": [2, 64]}, ["y"], {"W": w})), min_params=0)
     assert [la.reason for la in layers] == ["weight shared by 2 uses (tied weights)"] * 2
