@@ -176,17 +176,29 @@ class Factorizer:
 
     def decomposition(self, layer: Layer) -> linalg.SVD | linalg.WhitenedSVD:
         if layer.name not in self._cache:
-            if self.init == "whitened" and self.grams is not None and layer.name in self.grams:
-                self._cache[layer.name] = linalg.whitened_svd(layer.matrix(), self.grams[layer.name])
-            else:
-                self._cache[layer.name] = linalg.svd(layer.matrix())
+            self._cache[layer.name] = self._decompose(layer)
         return self._cache[layer.name]
 
     def spectrum(self, layer: Layer) -> np.ndarray:
         return self.decomposition(layer).s
 
     def spectra(self, layers: Iterable[Layer]) -> dict[str, np.ndarray]:
-        return {layer.name: self.spectrum(layer) for layer in layers if layer.compressible}
+        """Spectra of the compressible layers; the decompositions run on a small thread pool (LAPACK
+        releases the GIL; each call is single-threaded, see :func:`linalg.thin_svd`)."""
+        todo = [layer for layer in layers if layer.compressible]
+        workers = max(1, min(len(todo), os.cpu_count() or 1, 4))
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with linalg.single_threaded_torch(), ThreadPoolExecutor(workers) as pool:
+                for layer, d in zip(todo, pool.map(self._decompose, todo)):
+                    self._cache.setdefault(layer.name, d)
+        return {layer.name: self.spectrum(layer) for layer in todo}
+
+    def _decompose(self, layer: Layer) -> linalg.SVD | linalg.WhitenedSVD:
+        if self.init == "whitened" and self.grams is not None and layer.name in self.grams:
+            return linalg.whitened_svd(layer.matrix(), self.grams[layer.name])
+        return linalg.svd(layer.matrix())
 
     def __call__(self, layer: Layer, rank: int) -> tuple[np.ndarray, np.ndarray]:
         per_group = rank // layer.groups
