@@ -32,6 +32,29 @@ BUCKET = 16  # sequence lengths are padded up to a multiple of this
 SHARD = 256  # sentences per shard file
 
 
+def augment(sentences: list[str], copies: int, seed: int = 0) -> list[str]:
+    """``copies`` variants of every sentence, each one of: a random contiguous crop (≥ half the words), the
+    sentence followed by another random training sentence, or the sentence with 15 % of its words dropped.
+    Distillation needs inputs, not labels — the teacher labels whatever it is shown —, so variants of the
+    training sentences (never of held-out ones) give the student more to match without new text."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(copies):
+        for s in sentences:
+            words = s.split()
+            kind = rng.integers(3)
+            if kind == 0:
+                n = int(rng.integers(max(3, len(words) // 2), len(words) + 1))
+                start = int(rng.integers(0, len(words) - n + 1))
+                out.append(" ".join(words[start : start + n]))
+            elif kind == 1:
+                out.append(f"{s} {sentences[int(rng.integers(len(sentences)))]}")
+            else:
+                kept = [w for w in words if rng.random() >= 0.15]
+                out.append(" ".join(kept) if kept else s)
+    return out
+
+
 def write_shards(sentences: list[str], folder: Path, max_length: int) -> int:
     """Tokenize into ``.npz`` shards of sentences of similar length (padded to the bucket's length)."""
     from benchmarks.teachers import encode
@@ -96,14 +119,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         quiet=args.quiet,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        shards = write_shards(train_sentences, Path(tmp), args.max_length)
+        texts = train_sentences + augment(train_sentences, args.augment, args.seed)
+        shards = write_shards(texts, Path(tmp), args.max_length)
         t0 = time.perf_counter()
         samples = open_samples(tmp, teacher)
         train_idx, _ = split_indices(len(samples), cfg.val_split, cfg.seed)
         grams = None
         if args.init == "whitened":
             layers = [la for la in find_layers(teacher) if la.compressible]
-            grams = sum_grams(collect_grams(teacher, layers, p) for p in calibration_parts(samples, train_idx))
+            spread = train_idx[:: max(1, len(train_idx) // args.calib_samples)][: args.calib_samples]
+            grams = sum_grams(collect_grams(teacher, layers, p) for p in calibration_parts(samples, spread))
         t_cal = time.perf_counter() - t0
         plan = {"rank": args.rank} if args.rank else {"ratio": args.ratio}
         student = compress(teacher, init=args.init, grams=grams, verify=False, **plan)
@@ -123,6 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "params": student.report["params"],
         "layers_factorized": sum(1 for r in student.report["layers"] if r["rank"] is not None),
         "train_sentences": len(train_sentences),
+        "augmented_copies": args.augment,
         "train_shards": shards,
         "heldout_sentences": len(teacher_heldout),
         "config": {k: v for k, v in vars(cfg).items() if k not in ("losses",)},
@@ -172,9 +198,9 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             f"Student: {r['params']['student'] / 1e6:.2f} M of the teacher's {r['params']['teacher'] / 1e6:.2f} M "
             f"parameters ({r['layers_factorized']}/36 MatMuls factorized; their parameters halved at ratio 0.5, "
-            f"embeddings untouched). Trained on {t['train_samples']} pydoc "
-            f"sentences (+{t['val_samples']} for validation); scored on {r['heldout_sentences']} held-out sentences "
-            "never trained on.",
+            f"embeddings untouched). Trained on {t['train_samples']} inputs made of the {r['train_sentences']} pydoc "
+            f"training sentences ({r['augmented_copies']} augmented variant(s) each; {t['val_samples']} more held "
+            f"out for validation); scored on {r['heldout_sentences']} held-out sentences never trained on.",
             "",
             format_markdown(["student", "mean cosine (≥ 0.99)", "Spearman pairwise (≥ 0.98)", "rel L2"], rows),
             "",
@@ -207,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=0.05)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--augment", type=int, default=0, help="Variants per training sentence (crop/concat/drop).")
+    ap.add_argument("--calib-samples", type=int, default=1536, help="Training inputs for the Gram matrices.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads (1: see the module doc)")
     ap.add_argument("--tag", default="", help="Suffix of the result files.")

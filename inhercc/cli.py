@@ -189,8 +189,7 @@ def _distill_given(ctx: click.Context) -> list[str]:
     "--ratio",
     type=float,
     callback=_ratio,
-    help="Keep this fraction of the compressible parameters "
-    "(default 0.5); ranks allocated globally by a greedy on the spectra.",
+    help="Keep this fraction of the compressible parameters (default 0.5); ranks spread by --allocation.",
 )
 @click.option("--rank", type=int, callback=_rank, help="One rank for every layer.")
 @click.option("--energy", type=float, help="Per layer, keep this fraction of the spectral energy.")
@@ -250,10 +249,11 @@ def _distill_given(ctx: click.Context) -> list[str]:
     "--allocation",
     type=click.Choice(["greedy", "uniform", "sensitivity"]),
     default=None,
-    help="How --ratio spreads ranks: every layer keeps the ratio (uniform; default with --data), a greedy on "
-    "the spectra (default without), or a greedy weighted by each layer's measured effect on the outputs.",
+    help="How --ratio spreads ranks: a greedy on the spectra weighted by each layer's measured effect on the "
+    "outputs (sensitivity; default with --data), the greedy alone (default without), or every layer keeps "
+    "the ratio (uniform).",
 )
-@click.option("--sensitivity", is_flag=True, help="Same as --allocation sensitivity.")
+@click.option("--sensitivity", is_flag=True, help="Same as --allocation sensitivity (the default with --data).")
 @click.option(
     "--sequential",
     is_flag=True,

@@ -162,6 +162,28 @@ def factor_tensors(
     return a, b
 
 
+def factor_chain(
+    node: NodeProto,
+    names: GraphNames,
+    a: onnx.TensorProto,
+    b: onnx.TensorProto,
+    first_attrs: dict[str, object],
+    second_attrs: dict[str, object],
+) -> list[NodeProto]:
+    """The two runtime products replacing ``node``: ``mid = op(x, A)`` then ``y = op(mid, B[, bias])``; the
+    output keeps the teacher's name and the optional third input (bias / C) moves to the second node."""
+    op = node.op_type
+    mid = names.fresh(f"{node.output[0]}.inherit_mid")
+    first = onnx.helper.make_node(
+        op, [node.input[0], a.name], [mid], name=names.fresh(f"{node.name}.inherit_in"), **first_attrs
+    )
+    bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+    second = onnx.helper.make_node(
+        op, [mid, b.name, *bias], [node.output[0]], name=names.fresh(f"{node.name}.inherit_out"), **second_attrs
+    )
+    return [first, second]
+
+
 def copy_attributes(node: NodeProto, skip: Iterable[str] = ()) -> dict[str, object]:
     skip = set(skip)
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name not in skip}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from inhercc.passes.base import FactorizePass, GraphNames, copy_attributes, factor_tensors, register
+from inhercc.passes.base import FactorizePass, GraphNames, copy_attributes, factor_chain, factor_tensors, register
 from onnx import NodeProto
 
 from inhercc.layers import Layer
@@ -35,17 +35,4 @@ class FactorizeConv(FactorizePass):
         a, b = factor_tensors(names, node, layer, w_in, w_out)
         attrs = copy_attributes(node)
         attrs["kernel_shape"] = list(kernel)
-        mid = names.fresh(f"{node.output[0]}.inherit_mid")
-        first = onnx.helper.make_node(
-            "Conv", [node.input[0], a.name], [mid], name=names.fresh(f"{node.name}.inherit_in"), **attrs
-        )
-        inputs = [mid, b.name] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
-        second = onnx.helper.make_node(
-            "Conv",
-            inputs,
-            [node.output[0]],
-            name=names.fresh(f"{node.name}.inherit_out"),
-            kernel_shape=[1] * len(kernel),
-            group=g,
-        )
-        return [first, second], [a, b]
+        return factor_chain(node, names, a, b, attrs, {"kernel_shape": [1] * len(kernel), "group": g}), [a, b]

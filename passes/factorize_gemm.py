@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from inhercc.passes.base import FactorizePass, GraphNames, copy_attributes, factor_tensors, register
+from inhercc.passes.base import FactorizePass, GraphNames, copy_attributes, factor_chain, factor_tensors, register
 from onnx import NodeProto
 
 from inhercc.layers import Layer
@@ -34,18 +34,5 @@ class FactorizeGemm(FactorizePass):
             a, b = factor_tensors(names, node, layer, input_factor[0].T, output_factor[0].T)
         attrs = copy_attributes(node, skip=("alpha", "beta", "transB", "transA"))
         beta = copy_attributes(node).get("beta", 1.0)
-        mid = names.fresh(f"{node.output[0]}.inherit_mid")
-        first = onnx.helper.make_node(
-            "Gemm", [node.input[0], a.name], [mid], name=names.fresh(f"{node.name}.inherit_in"), transB=trans_b, **attrs
-        )
-        inputs = [mid, b.name] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
-        second = onnx.helper.make_node(
-            "Gemm",
-            inputs,
-            [node.output[0]],
-            name=names.fresh(f"{node.name}.inherit_out"),
-            transB=trans_b,
-            beta=beta,
-            **attrs,
-        )
-        return [first, second], [a, b]
+        first, second = {"transB": trans_b, **attrs}, {"transB": trans_b, "beta": beta, **attrs}
+        return factor_chain(node, names, a, b, first, second), [a, b]

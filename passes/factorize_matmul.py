@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from inhercc.passes.base import FactorizePass, GraphNames, factor_tensors, register
+from inhercc.passes.base import FactorizePass, GraphNames, factor_chain, factor_tensors, register
 from onnx import NodeProto
 
 from inhercc.layers import Layer
@@ -28,11 +28,4 @@ class FactorizeMatMul(FactorizePass):
         self, node: NodeProto, layer: Layer, input_factor: np.ndarray, output_factor: np.ndarray, names: GraphNames
     ) -> tuple[list[NodeProto], list[onnx.TensorProto]]:
         a, b = factor_tensors(names, node, layer, input_factor[0].T, output_factor[0].T)
-        mid = names.fresh(f"{node.output[0]}.inherit_mid")
-        first = onnx.helper.make_node(
-            "MatMul", [node.input[0], a.name], [mid], name=names.fresh(f"{node.name}.inherit_in")
-        )
-        second = onnx.helper.make_node(
-            "MatMul", [mid, b.name], [node.output[0]], name=names.fresh(f"{node.name}.inherit_out")
-        )
-        return [first, second], [a, b]
+        return factor_chain(node, names, a, b, {}, {}), [a, b]

@@ -355,14 +355,21 @@ def test_pipeline_defaults_and_errors() -> None:
     model = prepare_model(mlp(rng, (64, 96, 48)))
     feeds = {"x": correlated(rng, 100, 64)}
     res = compress(model, ratio=0.5, rank_multiple=1, min_params=0, data=feeds, calib_samples=40)
-    assert res.report["init"] == "whitened" and res.plan.method["allocation"] == "uniform"
+    assert res.report["init"] == "whitened" and res.plan.method["allocation"] == "sensitivity"
+    assert "sensitivity" in res.report["time_s"]
     assert "calibrate" in res.report["time_s"]
     greedy = compress(model, ratio=0.5, rank_multiple=1, min_params=0, data=feeds, allocation="greedy", verify=False)
     assert greedy.plan.method["allocation"] == "greedy" and greedy.plan.method["spectrum"] == "whitened"
     with pytest.raises(InherccError, match="allocation"):
         compress(model, data=feeds, allocation="best", verify=False)
+    uniform = compress(model, ratio=0.5, rank_multiple=1, min_params=0, data=feeds, allocation="uniform", verify=False)
+    assert uniform.plan.method["allocation"] == "uniform"
+    assert uniform.plan.rank("fc1") == int(0.5 * 64 * 96 / (64 + 96))  # keeps half of its own weights
     with pytest.raises(InherccError, match="sensitivity"):
         compress(model, min_params=0, allocation="sensitivity", verify=False)
+    with pytest.raises(InherccError, match="sensitivity"):
+        compress(model, min_params=0, data=feeds, init="random", allocation="sensitivity", verify=False)
+    assert compress(model, min_params=0, verify=False).plan.method["allocation"] == "greedy"  # no data
 
 
 def test_inspect_shows_whitened_spectra() -> None:
