@@ -198,11 +198,16 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             f"Student: {r['params']['student'] / 1e6:.2f} M of the teacher's {r['params']['teacher'] / 1e6:.2f} M "
             f"parameters ({r['layers_factorized']}/36 MatMuls factorized; their parameters halved at ratio 0.5, "
-            f"embeddings untouched). Trained on {t['train_samples']} inputs made of the {r['train_sentences']} pydoc "
-            f"training sentences ({r['augmented_copies']} augmented variant(s) each; {t['val_samples']} more held "
-            f"out for validation); scored on {r['heldout_sentences']} held-out sentences never trained on.",
+            f"embeddings untouched). Trained on {t['train_samples']} inputs made from the {r['train_sentences']} pydoc "
+            f"training sentences and {r.get('augmented_copies', 0)} augmented variant(s) of each "
+            f"({t['val_samples']} more inputs of that pool held out for validation / model selection); scored on "
+            f"{r['heldout_sentences']} held-out sentences, disjoint from the training sentences and never trained "
+            "on.",
             "",
             format_markdown(["student", "mean cosine (≥ 0.99)", "Spearman pairwise (≥ 0.98)", "rel L2"], rows),
+            "",
+            "Target (cosine ≥ 0.99 and Spearman ≥ 0.98 within 15 min): "
+            + ("met." if a["cosine"] >= 0.99 and a["spearman"] >= 0.98 and tm["total"] <= 900 else "**not met**."),
             "",
             f"Wall time {tm['total'] / 60:.1f} min (target ≤ 15): calibration {tm['calibration']:.0f} s, compression "
             f"{tm['compression']:.0f} s, distillation {tm['distillation']:.0f} s; {r['machine']['cpus']} CPU cores "

@@ -584,7 +584,7 @@ def _train(
         eval_inputs = f"synthetic {eval_inputs}"
     report: dict[str, Any] = {}
     if procs.main:
-        say(f"fidelity before training on {len(eval_idx)} {eval_inputs}")
+        say(f"fidelity before training, on the {eval_inputs} ({len(eval_idx)} samples)")
         report["fidelity_before"] = onnx_fidelity(
             teacher, student_model, samples, eval_idx, cfg.batch_size, cfg.threads
         )
