@@ -8,6 +8,7 @@ Public API::
     print(result.report["fidelity"])
 """
 
+from inhercc.distill import DistillConfig, finetune_file
 from inhercc.errors import InherccError
 from inhercc.layers import Layer, find_layers
 from inhercc.model import load_model, save_model
@@ -18,12 +19,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressResult",
+    "DistillConfig",
     "InherccError",
     "Layer",
     "RankPlan",
     "__version__",
     "compress",
     "compress_file",
+    "finetune_file",
     "find_layers",
     "inspect_model",
     "load_model",

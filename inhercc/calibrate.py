@@ -160,23 +160,28 @@ class _Tap:
 
 
 class Progress:
-    """A one-line progress bar on stderr (nothing when disabled)."""
+    """A progress bar on stderr: redrawn in place on a terminal, a line per quarter otherwise (logs)."""
 
     def __init__(self, total: int, label: str, enabled: bool = True) -> None:
         self.total, self.label, self.enabled = max(1, total), label, enabled
-        self.done, self.t0 = 0, time.perf_counter()
+        self.done, self.t0, self.tty = 0, time.perf_counter(), enabled and sys.stderr.isatty()
+        self._quarter = 0
 
     def step(self, n: int = 1) -> None:
         self.done += n
-        if self.enabled:
-            frac = min(1.0, self.done / self.total)
-            bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-            elapsed = time.perf_counter() - self.t0
-            sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {elapsed:.1f}s")
-            sys.stderr.flush()
+        if not self.enabled:
+            return
+        frac = min(1.0, self.done / self.total)
+        if not self.tty and int(4 * frac) <= self._quarter:
+            return
+        self._quarter = int(4 * frac)
+        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+        line = f"{self.label} [{bar}] {self.done}/{self.total} {time.perf_counter() - self.t0:.1f}s"
+        sys.stderr.write(f"\r{line}" if self.tty else f"{line}\n")
+        sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.tty:
             sys.stderr.write("\n")
             sys.stderr.flush()
 
@@ -266,7 +271,7 @@ def _taps(model: ModelProto, layers: Sequence[Layer]) -> list[_Tap]:
     return sorted(taps.values(), key=lambda t: t.position)
 
 
-def _with_outputs(model: ModelProto, tensors: Sequence[str]) -> tuple[ModelProto, list[str]]:
+def with_outputs(model: ModelProto, tensors: Sequence[str]) -> tuple[ModelProto, list[str]]:
     """A copy of ``model`` whose outputs are exactly ``tensors`` that are not graph inputs (those are fed),
     with the nodes nothing of that needs removed (a tap early in the graph runs only the graph's head)."""
     inputs = {i.name for i in model.graph.input}
@@ -334,7 +339,7 @@ class _Runner:
 
     def activation_bytes(self, taps: Sequence[_Tap]) -> dict[str, int]:
         """Bytes per batch of each exposed tensor, from one run on the longest sample."""
-        probe_model, names = _with_outputs(self.model, [t.tensor for t in taps])
+        probe_model, names = with_outputs(self.model, [t.tensor for t in taps])
         if not names:
             return {}
         values = make_session(probe_model).run(names, self.cut({k: v[-1:] for k, v in self.feed.items()}))
@@ -345,7 +350,7 @@ class _Runner:
         tensors = [t.tensor for t in taps]
         sessions = []
         for m in (self.model, student) if student is not None else (self.model,):
-            sub, names = _with_outputs(m, tensors)
+            sub, names = with_outputs(m, tensors)
             sessions.append((make_session(sub) if names else None, names))
             del sub
         for batch in map(self.cut, iter_batches(self.feed, self.batch_size)):

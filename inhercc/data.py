@@ -14,7 +14,7 @@ import onnx
 from onnx import ModelProto
 
 from inhercc.errors import InherccError
-from inhercc.model import _one_line
+from inhercc.model import one_line
 
 Dim = int | str | None
 Feed = dict[str, np.ndarray]
@@ -164,7 +164,7 @@ def load_npz(path: str | Path, model: ModelProto | None = None) -> Feed:
         with np.load(path, allow_pickle=False) as z:
             feeds = {k: z[k] for k in z.files}
     except Exception as e:
-        raise InherccError(f"cannot read {path} as .npz: {_one_line(e)}") from e
+        raise InherccError(f"cannot read {path} as .npz: {one_line(e)}") from e
     if not feeds:
         raise InherccError(f"{path} holds no arrays")
     if model is not None:
@@ -393,7 +393,7 @@ def _npz_header(path: Path) -> Feed:
                     shape, _, dtype = (read or np.lib.format.read_array_header_2_0)(f)
                 out[info.filename[:-4]] = _stand_in(shape, dtype)
     except Exception as e:
-        raise InherccError(f"cannot read {path} as .npz: {_one_line(e)}") from e
+        raise InherccError(f"cannot read {path} as .npz: {one_line(e)}") from e
     if not out:
         raise InherccError(f"{path} holds no arrays")
     return out
@@ -420,7 +420,7 @@ def _npy_shard(files: list[Path], model: ModelProto, source: str) -> Shard:
         try:
             arrays[f.stem] = np.load(f, mmap_mode="r", allow_pickle=False)
         except Exception as e:
-            raise InherccError(f"cannot read {f} as .npy: {_one_line(e)}") from e
+            raise InherccError(f"cannot read {f} as .npy: {one_line(e)}") from e
     arrays = _model_arrays(arrays, model)
     check_feeds(arrays, model, source, check_finite=False)
     return Shard(len(next(iter(arrays.values()))), feed_signature(arrays), lambda: arrays, source)

@@ -276,13 +276,13 @@ class Teacher:
         train_samples: int,
         threads: int | None = None,
     ) -> None:
-        from inhercc.calibrate import _with_outputs
+        from inhercc.calibrate import with_outputs
         from inhercc.runtime import make_session
 
         self.model = model
         self.outputs = [o.name for o in model.graph.output]
         self.features = list(features)
-        exposed, _ = _with_outputs(model, self.outputs + self.features)
+        exposed, _ = with_outputs(model, self.outputs + self.features)
         options = [{"device_id": str(device_id)}] if provider == "cuda" else None
         self.session = make_session(exposed, [provider], threads=threads, provider_options=options)
         self.provider = provider

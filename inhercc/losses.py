@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from inhercc.errors import InherccError
-from inhercc.verify import _NOT_LOGITS
+from inhercc.verify import NOT_LOGITS
 
 LOSS_KINDS = ("kd", "embedding", "none")
 DEFAULT_TEMPERATURE = 4.0
@@ -26,7 +26,7 @@ def output_kind(name: str, shape: Sequence[int]) -> str:
     lower = name.lower()
     if "logit" in lower:
         return "kd"
-    if len(shape) == 2 and shape[1] > 1 and not any(k in lower for k in _NOT_LOGITS):
+    if len(shape) == 2 and shape[1] > 1 and not any(k in lower for k in NOT_LOGITS):
         return "kd"
     return "embedding"
 

@@ -29,13 +29,13 @@ def load_model(path: str | os.PathLike[str], *, infer_shapes: bool = True) -> Mo
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf DecodeError and friends
-        raise InherccError(f"{path} is not a readable ONNX model (truncated or not ONNX): {_one_line(e)}") from e
+        raise InherccError(f"{path} is not a readable ONNX model (truncated or not ONNX): {one_line(e)}") from e
     if not model.HasField("graph") or model.ir_version == 0 or not model.opset_import:
         raise InherccError(f"{path} is not an ONNX model (no graph / IR version / opset)")
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except Exception as e:
-        raise InherccError(f"cannot read the external data of {path}: {_one_line(e)}") from e
+        raise InherccError(f"cannot read the external data of {path}: {one_line(e)}") from e
     return prepare_model(model, infer_shapes=infer_shapes, source=str(path))
 
 
@@ -69,7 +69,7 @@ def upgrade_opset(model: ModelProto, source: str = "model") -> ModelProto:
         converted = version_converter.convert_version(model, MIN_OPSET)
     except Exception as e:
         raise InherccError(
-            f"{source} uses opset {version} (< {MIN_OPSET}) and the ONNX version converter failed: {_one_line(e)}"
+            f"{source} uses opset {version} (< {MIN_OPSET}) and the ONNX version converter failed: {one_line(e)}"
         ) from e
     return converted
 
@@ -276,6 +276,6 @@ def save_model(model: ModelProto, path: str | os.PathLike[str], *, external_data
     return path
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__

@@ -9,7 +9,7 @@ from onnx import ModelProto
 
 from inhercc.runtime import make_session, run_session
 
-_NOT_LOGITS = ("embed", "hidden", "pool", "feature")
+NOT_LOGITS = ("embed", "hidden", "pool", "feature")
 
 
 def output_fidelity(teacher: np.ndarray, student: np.ndarray, name: str = "") -> dict[str, float]:
@@ -27,7 +27,7 @@ def output_fidelity(teacher: np.ndarray, student: np.ndarray, name: str = "") ->
         "cosine": float(np.mean(cos)),
         "rel_l2": float(np.linalg.norm(s - t) / tn) if tn > 0 else float(np.linalg.norm(s - t)),
     }
-    if t.ndim == 2 and t.shape[1] > 1 and not any(k in name.lower() for k in _NOT_LOGITS):
+    if t.ndim == 2 and t.shape[1] > 1 and not any(k in name.lower() for k in NOT_LOGITS):
         out["top1_agreement"] = float(np.mean(np.argmax(t, axis=1) == np.argmax(s, axis=1)))
     return out
 
