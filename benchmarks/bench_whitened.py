@@ -70,6 +70,8 @@ def run(
     layers = [la for la in find_layers(teacher) if la.compressible]
     names = {la.name for la in layers}
     # sensitivity is measured on 32 train sentences after the calibration ones: load a few more
+    available = len(english_sentences("train")) - 32
+    samples, more_samples = min(samples, available), tuple(min(n, available) for n in more_samples)
     calib_all = encode(english_sentences("train", max((samples, *more_samples)) + 32), max_length=128)
 
     def calibrate(n: int) -> tuple[dict[str, np.ndarray], float, dict[str, np.ndarray]]:
@@ -151,6 +153,78 @@ def run(
     }
 
 
+MOBILENET_METHODS = ("svd, greedy", "whitened, uniform", "whitened, greedy", "whitened, sensitivity")
+
+
+def run_mobilenet(ratio: float = 0.5, samples: int = 64, heldout: int = 32) -> list[dict[str, Any]]:
+    """The allocation question on a convnet (MobileNetV2, ImageNet weights): Grams of 1×1 convs and the
+    classifier from augmented crops of the two sklearn photos; fidelity on other crops (different seed).
+    Few distinct images, so this is a check of the allocation ranking, not an accuracy figure."""
+    from benchmarks.teachers import cached_teacher, imagenet_images
+    from inhercc.calibrate import collect_grams
+    from inhercc.layers import find_layers
+    from inhercc.pipeline import as_model, compress
+    from inhercc.runtime import make_session, run_session
+    from inhercc.verify import output_fidelity
+
+    teacher = as_model(cached_teacher("mobilenetv2"))
+    layers = [la for la in find_layers(teacher) if la.compressible]
+    calib = {"images": imagenet_images(samples + 32, seed=1)}  # +32 held apart for the sensitivity
+    held = {"images": imagenet_images(heldout, seed=2)}
+    teacher_out = run_session(make_session(teacher), held, 16)[0]
+    t0 = time.perf_counter()
+    grams = collect_grams(teacher, layers, calib, samples=samples, batch_size=8, progress=True)
+    t_grams = time.perf_counter() - t0
+    rows = []
+    for method in MOBILENET_METHODS:
+        options = dict(METHODS[method])
+        whitened = options["init"] == "whitened"
+        res = compress(
+            teacher,
+            ratio=ratio,
+            data=calib if whitened else None,
+            verify_data=held,
+            grams=grams if whitened else None,
+            calib_samples=samples,
+            calib_batch_size=8,
+            verify=False,
+            progress=True,
+            **options,
+        )
+        out = run_session(make_session(res.model), held, 16)[0]
+        fid = output_fidelity(teacher_out, out, "logits")
+        rows.append(
+            {
+                "method": method,
+                "ratio": ratio,
+                "calib_samples": samples if whitened else 0,
+                "cosine": fid["cosine"],
+                "rel_l2": fid["rel_l2"],
+                "top1_agreement": fid["top1_agreement"],
+                "calibration_s": (t_grams if whitened else 0.0) + res.report["time_s"].get("sensitivity", 0.0),
+            }
+        )
+        print(f"  MobileNetV2 {method:24s}: cosine {fid['cosine']:.4f}, top-1 {fid['top1_agreement']:.3f}", flush=True)
+    return rows
+
+
+def mobilenet_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["method", "ratio", "calib images", "cosine (logits)", "top-1 agreement", "rel L2", "calibration s"]
+    body = [
+        [
+            r["method"],
+            r["ratio"],
+            r["calib_samples"] or "-",
+            f"{r['cosine']:.4f}",
+            f"{r['top1_agreement']:.3f}",
+            f"{r['rel_l2']:.4f}",
+            f"{r['calibration_s']:.0f}" if r["calibration_s"] else "-",
+        ]
+        for r in rows
+    ]
+    return headers, body
+
+
 def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     headers = ["method", "ratio", "calib samples", "MatMul kept", "cosine", "Spearman", "rel L2", "calibration s"]
     body = [
@@ -200,6 +274,18 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 def markdown(result: dict[str, Any]) -> str:
     headers, body = table(result["rows"])
     m = result["machine"]
+    extra = []
+    if result.get("mobilenet"):
+        mh, mb = mobilenet_table(result["mobilenet"])
+        extra = [
+            "## The allocation on a convnet: MobileNetV2, ratio 0.5",
+            "",
+            "Calibration on 64 augmented crops of scikit-learn's two sample photos, fidelity on 32 other crops "
+            "(few distinct images: a check of how the allocations rank, not an accuracy figure).",
+            "",
+            format_markdown(mh, mb),
+            "",
+        ]
     return "\n".join(
         [
             "# Activation-aware inheritance (whitened SVD), MiniLM-L6, no training",
@@ -213,6 +299,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             "![fidelity vs ratio](whitened.png)",
             "",
+            *extra,
         ]
     )
 
@@ -221,16 +308,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5, 0.3])
     ap.add_argument("--samples", type=int, default=256, help="calibration sentences (default 256)")
-    ap.add_argument("--more-samples", type=int, nargs="*", default=[1024], help="extra sample counts at ratio 0.5")
+    ap.add_argument(
+        "--more-samples", type=int, nargs="*", default=[1024, 1699], help="extra sample counts at ratio 0.5"
+    )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+    ap.add_argument("--skip-mobilenet", action="store_true", help="MiniLM only")
     args = ap.parse_args(argv)
     result = run(tuple(args.ratios), args.samples, tuple(args.more_samples), tuple(args.methods))
+    if not args.skip_mobilenet:
+        result["mobilenet"] = run_mobilenet()
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "whitened.json", result)
     write_text_atomic(RESULTS / "whitened.md", markdown(result))
     plot(result, RESULTS / "whitened.png")
     headers, body = table(result["rows"])
     print(format_table(headers, body))
+    if result.get("mobilenet"):
+        print(format_table(*mobilenet_table(result["mobilenet"])))
     return 0
 
 

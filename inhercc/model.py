@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -189,34 +190,35 @@ def model_bytes(model: ModelProto) -> int:
     return int(model.ByteSize())
 
 
+@functools.lru_cache(maxsize=16)
+def _file_facts(realpath: str, mtime_ns: int, size: int) -> tuple[tuple[str, ...], bool]:
+    """(external data locations, has value_info) of an ONNX file, parsed once per file version: parsing a
+    BERT-base file with inline weights costs over a second, and several checks need these facts."""
+    try:
+        m = onnx.load(realpath, load_external_data=False)
+    except Exception:
+        return (), False
+    locations = {kv.value for t in m.graph.initializer for kv in t.external_data if kv.key == "location"}
+    return tuple(sorted(locations)), len(m.graph.value_info) > 0
+
+
+def file_facts(path: str | os.PathLike[str]) -> tuple[tuple[str, ...], bool]:
+    st = os.stat(path)
+    return _file_facts(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
 def file_size(path: str | os.PathLike[str]) -> int:
     """Size on disk of an ONNX file plus the external data files it references."""
     path = Path(path)
-    total = path.stat().st_size
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return total
-    seen: set[str] = set()
-    for t in m.graph.initializer:
-        for kv in t.external_data:
-            if kv.key == "location" and kv.value not in seen:
-                seen.add(kv.value)
-                p = path.parent / kv.value
-                if p.exists():
-                    total += p.stat().st_size
-    return total
+    return path.stat().st_size + sum(f.stat().st_size for f in external_data_files(path) if f.exists())
 
 
 def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
     """The external data files referenced by an ONNX file."""
     path = Path(path)
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except Exception:
+    if not path.is_file():
         return []
-    names = {kv.value for t in m.graph.initializer for kv in t.external_data if kv.key == "location"}
-    return [path.parent / n for n in sorted(names)]
+    return [path.parent / n for n in file_facts(path)[0]]
 
 
 def check_output_path(output: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] = ()) -> Path:

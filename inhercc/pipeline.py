@@ -10,7 +10,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import onnx
 from onnx import ModelProto
 
 from inhercc import linalg
@@ -32,6 +31,7 @@ from inhercc.errors import InherccError
 from inhercc.layers import DEFAULT_MIN_PARAMS, DEFAULT_MIN_SAVING, Layer, count_flops, find_layers
 from inhercc.model import (
     check_output_path,
+    file_facts,
     file_size,
     float_param_count,
     infer_model_shapes,
@@ -68,9 +68,9 @@ def has_value_info(model: ModelProto | str | os.PathLike[str]) -> bool:
     if isinstance(model, ModelProto):
         return len(model.graph.value_info) > 0
     try:
-        return len(onnx.load(str(model), load_external_data=False).graph.value_info) > 0
-    except Exception:
-        return False  # load_model reports unreadable files
+        return file_facts(model)[1]
+    except OSError:
+        return False  # load_model reports missing files
 
 
 def as_model(model: ModelProto | str | os.PathLike[str]) -> ModelProto:
