@@ -429,7 +429,7 @@ def test_minilm_whitened_beats_svd_at_the_same_parameter_count() -> None:
         results[init] = (fidelity(teacher, res.model, held)["sentence_embedding"], float_param_count(res.model))
     assert results["svd"][1] == results["whitened"][1]
     assert results["svd"][1] < float_param_count(teacher) - 5_000_000  # half of the 10.6 M MatMul weights
-    # measured (128 calibration sentences): svd ≈ 0.34, whitened ≈ 0.80 mean cosine on held-out sentences
+    # measured (120 calibration sentences, 8 held out by the pipeline): svd 0.343, whitened 0.813 on 64 held-out
     assert results["svd"][0]["cosine"] < 0.5
     assert results["whitened"][0]["cosine"] > 0.75
     assert results["whitened"][0]["rel_l2"] < 0.7 * results["svd"][0]["rel_l2"]
