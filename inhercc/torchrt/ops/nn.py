@@ -187,15 +187,21 @@ def max_pool(ctx: NodeContext) -> Kernel:
     return kernel
 
 
-@register("AveragePool", since=1)
-def average_pool(ctx: NodeContext) -> Kernel:
+def _averaging_window(ctx: NodeContext, op: str) -> tuple[Window, list[int], int, bool]:
+    """The window of an averaging pool (AveragePool, LpPool): a kernel shape torch can average over,
+    no dilations; returns ``(window, kernel_shape, rank, ceil_mode)``."""
     window = Window.parse(ctx)
     kernel_shape = window.kernel
-    ctx.require(kernel_shape is not None, "AveragePool without kernel_shape")
+    ctx.require(kernel_shape is not None, f"{op} without kernel_shape")
     rank = len(kernel_shape)
-    ctx.require(rank in _AVG_POOL, f"{rank}-D AveragePool")
-    ctx.require(window.dilations is None or all(d == 1 for d in window.dilations), "AveragePool dilations")
-    ceil_mode = bool(ctx.attr("ceil_mode", 0))
+    ctx.require(rank in _AVG_POOL, f"{rank}-D {op}")
+    ctx.require(window.dilations is None or all(d == 1 for d in window.dilations), f"{op} dilations")
+    return window, kernel_shape, rank, bool(ctx.attr("ceil_mode", 0))
+
+
+@register("AveragePool", since=1)
+def average_pool(ctx: NodeContext) -> Kernel:
+    window, kernel_shape, rank, ceil_mode = _averaging_window(ctx, "AveragePool")
     include_pad = bool(ctx.attr("count_include_pad", 0))
     pool = _AVG_POOL[rank]
 
@@ -219,13 +225,7 @@ def average_pool(ctx: NodeContext) -> Kernel:
 
 @register("LpPool", since=11)
 def lp_pool(ctx: NodeContext) -> Kernel:
-    window = Window.parse(ctx)
-    kernel_shape = window.kernel
-    ctx.require(kernel_shape is not None, "LpPool without kernel_shape")
-    rank = len(kernel_shape)
-    ctx.require(rank in _AVG_POOL, f"{rank}-D LpPool")
-    ctx.require(window.dilations is None or all(d == 1 for d in window.dilations), "LpPool dilations")
-    ceil_mode = bool(ctx.attr("ceil_mode", 0))
+    window, kernel_shape, rank, ceil_mode = _averaging_window(ctx, "LpPool")
     p = ctx.attr("p", 2)
     cells = math.prod(kernel_shape)
 
