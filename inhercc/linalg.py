@@ -36,6 +36,11 @@ class SVD:
     def full_rank(self) -> int:
         return int(self.s.shape[1])
 
+    def factors(self, rank: int, split: str = "output") -> tuple[np.ndarray, np.ndarray]:
+        """Truncated factors ``([g, r, in], [g, out, r])`` at ``rank`` (per group)."""
+        r = _check_rank(rank, self.full_rank)
+        return split_factors(self.u[..., :, :r], self.s[..., :r], self.vt[..., :r, :], split)
+
 
 def as_stack(weight: np.ndarray) -> np.ndarray:
     """A 2-D matrix becomes a stack of one; a 3-D stack is returned as is."""
@@ -132,8 +137,7 @@ def factorize(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Truncated-SVD factors ``([g, r, in], [g, out, r])`` of a weight stack (optimal in Frobenius norm)."""
     d = decomposition if decomposition is not None else svd(weight)
-    r = _check_rank(rank, d.full_rank)
-    return split_factors(d.u[..., :, :r], d.s[..., :r], d.vt[..., :r, :], split)
+    return d.factors(rank, split)
 
 
 def eckart_young_error(singular_values: np.ndarray, rank: int) -> float:
@@ -181,6 +185,16 @@ class WhitenedSVD:
     def full_rank(self) -> int:
         return int(self.s.shape[1])
 
+    def factors(self, rank: int, split: str = "output") -> tuple[np.ndarray, np.ndarray]:
+        """Output-optimal factors at ``rank``: ``input_factor = U_rᵀ S⁻¹`` (Σ placed by ``split``),
+        ``output_factor = V_r``."""
+        r = _check_rank(rank, self.full_rank)
+        # Wᵀ ≈ S⁻ᵀ U_r Σ_r V_rᵀ ; in [out, in] convention W ≈ V_r Σ_r (S⁻ᵀ U_r)ᵀ.
+        ur = np.stack([solve_triangular(c.T, u[:, :r], lower=False) for c, u in zip(self.chol, self.u)])
+        vt_like = np.swapaxes(ur, -1, -2)  # [g, r, in]
+        u_like = np.swapaxes(self.vt[..., :r, :], -1, -2)  # [g, out, r]
+        return split_factors(u_like, self.s[..., :r], vt_like, split)
+
 
 def whitened_svd(
     weight: np.ndarray, gram: np.ndarray, ridge: float = 1e-6, cross: np.ndarray | None = None
@@ -227,12 +241,7 @@ def whitened_factorize(
     """Output-optimal factors ``([g, r, in], [g, out, r])`` under the input statistics ``gram``:
     ``input_factor = U_rᵀ S⁻¹`` (then Σ placed by ``split``), ``output_factor = V_r``."""
     d = decomposition if decomposition is not None else whitened_svd(weight, gram)
-    r = _check_rank(rank, d.full_rank)
-    # Wᵀ ≈ S⁻ᵀ U_r Σ_r V_rᵀ ; in [out, in] convention W ≈ V_r Σ_r (S⁻ᵀ U_r)ᵀ.
-    ur = np.stack([solve_triangular(c.T, u[:, :r], lower=False) for c, u in zip(d.chol, d.u)])  # S⁻ᵀ U_r: [g, in, r]
-    vt_like = np.swapaxes(ur, -1, -2)  # [g, r, in]
-    u_like = np.swapaxes(d.vt[..., :r, :], -1, -2)  # [g, out, r]
-    return split_factors(u_like, d.s[..., :r], vt_like, split)
+    return d.factors(rank, split)
 
 
 def solve_triangular(tri: np.ndarray, b: np.ndarray, lower: bool) -> np.ndarray:

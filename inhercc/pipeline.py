@@ -205,10 +205,7 @@ class Factorizer:
         if self.init == "random":
             seed = self.seed + zlib.crc32(layer.name.encode()) % 1000  # hash() differs between processes
             return linalg.random_factors(layer.out_features, layer.in_features, per_group, layer.groups, seed=seed)
-        d = self.decomposition(layer)
-        if isinstance(d, linalg.WhitenedSVD):
-            return linalg.whitened_factorize(layer.matrix(), self.grams[layer.name], per_group, self.split, d)
-        return linalg.factorize(layer.matrix(), per_group, self.split, d)
+        return self.decomposition(layer).factors(per_group, self.split)  # no weight copy: the cached SVD suffices
 
     def release(self) -> None:
         self._cache.clear()
