@@ -88,12 +88,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from benchmarks.teachers import cached_teacher, encode, english_sentences
-    from inhercc.calibrate import collect_grams
     from inhercc.data import open_samples, split_indices
     from inhercc.distill import DistillConfig, distill
-    from inhercc.layers import find_layers
     from inhercc.model import load_model
-    from inhercc.pipeline import calibration_parts, compress, sum_grams
+    from inhercc.pipeline import calibration_parts, compress
     from inhercc.runtime import make_session, run_session
 
     # One thread each on a 2-core machine shared with other jobs: with two, OpenMP / ONNX Runtime workers
@@ -117,6 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         threads=args.threads,
         quiet=args.quiet,
+        precision=args.precision,
     )
     with tempfile.TemporaryDirectory() as tmp:
         texts = train_sentences + augment(train_sentences, args.augment, args.seed)
@@ -124,14 +123,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         samples = open_samples(tmp, teacher)
         train_idx, _ = split_indices(len(samples), cfg.val_split, cfg.seed)
-        grams = None
-        if args.init == "whitened":
-            layers = [la for la in find_layers(teacher) if la.compressible]
-            spread = train_idx[:: max(1, len(train_idx) // args.calib_samples)][: args.calib_samples]
-            grams = sum_grams(collect_grams(teacher, layers, p) for p in calibration_parts(samples, spread))
-        t_cal = time.perf_counter() - t0
-        plan = {"rank": args.rank} if args.rank else {"ratio": args.ratio}
-        student = compress(teacher, init=args.init, grams=grams, verify=False, **plan)
+        # calibration samples spread over the training split (never the validation or held-out sentences)
+        spread = train_idx[:: max(1, len(train_idx) // args.calib_samples)][: args.calib_samples]
+        plan = {"rank": args.rank} if args.rank else {"ratio": args.ratio, "allocation": args.allocation}
+        student = compress(
+            teacher,
+            init=args.init,
+            data=calibration_parts(samples, spread),
+            calib_samples=None,
+            sequential=args.sequential,
+            verify=False,
+            **plan,
+        )
+        times = student.report["time_s"]
+        t_cal = sum(times.get(k, 0.0) for k in ("calibrate", "sensitivity", "sequential"))
         t_compress = time.perf_counter() - t0 - t_cal
         before = heldout_scores(student.model, heldout, teacher_heldout, args.threads)
         print(f"after compression: cosine {before['cosine']:.4f}, spearman {before['spearman']:.4f}", flush=True)
@@ -143,7 +148,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"after distillation: cosine {after['cosine']:.4f}, spearman {after['spearman']:.4f}", flush=True)
     return {
         "teacher": "all-MiniLM-L6-v2 (legacy export, opset 17)",
-        "plan": f"uniform rank {args.rank}" if args.rank else f"ratio {args.ratio} (greedy allocation)",
+        "plan": f"uniform rank {args.rank}"
+        if args.rank
+        else f"ratio {args.ratio} ({args.allocation} allocation{', sequential' if args.sequential else ''})",
         "init": args.init,
         "params": student.report["params"],
         "layers_factorized": sum(1 for r in student.report["layers"] if r["rank"] is not None),
@@ -179,7 +186,7 @@ def markdown(r: dict[str, Any]) -> str:
     b, a, t, tm = r["heldout_before"], r["heldout_after"], r["training"], r["time_s"]
     rows = [
         [
-            "after compression (whitened SVD)" if r["init"] == "whitened" else f"after compression ({r['init']})",
+            f"after compression ({'whitened SVD' if r['init'] == 'whitened' else r['init']}, {r['plan']})",
             f"{b['cosine']:.4f}",
             f"{b['spearman']:.4f}",
             f"{b['rel_l2']:.4f}",
@@ -194,7 +201,7 @@ def markdown(r: dict[str, Any]) -> str:
     c = r["config"]
     return "\n".join(
         [
-            f"# Distillation benchmark: MiniLM-L6, {r['plan']}",
+            f"# Distillation benchmark: MiniLM-L6, {r['plan'].split(' (')[0]}",
             "",
             f"Student: {r['params']['student'] / 1e6:.2f} M of the teacher's {r['params']['teacher'] / 1e6:.2f} M "
             f"parameters ({r['layers_factorized']}/36 MatMuls factorized; their parameters halved at ratio 0.5, "
@@ -216,7 +223,7 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             f"Recipe: AdamW lr {c['lr']}, batch {c['batch_size']}, warm-up {c['warmup']:.0%} + cosine, clip "
             f"{c['clip']}, train {c['train']}, feature loss {c['feature_loss']}, "
-            f"validation split {c['val_split']:.0%}; "
+            f"precision {c.get('precision', 'fp32')}, validation split {c['val_split']:.0%}; "
             f"best validation cosine {t['best_val_cosine']:.4f} at epoch {t['best_epoch']}.",
             "",
         ]
@@ -228,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio", type=float, default=0.5, help="Keep this fraction of the MatMul parameters.")
     ap.add_argument("--rank", type=int, help="Instead of --ratio: one rank for every MatMul (128 = ratio 0.5).")
     ap.add_argument("--init", default="whitened", choices=["whitened", "svd"])
+    ap.add_argument("--allocation", default="sensitivity", choices=["sensitivity", "greedy", "uniform"])
+    ap.add_argument("--sequential", action="store_true", help="Error-compensating (sequential) calibration.")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--lr", type=float, default=5e-4)
@@ -241,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--augment", type=int, default=0, help="Variants per training sentence (crop/concat/drop).")
     ap.add_argument("--calib-samples", type=int, default=1536, help="Training inputs for the Gram matrices.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="Training forward precision.")
     ap.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads (1: see the module doc)")
     ap.add_argument("--tag", default="", help="Suffix of the result files.")
     ap.add_argument("-q", "--quiet", action="store_true")

@@ -3,7 +3,8 @@
 For every teacher (``benchmarks.teachers``: MiniLM-L6 sentence encoder, ImageNet MobileNetV2):
 
 1. calibrate once on real training data (whitened SVD) and compress at each ratio with
-   :func:`inhercc.compress` (plus, at 0.5, a ``latency_aware`` student for the CPU provider);
+   :func:`inhercc.compress` — its default allocation with data, the measured sensitivity — (plus, at 0.5,
+   a ``latency_aware`` student for the CPU provider);
 2. check fidelity against the teacher on held-out real data;
 3. time teacher and students interleaved with :func:`inhercc.bench.bench` on the CPU provider (the thread
    count is recorded) and, when a CUDA GPU is really usable, on the CUDA provider — otherwise the CUDA
@@ -162,6 +163,7 @@ def build_students(
             ratio=ratio,
             init="whitened",
             grams=grams,
+            data=calibration,  # the default allocation with data: measured sensitivity (Grams reused)
             verify_data=heldout,
             shapes=spec.shapes,
             log=lambda m, n=spec.name: log(f"{n}: {m}"),

@@ -238,19 +238,38 @@ def calibration_feeds(model: ModelProto, feeds: Mapping[str, np.ndarray], sample
     return {k: v[:take] for k, v in cast.items()}
 
 
+Parts = Sequence[Mapping[str, np.ndarray]]  # calibration data: one feed per sample shape
+
+
+def as_parts(feeds: Mapping[str, np.ndarray] | Parts) -> list[Mapping[str, np.ndarray]]:
+    """One feed dict, or several (length-bucketed text, images of several sizes), as a list of feeds."""
+    if isinstance(feeds, Mapping):
+        return [feeds]
+    parts = [p for p in feeds if len(next(iter(p.values()), ()))]
+    if not parts:
+        raise InherccError("no calibration samples")
+    return parts
+
+
+def part_size(part: Mapping[str, np.ndarray]) -> int:
+    return len(next(iter(part.values())))
+
+
 def split_quota(parts: Sequence[Feed], samples: int | None) -> list[tuple[Feed, int | None]]:
-    """Spread a total of ``samples`` (None: all) over several feeds, first come first served; feeds left
-    with nothing are dropped."""
+    """Spread a total of ``samples`` (None: all) over several feeds in proportion to their sizes (largest
+    remainders), so a sample count taken from length-bucketed data is drawn from every bucket rather than
+    from the first ones; feeds left with nothing are dropped."""
     if samples is None:
         return [(part, None) for part in parts]
-    out: list[tuple[Feed, int | None]] = []
-    left = samples
-    for part in parts:
-        take = min(left, len(next(iter(part.values()))))
-        if take > 0:
-            out.append((part, take))
-            left -= take
-    return out
+    sizes = np.array([part_size(p) for p in parts], dtype=np.int64)
+    total = int(sizes.sum())
+    if samples >= total:
+        return [(part, int(n)) for part, n in zip(parts, sizes) if n > 0]
+    exact = sizes * samples / total
+    take = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - take), kind="stable")[: samples - int(take.sum())]:
+        take[i] += 1
+    return [(part, int(n)) for part, n in zip(parts, take) if n > 0]
 
 
 def _taps(model: ModelProto, layers: Sequence[Layer]) -> list[_Tap]:
@@ -326,24 +345,44 @@ def _groups(taps: list[_Tap], sizes: Mapping[str, int], budget: int) -> list[lis
 
 
 class _Runner:
-    """Runs a model (and optionally a student beside it) over the calibration batches, feeding the taps."""
+    """Runs a model (and optionally a student beside it) over the calibration batches of every part,
+    feeding the taps."""
 
-    def __init__(self, model: ModelProto, feeds: Mapping[str, np.ndarray], samples: int | None, batch_size: int):
+    def __init__(
+        self, model: ModelProto, feeds: Mapping[str, np.ndarray] | Parts, samples: int | None, batch_size: int
+    ):
         if batch_size <= 0:
             raise InherccError(f"calibration batch size must be positive, got {batch_size}")
+        if samples is not None and samples <= 0:
+            raise InherccError(f"--calib-samples must be positive, got {samples}")
         self.model, self.batch_size = model, batch_size
-        self.feed, self.cut = padding_trimmer(model, calibration_feeds(model, feeds, samples))
+        self.parts = [
+            padding_trimmer(model, calibration_feeds(model, part, n))
+            for part, n in split_quota(as_parts(feeds), samples)
+        ]
         self.mask_name = mask_input(model)
-        self.samples = len(next(iter(self.feed.values())))
-        self.batches = math.ceil(self.samples / batch_size)
+        sizes = [part_size(feed) for feed, _ in self.parts]
+        self.samples = sum(sizes)
+        self.batches = sum(math.ceil(n / batch_size) for n in sizes)
+
+    def iter_batches(self) -> Iterator[Feed]:
+        """Every part's batches, padding cut."""
+        for feed, cut in self.parts:
+            yield from map(cut, iter_batches(feed, self.batch_size))
 
     def activation_bytes(self, taps: Sequence[_Tap]) -> dict[str, int]:
-        """Bytes per batch of each exposed tensor, from one run on the longest sample."""
+        """Bytes per batch of each exposed tensor, the most any part needs (one run on its longest sample)."""
         probe_model, names = with_outputs(self.model, [t.tensor for t in taps])
         if not names:
             return {}
-        values = make_session(probe_model).run(names, self.cut({k: v[-1:] for k, v in self.feed.items()}))
-        return {name: int(v.nbytes) * min(self.batch_size, self.samples) for name, v in zip(names, values)}
+        sess = make_session(probe_model)
+        out: dict[str, int] = {}
+        for feed, cut in self.parts:
+            values = sess.run(names, cut({k: v[-1:] for k, v in feed.items()}))
+            rows = min(self.batch_size, part_size(feed))
+            for name, v in zip(names, values):
+                out[name] = max(out.get(name, 0), int(v.nbytes) * rows)
+        return out
 
     def run(self, taps: Sequence[_Tap], bar: Progress, student: ModelProto | None = None) -> None:
         """Stream every batch through the taps (with ``student``: its values, the model's as the teacher's)."""
@@ -353,7 +392,7 @@ class _Runner:
             sub, names = with_outputs(m, tensors)
             sessions.append((make_session(sub) if names else None, names))
             del sub
-        for batch in map(self.cut, iter_batches(self.feed, self.batch_size)):
+        for batch in self.iter_batches():
             outs = []
             for sess, names in sessions:
                 values = dict(zip(names, sess.run(names, batch))) if sess is not None else {}
@@ -372,15 +411,16 @@ class _Runner:
 def collect_grams(
     model: ModelProto,
     layers: Sequence[Layer],
-    feeds: Mapping[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray] | Parts,
     *,
     samples: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> dict[str, np.ndarray]:
-    """Per-layer Gram matrices ``XᵀX`` (sums, not means) of the layer inputs over the first ``samples``
-    samples of ``feeds``.
+    """Per-layer Gram matrices ``XᵀX`` (sums, not means) of the layer inputs over ``samples`` samples of
+    ``feeds`` (all when None): one feed dict, or several of different sample shapes, drawn from in
+    proportion to their sizes.
 
     Returns ``{layer name: G}``, ``G`` of shape ``[k, k]`` (``groups == 1``) or ``[g, k, k]`` (grouped
     conv), ``k`` the layer's ``in_features``. Layers whose input cannot be exposed are left out (they fall
@@ -432,7 +472,7 @@ def sequential_factors(
     model: ModelProto,
     layers: Sequence[Layer],
     ranks: Mapping[str, int],
-    feeds: Mapping[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray] | Parts,
     build_student: Callable[[Mapping[str, Factors]], ModelProto],
     *,
     split: str = "output",

@@ -86,6 +86,7 @@ _DISTILL_FIELDS = (
     "checkpoint_every",
     "resume",
     "device",
+    "precision",
     "threads",
     "quiet",
 )
@@ -133,6 +134,13 @@ def distill_options(f: Any) -> Any:
         click.option("--checkpoint-every", type=int, callback=_rank, help="Steps [default: every validation]."),
         click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint when there is one."),
         click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available]."),
+        click.option(
+            "--precision",
+            type=click.Choice(["fp32", "bf16"]),
+            default="fp32",
+            show_default=True,
+            help="bf16: the student's training forward in bfloat16 autocast (faster; validation stays fp32).",
+        ),
         click.option("--threads", type=int, callback=_rank, help="torch / ONNX Runtime threads [default: theirs]."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-epoch lines."),
     ]
@@ -223,8 +231,12 @@ def _distill_given(ctx: click.Context) -> list[str]:
     help="Samples (.npz, one array per input; or a folder of .npz / <input>.npy shards) for calibration, "
     "verification and distillation.",
 )
-@click.option("--verify-data", type=click.Path(path_type=str), help="Held-out samples (.npz) for the fidelity check "
-              "(default: the last --verify-samples of --data, held out from calibration).")
+@click.option(
+    "--verify-data",
+    type=click.Path(path_type=str),
+    help="Held-out samples (.npz) for the fidelity check "
+    "(default: the last --verify-samples of --data, held out from calibration).",
+)
 @click.option("--verify-samples", type=int, default=8, show_default=True, callback=_rank)
 @click.option("--shape", "shapes", multiple=True, help="Input shape for dynamic dims, e.g. input_ids=1x128.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str), help="Write a JSON report.")
@@ -376,6 +388,9 @@ def summary_table(rep: dict[str, Any]) -> str:
         out += f"; FLOPs count dims {', '.join(rep['flops']['symbolic_dims_counted_as_1'])} as 1"
     if "training" in rep:
         out += "\n" + training_line(rep)
+    for name, fid in rep.get("fidelity_verify_data", {}).items():
+        scores = ", ".join(f"{metric} {value:.4f}" for metric, value in fid.items())
+        out += f"\n{name} on --verify-data after distillation: {scores}"
     return out
 
 

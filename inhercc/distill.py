@@ -53,7 +53,9 @@ _RESUME_KEYS = (
     "val_split",
     "seed",
     "rebalance",
+    "precision",
 )
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -85,6 +87,10 @@ class DistillConfig:
     synthetic_samples: int = 256  # samples drawn from the input specs when no data is given
     rebalance: bool = True  # equalize the scale of each factor pair before training (product unchanged)
     threads: int | None = None  # torch and ONNX Runtime intra-op threads (default: theirs)
+    # "bf16": the student's training forward under torch.autocast (bfloat16 matrix products, about twice the
+    # steps per second on CPUs with AVX512-BF16/AMX and on GPUs); losses, weights, optimizer state and the
+    # validation stay float32, so the kept weights are scored exactly as ONNX Runtime will run them
+    precision: str = "fp32"
 
     def check(self) -> None:
         for name in ("epochs", "steps", "batch_size", "eval_every", "checkpoint_every", "synthetic_samples", "threads"):
@@ -103,6 +109,13 @@ class DistillConfig:
             raise InherccError(f"--weight-decay must be ≥ 0, got {self.weight_decay}")
         if self.resume and not self.checkpoint:
             raise InherccError("--resume needs --checkpoint DIR")
+        if self.precision not in PRECISIONS:
+            raise InherccError(f"unknown --precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+
+
+def _as_float32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Reduced-precision floating outputs of an autocast forward back to float32 (losses run in float32)."""
+    return [t.float() if t.is_floating_point() and t.dtype != torch.float32 else t for t in tensors]
 
 
 @dataclass
@@ -678,7 +691,10 @@ def _train(
                 continue  # resumed inside this epoch: these batches were trained on already
             idx, feeds = _local(idx, feeds, procs)
             t_out, t_feat = teacher(idx, feeds, features=bool(features))
-            s_out, s_feat = forward(feeds)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                s_out, s_feat = forward(feeds)
+            if cfg.precision != "fp32":
+                s_out, s_feat = _as_float32(s_out), _as_float32(s_feat)
             loss, _parts = loss_fn(
                 s_out,
                 [torch.from_numpy(t).to(device) for t in t_out],
@@ -739,6 +755,7 @@ def _train(
         "batch_size": cfg.batch_size,
         "world_size": procs.world,
         "device": str(device),
+        "precision": cfg.precision,
         "teacher_provider": teacher.provider,
         "teacher_cached": teacher.caching,
         "trained": {

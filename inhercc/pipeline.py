@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,6 +15,7 @@ from onnx import ModelProto
 from inhercc import linalg
 from inhercc.calibrate import DEFAULT_BATCH_SIZE as DEFAULT_CALIB_BATCH_SIZE
 from inhercc.calibrate import DEFAULT_SAMPLES as DEFAULT_CALIB_SAMPLES
+from inhercc.calibrate import part_size
 from inhercc.data import (
     Feed,
     Samples,
@@ -80,23 +81,31 @@ def as_model(model: ModelProto | str | os.PathLike[str]) -> ModelProto:
     return load_model(model)
 
 
-def as_feeds(data: Any, model: ModelProto) -> Feed | None:
-    """Samples in memory from any data source (``inhercc.data.open_samples``); a folder of shards, an
-    iterable or a reader gives its first ``CALIBRATION_LIMIT`` samples."""
+def as_parts(data: Any, model: ModelProto) -> list[Feed]:
+    """Samples in memory from any data source (``inhercc.data.open_samples``), one feed dict per sample
+    shape: a dict or an ``.npz`` is one part; a folder of shards, an iterable of feed dicts or a reader gives
+    its first ``CALIBRATION_LIMIT`` samples grouped by shape (length-bucketed text: one part per length).
+    Empty without data."""
     if data is None:
-        return None
+        return []
     if isinstance(data, (str, os.PathLike)) and not os.path.isdir(data):
-        return load_npz(data, model)
-    if not isinstance(data, Mapping):
-        from inhercc.data import open_samples
+        return [load_npz(data, model)]
+    if isinstance(data, Mapping):
+        from inhercc.data import check_feeds
 
-        samples = open_samples(data, model)
-        return calibration_parts(samples, np.arange(len(samples)))[0]
-    from inhercc.data import check_feeds
+        feeds = {k: np.asarray(v) for k, v in data.items()}
+        check_feeds(feeds, model)
+        return [feeds]
+    from inhercc.data import open_samples
 
-    feeds = {k: np.asarray(v) for k, v in data.items()}
-    check_feeds(feeds, model)
-    return feeds
+    samples = open_samples(data, model)
+    return calibration_parts(samples, np.arange(len(samples)))
+
+
+def as_feeds(data: Any, model: ModelProto) -> Feed | None:
+    """One feed dict from any data source: the largest part of :func:`as_parts` (None without data)."""
+    parts = as_parts(data, model)
+    return max(parts, key=part_size) if parts else None
 
 
 def calibration_parts(samples: Samples, indices: np.ndarray) -> list[Feed]:
@@ -284,7 +293,7 @@ def compress(
     exclude: str | Iterable[str] | None = None,
     min_params: int = DEFAULT_MIN_PARAMS,
     min_saving: float = DEFAULT_MIN_SAVING,
-    data: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
+    data: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | str | os.PathLike[str] | None = None,
     verify_data: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
     shapes: Mapping[str, list[int]] | None = None,
     grams: Mapping[str, np.ndarray] | None = None,
@@ -313,7 +322,7 @@ def compress(
     With ``epochs``, ``steps`` or a ``distill`` config the student is then fine-tuned from the teacher
     (:func:`inhercc.distill.distill`) on ``data`` — any source ``inhercc.data.open_samples`` takes; the
     calibration uses its training split only — and the report gains ``fidelity_before`` / ``fidelity``
-    (on the held-out validation split) and ``training``.
+    (on the held-out validation split) and ``training`` (and ``fidelity_verify_data`` on ``verify_data``).
 
     Calibration (``init='whitened'``, the default with data): Gram matrices of the layer inputs over the
     first ``calib_samples`` samples (:mod:`inhercc.calibrate`). ``allocation`` of a ratio: 'sensitivity'
@@ -342,13 +351,14 @@ def compress(
         train_idx, _ = split_indices(len(samples), config.val_split, config.seed)
         calibration = [] if samples.synthetic else calibration_parts(samples, train_idx)
         feeds = calibration[0] if calibration else None
-        held_out = None
+        held_out = as_feeds(verify_data, model)  # scored after training, besides the validation split
     else:
-        calibration = []
-        feeds = as_feeds(data, model)
+        calibration = as_parts(data, model)
         held_out = as_feeds(verify_data, model)
-        if feeds is not None and held_out is None:
-            feeds, held_out = split_holdout(feeds, verify_samples)
+        if calibration and held_out is None:  # held out of the largest part
+            i = max(range(len(calibration)), key=lambda j: part_size(calibration[j]))
+            calibration[i], held_out = split_holdout(calibration[i], verify_samples)
+        feeds = calibration[0] if calibration else None
     if shapes:
         resolve_shapes(input_specs(model), shapes)  # fail fast on bad --shape
     layers = find_layers(
@@ -364,18 +374,19 @@ def compress(
             f"{len(layers)} candidate(s), none compressible" if layers else "no MatMul/Gemm/Conv with a constant weight"
         )
         raise InherccError(f"no compressible layer in the model ({found})")
+    # every sample shape of the data (length buckets of text, say), not only the first
+    parts: list[Feed] = calibration or ([feeds] if feeds is not None else [])
     init = init or ("whitened" if feeds is not None else "svd")
     if init == "whitened" and grams is None:
         if feeds is None:
             raise InherccError("--init whitened needs calibration data (--data)")
-        from inhercc.calibrate import collect_grams, split_quota
+        from inhercc.calibrate import collect_grams
 
         say("calibrating (Gram matrices of the layer inputs)")
         t_calib = time.perf_counter()
         compressible = [la for la in layers if la.compressible]
-        grams = sum_grams(
-            collect_grams(model, compressible, part, samples=n, batch_size=calib_batch_size, progress=progress)
-            for part, n in split_quota(calibration or [feeds], calib_samples)
+        grams = collect_grams(
+            model, compressible, parts, samples=calib_samples, batch_size=calib_batch_size, progress=progress
         )
         timings["calibrate"] = round(time.perf_counter() - t_calib, 3)
     factorizer = Factorizer(init, split, grams, seed)
@@ -400,7 +411,7 @@ def compress(
         measured = measure_sensitivity(
             model,
             layers,
-            sensitivity_feeds(feeds, calib_samples),
+            sensitivity_feeds(parts, calib_samples),
             factorizer,
             spectra,
             ratio=DEFAULT_RATIO if ratio is None else ratio,
@@ -450,7 +461,7 @@ def compress(
             raise InherccError("--sequential needs calibration data (--data) and --init whitened")
         t_seq = time.perf_counter()
         factors = sequential_source(
-            model, layers, rank_plan, feeds, factorizer, calib_samples, calib_batch_size, progress, say
+            model, layers, rank_plan, parts, factorizer, calib_samples, calib_batch_size, progress, say
         )
         timings["sequential"] = round(time.perf_counter() - t_seq, 3)
         rank_plan.method["sequential"] = True
@@ -467,6 +478,8 @@ def compress(
         tuned = run_distill(student, model, samples, config=config, shapes=shapes)
         student = tuned.model
         report.update(tuned.report)
+        if held_out is not None and verify:
+            report["fidelity_verify_data"] = fidelity(model, student, verification_feeds(model, held_out, None, 0, 0))
     elif verify:
         say("verifying in ONNX Runtime")
         vfeeds = verification_feeds(model, held_out, shapes, verify_samples, seed)
@@ -485,7 +498,7 @@ def sequential_source(
     model: ModelProto,
     layers: list[Layer],
     plan: RankPlan,
-    feeds: Feed,
+    feeds: Sequence[Feed],
     factorizer: Factorizer,
     samples: int | None,
     batch_size: int,
@@ -612,8 +625,8 @@ def inspect_model(
 
     m = as_model(model)
     layers = find_layers(m, include=include, exclude=exclude, min_params=min_params, rank_multiple=rank_multiple)
-    feeds = as_feeds(data, m)
-    if feeds is not None and grams is None:
+    feeds = as_parts(data, m)
+    if feeds and grams is None:
         from inhercc.calibrate import collect_grams
 
         grams = collect_grams(

@@ -29,11 +29,13 @@ def provider_name(provider: str) -> str:
         raise InherccError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDER_ALIASES)}") from None
 
 
-def cuda_available() -> bool:
-    """True when onnxruntime offers the CUDA provider *and* a session can actually use it."""
+def provider_usable(provider: str) -> bool:
+    """True when onnxruntime offers ``provider`` (cpu/cuda/tensorrt or a full EP name) *and* a session
+    really runs on it: ONNX Runtime lists CUDA even when its libraries cannot be loaded."""
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    name = provider_name(provider)
+    if name not in ort.get_available_providers():
         return False
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
@@ -42,10 +44,15 @@ def cuda_available() -> bool:
         opset_imports=[onnx.helper.make_opsetid("", 13)],
     )
     try:
-        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CUDAExecutionProvider"])
+        sess = ort.InferenceSession(_clamp_ir_version(probe).SerializeToString(), providers=[name])
     except Exception:
         return False
-    return sess.get_providers()[0] == "CUDAExecutionProvider"
+    return sess.get_providers()[0] == name
+
+
+def cuda_available() -> bool:
+    """True when onnxruntime offers the CUDA provider *and* a session can actually use it."""
+    return provider_usable("cuda")
 
 
 def make_session(

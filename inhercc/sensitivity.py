@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
-from inhercc.calibrate import Progress, calibration_feeds, padding_trimmer
+from inhercc.calibrate import Parts, Progress, as_parts, calibration_feeds, padding_trimmer, part_size, split_quota
 from inhercc.data import Feed, iter_batches
 from inhercc.errors import InherccError
 from inhercc.layers import Layer
@@ -58,14 +58,19 @@ def weights_as_inputs(model: ModelProto, layers: Sequence[Layer]) -> ModelProto:
     return out
 
 
-def relative_output_error(teacher: Sequence[np.ndarray], student: Sequence[np.ndarray]) -> float:
-    """Mean over float outputs of ``‖s − t‖² / ‖t‖²`` (for L2-normalized embeddings ≈ 2·(1 − cosine))."""
+def relative_output_error(teacher: Sequence[Sequence[np.ndarray]], student: Sequence[Sequence[np.ndarray]]) -> float:
+    """Mean over float outputs of ``‖s − t‖² / ‖t‖²`` (for L2-normalized embeddings ≈ 2·(1 − cosine)), the
+    norms summed over the data's parts (``teacher[part][output]``)."""
     errs = []
-    for t, s in zip(teacher, student):
-        if not np.issubdtype(np.asarray(t).dtype, np.floating):
+    for j, t0 in enumerate(teacher[0]):
+        if not np.issubdtype(np.asarray(t0).dtype, np.floating):
             continue
-        t64, s64 = np.asarray(t, np.float64), np.asarray(s, np.float64)
-        errs.append(float(np.sum((s64 - t64) ** 2) / max(float(np.sum(t64**2)), 1e-30)))
+        num = den = 0.0
+        for t_part, s_part in zip(teacher, student):
+            t64, s64 = np.asarray(t_part[j], np.float64), np.asarray(s_part[j], np.float64)
+            num += float(np.sum((s64 - t64) ** 2))
+            den += float(np.sum(t64**2))
+        errs.append(num / max(den, 1e-30))
     return float(np.mean(errs)) if errs else 0.0
 
 
@@ -77,18 +82,25 @@ def _run(
     return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(parts[0]))]
 
 
-def sensitivity_feeds(feeds: Feed, calib_samples: int | None, samples: int = DEFAULT_SAMPLES) -> Feed:
-    """Samples for the measurement, held apart from the Gram samples when the data has enough (factors fit
-    on the very samples they are judged on look better than they are), else the first ones."""
-    n = len(next(iter(feeds.values())))
-    start = calib_samples if calib_samples is not None and n >= calib_samples + samples else 0
-    return {k: v[start : start + samples] for k, v in feeds.items()}
+def sensitivity_feeds(
+    feeds: Mapping[str, np.ndarray] | Parts, calib_samples: int | None, samples: int = DEFAULT_SAMPLES
+) -> list[Feed]:
+    """Samples for the measurement (``samples`` in all, from every part in proportion), held apart from the
+    Gram samples when the data has enough (factors fit on the very samples they are judged on look better
+    than they are), else the first ones."""
+    parts = [dict(p) for p in as_parts(feeds)]
+    total = sum(part_size(p) for p in parts)
+    used = {id(p): n or 0 for p, n in split_quota(parts, calib_samples)} if calib_samples is not None else {}
+    spare = calib_samples is not None and total >= calib_samples + samples
+    start = [used.get(id(p), 0) if spare else 0 for p in parts]
+    rest = [{k: v[s:] for k, v in p.items()} for p, s in zip(parts, start)]
+    return [{k: v[:n] for k, v in p.items()} for p, n in split_quota(rest, samples)]
 
 
 def measure_sensitivity(
     model: ModelProto,
     layers: Sequence[Layer],
-    feeds: Mapping[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray] | Parts,
     factors: FactorFn,
     spectra: Mapping[str, np.ndarray],
     *,
@@ -106,12 +118,12 @@ def measure_sensitivity(
         return {}
     if not probes or any(p <= 0 for p in probes):
         raise InherccError("sensitivity probes must be positive multiples of the uniform rank")
-    feed, cut = padding_trimmer(model, calibration_feeds(model, feeds, samples))
+    chunks = [padding_trimmer(model, calibration_feeds(model, p, n)) for p, n in split_quota(as_parts(feeds), samples)]
     open_model = weights_as_inputs(model, cands)
     sess = make_session(open_model)
     inits = {t.name: t for t in model.graph.initializer}
     teacher_weights = {la.weight_name: numpy_helper.to_array(inits[la.weight_name]) for la in cands}
-    reference = _run(sess, feed, teacher_weights, batch_size, cut)
+    reference = [_run(sess, feed, teacher_weights, batch_size, cut) for feed, cut in chunks]
     bar = Progress(len(cands) * len(probes), "sensitivity", progress)
     result: dict[str, dict[str, object]] = {}
     try:
@@ -123,7 +135,8 @@ def measure_sensitivity(
             for r in ranks:
                 a, b = factors(layer, r * layer.groups)
                 approx = stored_weight(layer, np.matmul(b, a))
-                out = _run(sess, feed, {**teacher_weights, layer.weight_name: approx}, batch_size, cut)
+                weights = {**teacher_weights, layer.weight_name: approx}
+                out = [_run(sess, feed, weights, batch_size, cut) for feed, cut in chunks]
                 errors.append(relative_output_error(reference, out))
                 bar.step()
             t = np.array([tail[r] for r in ranks])

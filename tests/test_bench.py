@@ -23,7 +23,7 @@ from inhercc.cli import cli
 from inhercc.errors import InherccError
 from inhercc.model import float_param_count
 from inhercc.pipeline import compress
-from inhercc.runtime import cuda_available
+from inhercc.runtime import cuda_available, provider_usable
 from tests.helpers import mlp
 
 needs_no_cuda = pytest.mark.skipif(cuda_available(), reason="needs an install where CUDA cannot run")
@@ -56,6 +56,15 @@ def test_cuda_on_a_cpu_only_install_is_an_error_not_cpu_numbers(models) -> None:
     assert r.exit_code != 0
     assert "error: requested CUDAExecutionProvider" in r.output and "refusing" in r.output
     assert "Traceback" not in r.output and "p50" not in r.output
+
+
+def test_the_provider_probe_really_runs_a_session() -> None:
+    # the probe model is built with the installed onnx, which may stamp an IR version ONNX Runtime does not
+    # know yet: the CPU provider is always usable, so a False here means the probe itself is broken
+    assert provider_usable("cpu") is True
+    assert provider_usable("CPUExecutionProvider") is True
+    with pytest.raises(InherccError, match="unknown provider"):
+        provider_usable("tpu")
 
 
 @needs_cuda

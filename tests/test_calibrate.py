@@ -14,14 +14,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from inhercc import linalg
 from inhercc.calibrate import _taps as calibration_taps
-from inhercc.calibrate import collect_grams, conv_patches, stages
+from inhercc.calibrate import collect_grams, conv_patches, sequential_factors, split_quota, stages
 from inhercc.cli import cli
 from inhercc.errors import InherccError
 from inhercc.layers import find_layers
 from inhercc.model import float_param_count, prepare_model
-from inhercc.pipeline import Factorizer, compress, inspect_model
+from inhercc.pipeline import Factorizer, compress, inspect_model, rewrite
+from inhercc.plan import RankPlan
 from inhercc.runtime import make_session
-from inhercc.sensitivity import measure_sensitivity, sensitivity_weights
+from inhercc.sensitivity import measure_sensitivity, relative_output_error, sensitivity_feeds, sensitivity_weights
 from inhercc.verify import fidelity
 from tests.helpers import make_model, mlp
 
@@ -101,6 +102,95 @@ def test_padding_positions_are_excluded_exactly(seq: int | str) -> None:
     full = collect_grams(model, layers, {"x": x, "attention_mask": np.ones_like(mask)})["proj"]
     padded = sum(np.outer(x64[b, t], x64[b, t]) for b, t in zip(*np.nonzero(mask == 0)))
     np.testing.assert_allclose(full - gram, padded, rtol=1e-12)  # exactly the padded rows' outer products
+
+
+# --- data in several parts (length-bucketed text, images of several sizes) -----------------------------------
+
+
+def test_a_sample_count_is_drawn_from_every_part_in_proportion() -> None:
+    parts = [{"x": np.zeros((n, 2))} for n in (60, 30, 10)]
+    assert [n for _, n in split_quota(parts, 10)] == [6, 3, 1]
+    assert [n for _, n in split_quota(parts, 7)] == [4, 2, 1]  # largest remainders: 4.2, 2.1, 0.7
+    assert [n for _, n in split_quota(parts, 1000)] == [60, 30, 10]
+    assert [n for _, n in split_quota(parts, None)] == [None, None, None]
+    assert [n for _, n in split_quota(parts, 1)] == [1]  # parts given nothing are dropped
+
+
+def test_grams_sum_over_parts_of_different_sequence_lengths() -> None:
+    rng = np.random.default_rng(11)
+    model = prepare_model(masked_model("seq"))
+    layers = layers_of(model)
+    short = {"x": rng.standard_normal((6, 3, 4)).astype(np.float32), "attention_mask": np.ones((6, 3), np.int64)}
+    long = {"x": rng.standard_normal((4, 7, 4)).astype(np.float32), "attention_mask": np.ones((4, 7), np.int64)}
+    both = collect_grams(model, layers, [short, long], batch_size=4)["proj"]
+    expected = sum(p["x"].reshape(-1, 4).astype(np.float64).T @ p["x"].reshape(-1, 4) for p in (short, long))
+    np.testing.assert_allclose(both, expected, rtol=1e-10)
+    # 5 samples: 3 from the 6 short ones, 2 from the 4 long ones — not the first part alone
+    five = collect_grams(model, layers, [short, long], samples=5)["proj"]
+    head = sum(
+        p["x"][:n].reshape(-1, 4).astype(np.float64).T @ p["x"][:n].reshape(-1, 4) for p, n in ((short, 3), (long, 2))
+    )
+    np.testing.assert_allclose(five, head, rtol=1e-10)
+
+
+def test_compress_calibrates_on_every_length_bucket(tmp_path) -> None:
+    """Data in two sequence lengths (an iterable of feed dicts, or a folder of shards) calibrates exactly like
+    the same samples padded to one length: the padding is masked out, and no bucket is left out."""
+    rng = np.random.default_rng(13)
+    model = masked_model("seq")
+    short = {"x": rng.standard_normal((6, 3, 4)).astype(np.float32), "attention_mask": np.ones((6, 3), np.int64)}
+    long = {"x": rng.standard_normal((4, 7, 4)).astype(np.float32), "attention_mask": np.ones((4, 7), np.int64)}
+    padded = {
+        "x": np.concatenate([np.pad(short["x"], ((0, 0), (0, 4), (0, 0)), constant_values=9.0), long["x"]]),
+        "attention_mask": np.concatenate([np.pad(short["attention_mask"], ((0, 0), (0, 4))), long["attention_mask"]]),
+    }
+    for p, name in ((short, "a"), (long, "b")):
+        np.savez(tmp_path / f"{name}.npz", **p)
+    kwargs = {"rank": 1, "rank_multiple": 1, "min_params": 0, "calib_samples": None, "verify": False}
+    held = {k: v[:2] for k, v in long.items()}
+    ref = compress(model, data=padded, verify_data=held, **kwargs).model
+    for data in ([short, long], tmp_path):
+        got = compress(model, data=data, verify_data=held, **kwargs).model
+        w = {i.name: numpy_helper.to_array(i) for i in got.graph.initializer}
+        w_ref = {i.name: numpy_helper.to_array(i) for i in ref.graph.initializer}
+        np.testing.assert_allclose(
+            w["w.inherit_in"] @ w["w.inherit_out"], w_ref["w.inherit_in"] @ w_ref["w.inherit_out"], rtol=1e-5
+        )
+
+
+def test_sequential_and_sensitivity_use_every_part() -> None:
+    """The same samples given as one feed or as two parts give the same sequential factors and the same
+    measured sensitivity: nothing is calibrated on the first part only."""
+    rng = np.random.default_rng(12)
+    model = prepare_model(deep_mlp(rng, width=24, depth=3))
+    layers = layers_of(model)
+    x = correlated(rng, 90, 24, decay=0.9)
+    one, two = {"x": x}, [{"x": x[:50]}, {"x": x[50:]}]
+    ranks = {la.name: 6 for la in layers}
+
+    def build(done):
+        return rewrite(model, RankPlan({n: ranks[n] for n in done}), layers, lambda la, _r: done[la.name])
+
+    from_one = sequential_factors(model, layers, ranks, one, build)
+    from_two = sequential_factors(model, layers, ranks, two, build)
+    assert set(from_one) == set(from_two) == set(ranks)
+    for name, (a, b) in from_one.items():
+        a2, b2 = from_two[name]
+        np.testing.assert_allclose(b2 @ a2, b @ a, rtol=1e-6, atol=1e-7)
+    factorizer = Factorizer("whitened", grams=collect_grams(model, layers, one))
+    spectra = factorizer.spectra(layers)
+    m1 = measure_sensitivity(model, layers, one, factorizer, spectra, samples=90)
+    m2 = measure_sensitivity(model, layers, two, factorizer, spectra, samples=90)
+    for name in m1:
+        np.testing.assert_allclose(m2[name]["errors"], m1[name]["errors"], rtol=1e-6)
+    # the error of several parts is the pooled one, not a mean of per-part ratios
+    t = [[np.ones((2, 3))], [3 * np.ones((1, 3))]]
+    s = [[np.zeros((2, 3))], [3 * np.ones((1, 3))]]
+    assert relative_output_error(t, s) == pytest.approx(6 / (6 + 27))
+    # measurement samples come after the Gram samples of each part when there are enough
+    held = sensitivity_feeds(two, calib_samples=60, samples=20)
+    assert [len(p["x"]) for p in held] == [11, 9]
+    np.testing.assert_array_equal(held[0]["x"], x[33:44])  # part 0 gave 33 of the 60 Gram samples
 
 
 # --- Conv Grams against an explicit unfold -----------------------------------------------------------------

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from inhercc import compress
-from inhercc.cli import cli
+from inhercc.cli import cli, summary_table
 from inhercc.data import LABELS_KEY, open_samples, split_indices
 from inhercc.distill import (
     DistillConfig,
@@ -180,6 +180,38 @@ def test_distillation_lowers_the_loss_and_raises_held_out_fidelity(case, monkeyp
     assert changed(case.student, result.model) == set(factor_names(inits(case.student)))
 
 
+def test_bf16_autocast_trains_and_validates_in_float32(case, monkeypatch) -> None:
+    """--precision bf16: the training forward runs bfloat16 matrix products, the losses and the kept weights
+    stay float32 and the validation scores the float32 student (what ONNX Runtime runs)."""
+    seen: list[torch.dtype] = []
+    original = torch.matmul
+
+    def spy(a, b, *args, **kwargs):
+        out = original(a, b, *args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    fp32 = distill(case.student, case.teacher, case.dir / "train.npz", epochs=2, **FAST)
+    seen_fp32, seen[:] = list(seen), []
+    bf16 = distill(case.student, case.teacher, case.dir / "train.npz", epochs=2, precision="bf16", **FAST)
+    assert torch.bfloat16 in seen and torch.bfloat16 not in seen_fp32
+    assert bf16.report["training"]["precision"] == "bf16"
+    hist = bf16.report["training"]["history"]
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"]
+    before, after = bf16.report["fidelity_before"]["logits"], bf16.report["fidelity"]["logits"]
+    assert after["cosine"] > before["cosine"] + 0.02
+    # close to the float32 run, and the saved factors are float32
+    assert after["cosine"] == pytest.approx(fp32.report["fidelity"]["logits"]["cosine"], abs=0.02)
+    assert all(v.dtype == np.float32 for k, v in inits(bf16.model).items() if k in factor_names(inits(bf16.model)))
+    # validation in float32: the report's fidelity is the ONNX student's on the validation split
+    _, val_idx = split_indices(len(case.x), 0.1, 0)
+    direct = fidelity(case.teacher, bf16.model, {"x": case.x[val_idx]})
+    assert direct["logits"]["cosine"] == pytest.approx(after["cosine"], abs=1e-6)
+    with pytest.raises(InherccError, match="unknown --precision"):
+        distill(case.student, case.teacher, case.dir / "train.npz", steps=1, precision="fp8", **FAST)
+
+
 def test_labels_change_the_objective(case) -> None:
     with_labels = distill(case.student, case.teacher, case.dir / "train.npz", steps=4, **FAST)
     without = distill(case.student, case.teacher, case.dir / "nolabels.npz", steps=4, **FAST)
@@ -317,6 +349,13 @@ def test_compress_then_distil_in_one_go(case) -> None:
     assert rep["training"]["epochs"] == 2
     assert rep["fidelity"]["logits"]["cosine"] > rep["fidelity_before"]["logits"]["cosine"] + 0.01
     assert factor_names(inits(result.model))
+    assert "fidelity_verify_data" not in rep
+    # --verify-data is scored after training too (the validation split stays the model-selection set)
+    held = {"x": case.x[-100:]}
+    verified = compress(case.teacher, rank=8, data=case.dir / "train.npz", verify_data=held, epochs=1, distill=cfg)
+    expected = fidelity(case.teacher, verified.model, held)["logits"]
+    assert verified.report["fidelity_verify_data"]["logits"] == pytest.approx(expected)
+    assert "on --verify-data after distillation: cosine" in summary_table(verified.report)
 
 
 def test_data_sources_and_synthetic_fallback(case) -> None:
@@ -478,6 +517,7 @@ def test_cli_bad_data_is_one_line_error(case, tmp_path, make, message) -> None:
         (("--epochs", "1", "--val-split", "1.5"), "--val-split"),
         (("--epochs", "0"), "--epochs must be positive"),
         (("--epochs", "1", "--device", "tpu"), "unknown --device"),
+        (("--epochs", "1", "--precision", "fp8"), "--precision"),
     ],
 )
 def test_cli_bad_options_are_one_line_errors(case, tmp_path, extra, message) -> None:
