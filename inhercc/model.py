@@ -19,6 +19,10 @@ TWO_GB = 2**31
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
 
+# metadata key marking value_info that prepare_model inferred (the model as given had none)
+INFERRED_SHAPES_KEY = "inhercc.inferred_value_info"
+
+
 def load_model(path: str | os.PathLike[str], *, infer_shapes: bool = True) -> ModelProto:
     """Read an ONNX file (with its external data), upgrade opset < 13, name unnamed nodes, move weight
     ``Constant`` nodes into initializers and run shape inference. The file itself is never modified."""
@@ -48,8 +52,26 @@ def prepare_model(model: ModelProto, *, infer_shapes: bool = True, source: str =
     name_nodes(out)
     constants_to_initializers(out)
     if infer_shapes:
+        inferred_only = not out.graph.value_info
         out = infer_model_shapes(out)
+        if inferred_only and out.graph.value_info:
+            out.metadata_props.add(key=INFERRED_SHAPES_KEY, value="1")
     return out
+
+
+def shapes_were_inferred(model: ModelProto) -> bool:
+    """Whether every ``value_info`` of ``model`` is ours (added by :func:`prepare_model`), not the author's."""
+    return any(p.key == INFERRED_SHAPES_KEY for p in model.metadata_props)
+
+
+def drop_inferred_shapes(model: ModelProto) -> None:
+    """Remove the shapes :func:`prepare_model` inferred (and their marker), in place: files are written the
+    way they came (inferred shapes change which fusions ONNX Runtime applies)."""
+    if shapes_were_inferred(model):
+        del model.graph.value_info[:]
+    keep = [p for p in model.metadata_props if p.key != INFERRED_SHAPES_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
 
 
 def opset_of(model: ModelProto) -> int:
@@ -258,6 +280,7 @@ def save_model(model: ModelProto, path: str | os.PathLike[str], *, external_data
         data_name = path.name + ".data"
         to_save = ModelProto()
         to_save.CopyFrom(model)
+        drop_inferred_shapes(to_save)
         if external_data:
             onnx.save_model(
                 to_save,

@@ -120,6 +120,29 @@ def test_pipeline_hook_reports_the_reason_and_keeps_the_budget() -> None:
     )
 
 
+def test_replanning_keeps_the_measured_sensitivity(monkeypatch) -> None:
+    """With data, the ratio is allocated by measured sensitivity; when a layer is kept dense for speed, the
+    budget is re-planned with the same per-layer weights (not the bare spectra)."""
+    import inhercc.latency as latency
+
+    seen: dict[str, object] = {}
+    original = latency.latency_aware_plan
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(latency, "latency_aware_plan", spy)
+    model = three_layer_mlp()
+    data = {"x": np.random.default_rng(0).standard_normal((64, 4, 64)).astype(np.float32)}
+    result = compress(
+        model, ratio=0.5, data=data, verify=False, latency_aware=True, latency_timer=FakeTimer({"fc1"}), shapes=SHAPES
+    )
+    assert result.plan.method["allocation"] == "sensitivity"
+    weights = seen["layer_weights"]
+    assert isinstance(weights, dict) and set(weights) == {"fc1", "fc2", "fc3"}
+
+
 def test_the_saved_plan_keeps_the_reason(tmp_path) -> None:
     model = three_layer_mlp()
     result = compress(model, rank=16, shapes=SHAPES, verify=False, latency_aware=True, latency_timer=FakeTimer({"fc3"}))

@@ -119,3 +119,29 @@ def test_truncated_protobuf(tmp_path) -> None:
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(InherccError, match="truncated"):
         load_model(p)
+
+
+def test_inferred_shapes_never_reach_a_written_file(tmp_path) -> None:
+    """Shapes inhercc infers (to find layers and count FLOPs) are not the author's: a teacher saved without
+    value_info gives a student without it — from a path or from a load_model()ed ModelProto — and a plain
+    load → save round trip writes no value_info and no marker. A teacher that ships value_info keeps it."""
+    rng = np.random.default_rng(3)
+    bare = tmp_path / "bare.onnx"
+    onnx.save(mlp(rng), str(bare))
+    assert not onnx.load(str(bare)).graph.value_info
+    loaded = load_model(bare)
+    assert loaded.graph.value_info  # inferred for the passes
+    for teacher in (str(bare), loaded):
+        student = compress(teacher, ratio=0.5, verify=False).model
+        assert not student.graph.value_info and not student.metadata_props
+    save_model(loaded, tmp_path / "roundtrip.onnx")
+    again = onnx.load(str(tmp_path / "roundtrip.onnx"))
+    assert not again.graph.value_info and not again.metadata_props
+    # the author's own shapes stay
+    shaped = onnx.shape_inference.infer_shapes(mlp(rng))
+    assert shaped.graph.value_info
+    onnx.save(shaped, str(tmp_path / "shaped.onnx"))
+    student = compress(load_model(tmp_path / "shaped.onnx"), ratio=0.5, verify=False).model
+    assert student.graph.value_info and not student.metadata_props
+    save_model(student, tmp_path / "student.onnx")
+    assert onnx.load(str(tmp_path / "student.onnx")).graph.value_info
