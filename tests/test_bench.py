@@ -386,3 +386,23 @@ def test_fp16_copy_halves_the_weights_and_keeps_float32_io(models) -> None:
     assert {t.data_type for t in half.graph.initializer} == {onnx.TensorProto.FLOAT16}
     assert half.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert half.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_op_profile_splits_kernel_time_by_op_type(models, tmp_path) -> None:
+    from benchmarks.profile_ops import profile, summary, table
+
+    feeds = {"x": np.random.default_rng(0).standard_normal((16, 128)).astype(np.float32)}
+    t = profile(models[0], feeds, threads=1, runs=3, work=tmp_path)
+    s = profile(models[1], feeds, threads=1, runs=3, work=tmp_path)
+    assert set(t["by_op"]) >= {"MatMul"} and t["kernel_ms"] == pytest.approx(sum(t["by_op"].values()))
+    assert t["kernel_ms"] > 0 and t["wall_ms"] > 0
+    result = {
+        "models": {"teacher": t, "student": s},
+        "kernel_ratio": s["kernel_ms"] / t["kernel_ms"],
+        "matmul_ratio": s["by_op"]["MatMul"] / t["by_op"]["MatMul"],
+        "other_share": 0.25,
+        "half_matmul_bound": 0.625,
+    }
+    headers, rows = table(result)
+    assert rows[-2][0] == "all kernels" and rows[0][0] == max(t["by_op"], key=t["by_op"].get)
+    assert "0.625 of the teacher" in summary(result)
