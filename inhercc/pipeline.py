@@ -104,12 +104,6 @@ def as_parts(data: Any, model: ModelProto) -> list[Feed]:
     return calibration_parts(samples, np.arange(len(samples)))
 
 
-def as_feeds(data: Any, model: ModelProto) -> Feed | None:
-    """One feed dict from any data source: the largest part of :func:`as_parts` (None without data)."""
-    parts = as_parts(data, model)
-    return max(parts, key=part_size) if parts else None
-
-
 def calibration_parts(samples: Samples, indices: np.ndarray) -> list[Feed]:
     """The first ``CALIBRATION_LIMIT`` of the given samples, one feed dict per sample shape (shards of a
     folder may differ in, say, sequence length)."""
@@ -271,14 +265,15 @@ def split_holdout(feeds: Feed, samples: int) -> tuple[Feed, Feed]:
 
 
 def verification_feeds(
-    model: ModelProto, feeds: Feed | None, shapes: Mapping[str, list[int]] | None, samples: int, seed: int
-) -> Feed:
-    """Real samples when given (model inputs only), else one synthetic batch of ``samples``."""
-    if feeds is not None:
+    model: ModelProto, parts: Sequence[Feed], shapes: Mapping[str, list[int]] | None, samples: int, seed: int
+) -> list[Feed]:
+    """Real samples when given (model inputs only, one feed per sample shape), else one synthetic batch of
+    ``samples``."""
+    if parts:
         names = {s.name for s in input_specs(model)}
-        return {k: v for k, v in feeds.items() if k in names}
+        return [{k: v for k, v in feeds.items() if k in names} for feeds in parts]
     warn_synthetic("verification")
-    return synthetic_feeds(model, shapes, batch=samples, seed=seed)
+    return [synthetic_feeds(model, shapes, batch=samples, seed=seed)]
 
 
 def compress(
@@ -353,13 +348,14 @@ def compress(
         train_idx, _ = split_indices(len(samples), config.val_split, config.seed)
         calibration = [] if samples.synthetic else calibration_parts(samples, train_idx)
         feeds = calibration[0] if calibration else None
-        held_out = as_feeds(verify_data, model)  # scored after training, besides the validation split
+        held_out = as_parts(verify_data, model)  # scored after training, besides the validation split
     else:
         calibration = as_parts(data, model)
-        held_out = as_feeds(verify_data, model)
-        if calibration and held_out is None:  # held out of the largest part
+        held_out = as_parts(verify_data, model)
+        if calibration and not held_out:  # held out of the largest part
             i = max(range(len(calibration)), key=lambda j: part_size(calibration[j]))
-            calibration[i], held_out = split_holdout(calibration[i], verify_samples)
+            calibration[i], held = split_holdout(calibration[i], verify_samples)
+            held_out = [held]
         feeds = calibration[0] if calibration else None
     if shapes:
         resolve_shapes(input_specs(model), shapes)  # fail fast on bad --shape
@@ -472,7 +468,8 @@ def compress(
     student = rewrite(model, rank_plan, layers, factors)
     factorizer.release()
     t_rewrite = time.perf_counter() - t0
-    report = build_report(model, student, layers, rank_plan, shapes or sample_shapes(held_out, model))
+    largest = max(held_out, key=part_size) if held_out else None
+    report = build_report(model, student, layers, rank_plan, shapes or sample_shapes(largest, model))
     report["init"] = init
     if training:
         from inhercc.distill import distill as run_distill
@@ -481,13 +478,13 @@ def compress(
         tuned = run_distill(student, model, samples, config=config, shapes=shapes)
         student = tuned.model
         report.update(tuned.report)
-        if held_out is not None and verify:
+        if held_out and verify:
             report["fidelity_verify_data"] = fidelity(model, student, verification_feeds(model, held_out, None, 0, 0))
     elif verify:
         say("verifying in ONNX Runtime")
         vfeeds = verification_feeds(model, held_out, shapes, verify_samples, seed)
         report["fidelity"] = fidelity(model, student, vfeeds)
-        report["fidelity_inputs"] = "data" if held_out is not None else "synthetic"
+        report["fidelity_inputs"] = "data" if held_out else "synthetic"
     report["time_s"] = {**timings, "rewrite": round(t_rewrite, 3), "total": round(time.perf_counter() - t0, 3)}
     if not teacher_value_info:
         # Inferred shapes are ours, not the teacher's: with them ONNX Runtime's CPU provider fused
