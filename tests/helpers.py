@@ -62,3 +62,25 @@ def mlp(rng: np.random.Generator, dims: Sequence[int] = (64, 96, 48)) -> onnx.Mo
         helper.make_node("Add", ["m", "fc2.bias"], ["y"], name="fc2_bias"),
     ]
     return make_model(nodes, {"x": ["batch", dims[0]]}, ["y"], {"fc1.weight": w1, "fc2.weight": w2, "fc2.bias": b2})
+
+
+def masked_model(seq: int | str) -> onnx.ModelProto:
+    """x [batch, seq, 4] → MatMul(W 4×3); an int64 attention_mask [batch, seq] used by a second output."""
+    w = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="proj"),
+        helper.make_node("Cast", ["attention_mask"], ["m"], name="cast", to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "masked",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, 4]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", seq]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("m", 1, None)],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

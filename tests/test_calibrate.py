@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from inhercc import linalg
 from inhercc.calibrate import _taps as calibration_taps
@@ -24,7 +24,7 @@ from inhercc.plan import RankPlan
 from inhercc.runtime import make_session
 from inhercc.sensitivity import measure_sensitivity, relative_output_error, sensitivity_feeds, sensitivity_weights
 from inhercc.verify import fidelity
-from tests.helpers import make_model, mlp
+from tests.helpers import make_model, masked_model, mlp
 
 
 def correlated(rng: np.random.Generator, n: int, k: int, decay: float = 0.93) -> np.ndarray:
@@ -62,28 +62,6 @@ def test_matmul_grams_equal_xtx_whatever_the_batching() -> None:
         np.testing.assert_allclose(split[name], collect_grams(model, layers, {"x": x})[name], rtol=1e-12)
     with pytest.raises(InherccError, match="calib-samples"):
         collect_grams(model, layers, {"x": x}, samples=0)
-
-
-def masked_model(seq: int | str) -> onnx.ModelProto:
-    """x [batch, seq, 4] → MatMul(W 4×3); an int64 attention_mask [batch, seq] used by a second output."""
-    w = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
-    nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["y"], name="proj"),
-        helper.make_node("Cast", ["attention_mask"], ["m"], name="cast", to=TensorProto.FLOAT),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "masked",
-        [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, 4]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", seq]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("m", 1, None)],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 @pytest.mark.parametrize("seq", ["seq", 5])  # dynamic (padding trimmed as well) and fixed sequence length

@@ -8,7 +8,7 @@ from onnx import numpy_helper
 
 from inhercc.pipeline import compress
 from inhercc.verify import compare_output_parts, compare_outputs, fidelity, output_fidelity, pooled_fidelity
-from tests.test_calibrate import masked_model
+from tests.helpers import masked_model
 
 
 def test_known_values() -> None:
