@@ -55,6 +55,7 @@ _RESUME_KEYS = (
     "rebalance",
     "precision",
 )
+_RESUME_DEFAULTS = {"precision": "fp32"}
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -420,6 +421,7 @@ def _load_checkpoint(path: Path, cfg: DistillConfig, trainable: Mapping[str, tor
         raise InherccError(f"{path} is not an inhercc distillation checkpoint")
     theirs = ckpt["config"]
     ours = _resume_config(cfg)
+    theirs = {**_RESUME_DEFAULTS, **theirs}  # checkpoints written before a setting existed used its default
     diff = [k for k in _RESUME_KEYS if theirs.get(k) != ours.get(k)]
     if diff:
         detail = ", ".join(f"{k} {theirs.get(k)!r} → {ours.get(k)!r}" for k in diff)

@@ -322,6 +322,15 @@ def test_resume_continues_the_same_run(case, tmp_path) -> None:
             resume=True,
             lr=1e-2,
         )
+    # a checkpoint written before --precision existed resumes as fp32, and only as fp32
+    ckpt_path = tmp_path / "b" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    del ckpt["config"]["precision"]
+    torch.save(ckpt, ckpt_path)
+    resumable = {"config": cfg, "checkpoint": str(tmp_path / "b"), "resume": True}
+    assert distill(case.student, case.teacher, case.dir / "train.npz", **resumable).report["training"]["steps"] == 20
+    with pytest.raises(InherccError, match="precision 'fp32' → 'bf16'"):
+        distill(case.student, case.teacher, case.dir / "train.npz", precision="bf16", **resumable)
 
 
 def test_early_stop_and_best_weights(case) -> None:
