@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from inhercc.data import Feed, cast_feeds, input_specs, iter_batches
+from inhercc.data import Feed, cast_feeds, input_specs, iter_batches, sample_count
 from inhercc.errors import InherccError
 from inhercc.layers import Layer
 from inhercc.runtime import make_session
@@ -230,10 +230,8 @@ def padding_trimmer(model: ModelProto, feed: Feed) -> tuple[Feed, Callable[[Feed
 
 def calibration_feeds(model: ModelProto, feeds: Mapping[str, np.ndarray], samples: int | None) -> Feed:
     """The model inputs of the first ``samples`` samples (all when None), cast to the declared dtypes."""
-    if samples is not None and samples <= 0:
-        raise InherccError(f"--calib-samples must be positive, got {samples}")
     cast = cast_feeds(feeds, model)
-    n = len(next(iter(cast.values())))
+    n = sample_count(cast)
     take = n if samples is None else min(n, samples)
     return {k: v[:take] for k, v in cast.items()}
 
@@ -241,7 +239,7 @@ def calibration_feeds(model: ModelProto, feeds: Mapping[str, np.ndarray], sample
 Parts = Sequence[Mapping[str, np.ndarray]]  # calibration data: one feed per sample shape
 
 
-def as_parts(feeds: Mapping[str, np.ndarray] | Parts) -> list[Mapping[str, np.ndarray]]:
+def feed_parts(feeds: Mapping[str, np.ndarray] | Parts) -> list[Mapping[str, np.ndarray]]:
     """One feed dict, or several (length-bucketed text, images of several sizes), as a list of feeds."""
     if isinstance(feeds, Mapping):
         return [feeds]
@@ -251,8 +249,16 @@ def as_parts(feeds: Mapping[str, np.ndarray] | Parts) -> list[Mapping[str, np.nd
     return parts
 
 
-def part_size(part: Mapping[str, np.ndarray]) -> int:
-    return len(next(iter(part.values())))
+def quotas(sizes: Sequence[int], samples: int | None) -> list[int]:
+    """``samples`` (None: all) spread over parts of ``sizes`` in proportion (largest remainders)."""
+    if samples is None or samples >= sum(sizes):
+        return [int(n) for n in sizes]
+    size = np.asarray(sizes, dtype=np.int64)
+    exact = size * samples / int(size.sum())
+    take = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - take), kind="stable")[: samples - int(take.sum())]:
+        take[i] += 1
+    return [int(n) for n in take]
 
 
 def split_quota(parts: Sequence[Feed], samples: int | None) -> list[tuple[Feed, int | None]]:
@@ -261,15 +267,20 @@ def split_quota(parts: Sequence[Feed], samples: int | None) -> list[tuple[Feed, 
     from the first ones; feeds left with nothing are dropped."""
     if samples is None:
         return [(part, None) for part in parts]
-    sizes = np.array([part_size(p) for p in parts], dtype=np.int64)
-    total = int(sizes.sum())
-    if samples >= total:
-        return [(part, int(n)) for part, n in zip(parts, sizes) if n > 0]
-    exact = sizes * samples / total
-    take = np.floor(exact).astype(np.int64)
-    for i in np.argsort(-(exact - take), kind="stable")[: samples - int(take.sum())]:
-        take[i] += 1
-    return [(part, int(n)) for part, n in zip(parts, take) if n > 0]
+    take = quotas([sample_count(p) for p in parts], samples)
+    return [(part, n) for part, n in zip(parts, take) if n > 0]
+
+
+def trimmed_parts(
+    model: ModelProto, feeds: Mapping[str, np.ndarray] | Parts, samples: int | None
+) -> list[tuple[Feed, Callable[[Feed], Feed]]]:
+    """``samples`` samples (all when None) of one feed or several parts, drawn in proportion, each part as
+    model inputs sorted by length with its padding cutter (:func:`padding_trimmer`)."""
+    if samples is not None and samples <= 0:
+        raise InherccError(f"--calib-samples must be positive, got {samples}")
+    return [
+        padding_trimmer(model, calibration_feeds(model, part, n)) for part, n in split_quota(feed_parts(feeds), samples)
+    ]
 
 
 def _taps(model: ModelProto, layers: Sequence[Layer]) -> list[_Tap]:
@@ -353,15 +364,10 @@ class _Runner:
     ):
         if batch_size <= 0:
             raise InherccError(f"calibration batch size must be positive, got {batch_size}")
-        if samples is not None and samples <= 0:
-            raise InherccError(f"--calib-samples must be positive, got {samples}")
         self.model, self.batch_size = model, batch_size
-        self.parts = [
-            padding_trimmer(model, calibration_feeds(model, part, n))
-            for part, n in split_quota(as_parts(feeds), samples)
-        ]
+        self.parts = trimmed_parts(model, feeds, samples)
         self.mask_name = mask_input(model)
-        sizes = [part_size(feed) for feed, _ in self.parts]
+        sizes = [sample_count(feed) for feed, _ in self.parts]
         self.samples = sum(sizes)
         self.batches = sum(math.ceil(n / batch_size) for n in sizes)
 
@@ -379,7 +385,7 @@ class _Runner:
         out: dict[str, int] = {}
         for feed, cut in self.parts:
             values = sess.run(names, cut({k: v[-1:] for k, v in feed.items()}))
-            rows = min(self.batch_size, part_size(feed))
+            rows = min(self.batch_size, sample_count(feed))
             for name, v in zip(names, values):
                 out[name] = max(out.get(name, 0), int(v.nbytes) * rows)
         return out

@@ -216,9 +216,14 @@ def cast_feeds(feeds: Mapping[str, np.ndarray], model: ModelProto) -> Feed:
     return {s.name: np.asarray(feeds[s.name]).astype(s.dtype, copy=False) for s in input_specs(model)}
 
 
+def sample_count(feeds: Mapping[str, np.ndarray]) -> int:
+    """Samples in a feed dict (the first axis of its arrays)."""
+    return len(next(iter(feeds.values())))
+
+
 def iter_batches(feeds: Mapping[str, np.ndarray], batch_size: int) -> Iterator[Feed]:
     """Consecutive slices of ``batch_size`` samples (the last may be smaller)."""
-    n = len(next(iter(feeds.values())))
+    n = sample_count(feeds)
     for i in range(0, n, batch_size):
         yield {k: v[i : i + batch_size] for k, v in feeds.items()}
 
@@ -247,7 +252,7 @@ def feed_signature(feeds: Mapping[str, np.ndarray]) -> Signature:
 
 
 def _in_memory(feeds: Feed, source: str) -> Shard:
-    return Shard(len(next(iter(feeds.values()))), feed_signature(feeds), lambda: feeds, source)
+    return Shard(sample_count(feeds), feed_signature(feeds), lambda: feeds, source)
 
 
 class Samples:
@@ -410,7 +415,7 @@ def _npz_shard(path: Path, model: ModelProto) -> Shard:
     def load() -> Feed:
         return _model_arrays(load_npz(path), model)
 
-    return Shard(len(next(iter(head.values()))), feed_signature(head), load, str(path))
+    return Shard(sample_count(head), feed_signature(head), load, str(path))
 
 
 def _npy_shard(files: list[Path], model: ModelProto, source: str) -> Shard:
@@ -423,7 +428,7 @@ def _npy_shard(files: list[Path], model: ModelProto, source: str) -> Shard:
             raise InherccError(f"cannot read {f} as .npy: {one_line(e)}") from e
     arrays = _model_arrays(arrays, model)
     check_feeds(arrays, model, source, check_finite=False)
-    return Shard(len(next(iter(arrays.values()))), feed_signature(arrays), lambda: arrays, source)
+    return Shard(sample_count(arrays), feed_signature(arrays), lambda: arrays, source)
 
 
 def _folder_shards(folder: Path, model: ModelProto) -> list[Shard]:

@@ -15,14 +15,15 @@ from onnx import ModelProto
 from inhercc import linalg
 from inhercc.calibrate import DEFAULT_BATCH_SIZE as DEFAULT_CALIB_BATCH_SIZE
 from inhercc.calibrate import DEFAULT_SAMPLES as DEFAULT_CALIB_SAMPLES
-from inhercc.calibrate import part_size
 from inhercc.data import (
     Feed,
     Samples,
+    check_feeds,
     input_specs,
     load_npz,
     open_samples,
     resolve_shapes,
+    sample_count,
     split_indices,
     synthetic_feeds,
     warn_synthetic,
@@ -93,13 +94,9 @@ def as_parts(data: Any, model: ModelProto) -> list[Feed]:
     if isinstance(data, (str, os.PathLike)) and not os.path.isdir(data):
         return [load_npz(data, model)]
     if isinstance(data, Mapping):
-        from inhercc.data import check_feeds
-
         feeds = {k: np.asarray(v) for k, v in data.items()}
         check_feeds(feeds, model)
         return [feeds]
-    from inhercc.data import open_samples
-
     samples = open_samples(data, model)
     return calibration_parts(samples, np.arange(len(samples)))
 
@@ -108,15 +105,6 @@ def calibration_parts(samples: Samples, indices: np.ndarray) -> list[Feed]:
     """The first ``CALIBRATION_LIMIT`` of the given samples, one feed dict per sample shape (shards of a
     folder may differ in, say, sequence length)."""
     return [feeds for _, feeds in samples.batches(indices[:CALIBRATION_LIMIT], CALIBRATION_LIMIT)]
-
-
-def sum_grams(parts: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Gram matrices (sums of xᵀx) of several calibration runs, added up."""
-    total: dict[str, np.ndarray] = {}
-    for grams in parts:
-        for name, g in grams.items():
-            total[name] = total[name] + g if name in total else g
-    return total
 
 
 def choose_plan(
@@ -258,7 +246,7 @@ def fixed_shape_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None)
 def split_holdout(feeds: Feed, samples: int) -> tuple[Feed, Feed]:
     """``(head, tail)``: the last ``samples`` samples are held out for verification when at least as many
     remain for calibration; otherwise both are the whole set (too little data to split)."""
-    n = len(next(iter(feeds.values())))
+    n = sample_count(feeds)
     if n < 2 * samples:
         return feeds, feeds
     return {k: v[: n - samples] for k, v in feeds.items()}, {k: v[n - samples :] for k, v in feeds.items()}
@@ -353,7 +341,7 @@ def compress(
         calibration = as_parts(data, model)
         held_out = as_parts(verify_data, model)
         if calibration and not held_out:  # held out of the largest part
-            i = max(range(len(calibration)), key=lambda j: part_size(calibration[j]))
+            i = max(range(len(calibration)), key=lambda j: sample_count(calibration[j]))
             calibration[i], held = split_holdout(calibration[i], verify_samples)
             held_out = [held]
         feeds = calibration[0] if calibration else None
@@ -372,8 +360,6 @@ def compress(
             f"{len(layers)} candidate(s), none compressible" if layers else "no MatMul/Gemm/Conv with a constant weight"
         )
         raise InherccError(f"no compressible layer in the model ({found})")
-    # every sample shape of the data (length buckets of text, say), not only the first
-    parts: list[Feed] = calibration or ([feeds] if feeds is not None else [])
     init = init or ("whitened" if feeds is not None else "svd")
     if init == "whitened" and grams is None:
         if feeds is None:
@@ -384,7 +370,7 @@ def compress(
         t_calib = time.perf_counter()
         compressible = [la for la in layers if la.compressible]
         grams = collect_grams(
-            model, compressible, parts, samples=calib_samples, batch_size=calib_batch_size, progress=progress
+            model, compressible, calibration, samples=calib_samples, batch_size=calib_batch_size, progress=progress
         )
         timings["calibrate"] = round(time.perf_counter() - t_calib, 3)
     factorizer = Factorizer(init, split, grams, seed)
@@ -409,7 +395,7 @@ def compress(
         measured = measure_sensitivity(
             model,
             layers,
-            sensitivity_feeds(parts, calib_samples),
+            sensitivity_feeds(calibration, calib_samples),  # every sample shape
             factorizer,
             spectra,
             ratio=DEFAULT_RATIO if ratio is None else ratio,
@@ -460,7 +446,7 @@ def compress(
             raise InherccError("--sequential needs calibration data (--data) and --init whitened")
         t_seq = time.perf_counter()
         factors = sequential_source(
-            model, layers, rank_plan, parts, factorizer, calib_samples, calib_batch_size, progress, say
+            model, layers, rank_plan, calibration, factorizer, calib_samples, calib_batch_size, progress, say
         )
         timings["sequential"] = round(time.perf_counter() - t_seq, 3)
         rank_plan.method["sequential"] = True
@@ -468,7 +454,7 @@ def compress(
     student = rewrite(model, rank_plan, layers, factors)
     factorizer.release()
     t_rewrite = time.perf_counter() - t0
-    largest = max(held_out, key=part_size) if held_out else None
+    largest = max(held_out, key=sample_count) if held_out else None
     report = build_report(model, student, layers, rank_plan, shapes or sample_shapes(largest, model))
     report["init"] = init
     if training:

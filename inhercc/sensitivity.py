@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
-from inhercc.calibrate import Parts, Progress, as_parts, calibration_feeds, padding_trimmer, part_size, split_quota
-from inhercc.data import Feed, iter_batches
+from inhercc.calibrate import Parts, Progress, feed_parts, quotas, split_quota, trimmed_parts
+from inhercc.data import Feed, iter_batches, sample_count
 from inhercc.errors import InherccError
 from inhercc.layers import Layer
 from inhercc.plan import keep_ratio_rank, spectrum_energy
@@ -88,11 +88,10 @@ def sensitivity_feeds(
     """Samples for the measurement (``samples`` in all, from every part in proportion), held apart from the
     Gram samples when the data has enough (factors fit on the very samples they are judged on look better
     than they are), else the first ones."""
-    parts = [dict(p) for p in as_parts(feeds)]
-    total = sum(part_size(p) for p in parts)
-    used = {id(p): n or 0 for p, n in split_quota(parts, calib_samples)} if calib_samples is not None else {}
-    spare = calib_samples is not None and total >= calib_samples + samples
-    start = [used.get(id(p), 0) if spare else 0 for p in parts]
+    parts = feed_parts(feeds)
+    sizes = [sample_count(p) for p in parts]
+    spare = calib_samples is not None and sum(sizes) >= calib_samples + samples
+    start = quotas(sizes, calib_samples) if spare else [0] * len(parts)
     rest = [{k: v[s:] for k, v in p.items()} for p, s in zip(parts, start)]
     return [{k: v[:n] for k, v in p.items()} for p, n in split_quota(rest, samples)]
 
@@ -118,7 +117,7 @@ def measure_sensitivity(
         return {}
     if not probes or any(p <= 0 for p in probes):
         raise InherccError("sensitivity probes must be positive multiples of the uniform rank")
-    chunks = [padding_trimmer(model, calibration_feeds(model, p, n)) for p, n in split_quota(as_parts(feeds), samples)]
+    chunks = trimmed_parts(model, feeds, samples)
     open_model = weights_as_inputs(model, cands)
     sess = make_session(open_model)
     inits = {t.name: t for t in model.graph.initializer}

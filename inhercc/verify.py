@@ -48,17 +48,11 @@ def pooled_fidelity(teacher: Sequence[np.ndarray], student: Sequence[np.ndarray]
     return out
 
 
-def compare_outputs(
-    names: list[str], teacher: list[np.ndarray], student: list[np.ndarray]
-) -> dict[str, dict[str, float]]:
-    """Per output name, :func:`output_fidelity` of float outputs (integer outputs: exact-match rate)."""
-    return compare_output_parts(names, [teacher], [student])
-
-
 def compare_output_parts(
     names: list[str], teacher: Sequence[Sequence[np.ndarray]], student: Sequence[Sequence[np.ndarray]]
 ) -> dict[str, dict[str, float]]:
-    """:func:`compare_outputs` over several parts (``teacher[part][output]``), pooled per output."""
+    """Per output name, :func:`pooled_fidelity` of float outputs (integer outputs: exact-match rate) over
+    several parts (``teacher[part][output]``)."""
     result: dict[str, dict[str, float]] = {}
     for j, name in enumerate(names):
         ts, ss = [p[j] for p in teacher], [p[j] for p in student]

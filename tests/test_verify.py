@@ -7,7 +7,7 @@ import pytest
 from onnx import numpy_helper
 
 from inhercc.pipeline import compress
-from inhercc.verify import compare_output_parts, compare_outputs, fidelity, output_fidelity, pooled_fidelity
+from inhercc.verify import compare_output_parts, fidelity, output_fidelity, pooled_fidelity
 from tests.helpers import masked_model
 
 
@@ -41,7 +41,7 @@ def test_parts_pool_like_one_concatenated_set() -> None:
         ["ids"], [[np.array([1, 2, 3])], [np.array([4])]], [[np.array([1, 0, 3])], [np.array([4])]]
     )
     assert ints["ids"] == {"exact_match": 0.75}
-    assert compare_outputs(["y"], [t], [s])["y"] == output_fidelity(t, s, "y")
+    assert compare_output_parts(["y"], [[t]], [[s]])["y"] == output_fidelity(t, s, "y")
 
 
 def test_verification_covers_every_length_bucket(tmp_path) -> None:
