@@ -3,6 +3,7 @@ digits) whose two hidden layers are compressed to rank 8, then fine-tuned from t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -280,30 +281,17 @@ def test_feature_loss_compares_factorized_layer_outputs(case) -> None:
 def test_resume_continues_the_same_run(case, tmp_path) -> None:
     cfg = DistillConfig(steps=20, checkpoint_every=4, seed=5, **{**FAST, "batch_size": 128})
     full = distill(case.student, case.teacher, case.dir / "train.npz", config=cfg, checkpoint=str(tmp_path / "a"))
+    run_b = functools.partial(distill, case.student, case.teacher, case.dir / "train.npz", config=cfg)
+    in_b = {"checkpoint": str(tmp_path / "b")}
 
     def crash(info):
         if info["step"] == 10:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        distill(
-            case.student,
-            case.teacher,
-            case.dir / "train.npz",
-            config=cfg,
-            checkpoint=str(tmp_path / "b"),
-            callback=crash,
-        )
+        run_b(**in_b, callback=crash)
     steps: list[int] = []
-    resumed = distill(
-        case.student,
-        case.teacher,
-        case.dir / "train.npz",
-        config=cfg,
-        checkpoint=str(tmp_path / "b"),
-        resume=True,
-        callback=lambda info: steps.append(info["step"]),
-    )
+    resumed = run_b(**in_b, resume=True, callback=lambda info: steps.append(info["step"]))
     assert steps == list(range(9, 21))  # continued after the step-8 checkpoint
     t_full, t_res = full.report["training"], resumed.report["training"]
     assert t_res["resumed_from_step"] == 8 and t_res["steps"] == t_full["steps"] == 20
@@ -313,24 +301,15 @@ def test_resume_continues_the_same_run(case, tmp_path) -> None:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
     assert [h["val_cosine"] for h in t_res["history"]] == pytest.approx([h["val_cosine"] for h in t_full["history"]])
     with pytest.raises(InherccError, match="settings differ"):
-        distill(
-            case.student,
-            case.teacher,
-            case.dir / "train.npz",
-            config=cfg,
-            checkpoint=str(tmp_path / "b"),
-            resume=True,
-            lr=1e-2,
-        )
+        run_b(**in_b, resume=True, lr=1e-2)
     # a checkpoint written before --precision existed resumes as fp32, and only as fp32
     ckpt_path = tmp_path / "b" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
     del ckpt["config"]["precision"]
     torch.save(ckpt, ckpt_path)
-    resumable = {"config": cfg, "checkpoint": str(tmp_path / "b"), "resume": True}
-    assert distill(case.student, case.teacher, case.dir / "train.npz", **resumable).report["training"]["steps"] == 20
+    assert run_b(**in_b, resume=True).report["training"]["steps"] == 20
     with pytest.raises(InherccError, match="precision 'fp32' → 'bf16'"):
-        distill(case.student, case.teacher, case.dir / "train.npz", precision="bf16", **resumable)
+        run_b(**in_b, resume=True, precision="bf16")
 
 
 def test_early_stop_and_best_weights(case) -> None:
