@@ -33,6 +33,7 @@ import numpy as np
 from inhercc import compress, find_layers, load_model, save_model
 from inhercc.bench import BenchOptions, bench, shape_text
 from inhercc.calibrate import collect_grams
+from inhercc.data import sample_count
 from inhercc.report import (
     format_markdown,
     format_table,
@@ -140,7 +141,7 @@ def build_students(
     teacher = load_model(teacher_path)
     calibration, heldout = spec.calibration(), spec.heldout()
     layers = [la for la in find_layers(teacher) if la.compressible]
-    log(f"{spec.name}: calibrating {len(layers)} layers on {len(next(iter(calibration.values())))} real samples")
+    log(f"{spec.name}: calibrating {len(layers)} layers on {sample_count(calibration)} real samples")
     grams = collect_grams(teacher, layers, calibration)
     runs: list[tuple[str, float, bool]] = [(f"ratio {r}", r, False) for r in RATIOS]
     if latency_aware:
