@@ -23,6 +23,7 @@ from inhercc.errors import InherccError
 from inhercc.layers import Layer
 from inhercc.plan import keep_ratio_rank, spectrum_energy
 from inhercc.runtime import make_session
+from inhercc.verify import pooled_squared_error
 
 DEFAULT_SAMPLES = 32
 DEFAULT_PROBES = (0.5, 1.0)  # ranks probed, as multiples of the layer's rank under uniform ``ratio``
@@ -65,11 +66,7 @@ def relative_output_error(teacher: Sequence[Sequence[np.ndarray]], student: Sequ
     for j, t0 in enumerate(teacher[0]):
         if not np.issubdtype(np.asarray(t0).dtype, np.floating):
             continue
-        num = den = 0.0
-        for t_part, s_part in zip(teacher, student):
-            t64, s64 = np.asarray(t_part[j], np.float64), np.asarray(s_part[j], np.float64)
-            num += float(np.sum((s64 - t64) ** 2))
-            den += float(np.sum(t64**2))
+        num, den = pooled_squared_error([p[j] for p in teacher], [p[j] for p in student])
         errs.append(num / max(den, 1e-30))
     return float(np.mean(errs)) if errs else 0.0
 

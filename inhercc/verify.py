@@ -18,12 +18,22 @@ def output_fidelity(teacher: np.ndarray, student: np.ndarray, name: str = "") ->
     return pooled_fidelity([teacher], [student], name)
 
 
+def pooled_squared_error(teacher: Sequence[np.ndarray], student: Sequence[np.ndarray]) -> tuple[float, float]:
+    """``(‖s − t‖², ‖t‖²)`` of one output given in parts, each summed over all parts (in float64)."""
+    err2 = norm2 = 0.0
+    for t_part, s_part in zip(teacher, student):
+        t = np.asarray(t_part, dtype=np.float64)
+        err2 += float(np.sum((np.asarray(s_part, dtype=np.float64) - t) ** 2))
+        norm2 += float(np.sum(t**2))
+    return err2, norm2
+
+
 def pooled_fidelity(teacher: Sequence[np.ndarray], student: Sequence[np.ndarray], name: str = "") -> dict[str, float]:
     """:func:`output_fidelity` of one output given in parts (batches of different shapes, e.g. sequence-
     length buckets): per-sample cosines and top-1 agreements pooled over all samples, ``rel_l2`` from the
     squared norms summed over the parts — the same numbers as for one concatenated array."""
     cosines, agree = [], []
-    err2 = norm2 = 0.0
+    err2, norm2 = pooled_squared_error(teacher, student)
     logits = not any(k in name.lower() for k in NOT_LOGITS)
     for t_part, s_part in zip(teacher, student):
         t = np.asarray(t_part, dtype=np.float64)
@@ -34,8 +44,6 @@ def pooled_fidelity(teacher: Sequence[np.ndarray], student: Sequence[np.ndarray]
         den = np.linalg.norm(t2, axis=1) * np.linalg.norm(s2, axis=1)
         same = np.linalg.norm(t2 - s2, axis=1) == 0
         cosines.append(np.where(den > 0, num / np.where(den > 0, den, 1.0), np.where(same, 1.0, 0.0)))
-        err2 += float(np.sum((s - t) ** 2))
-        norm2 += float(np.sum(t**2))
         logits = logits and t.ndim == 2 and t.shape[1] > 1
         if logits:
             agree.append(np.argmax(t, axis=1) == np.argmax(s, axis=1))
