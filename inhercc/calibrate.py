@@ -26,6 +26,10 @@ from inhercc.runtime import make_session
 
 DEFAULT_SAMPLES = 256
 DEFAULT_BATCH_SIZE = 16
+# Sequential calibration's ridge toward the teacher's weight (linalg.whitened_svd shrinkage). MiniLM-L6 at
+# ratio 0.5, 201 held-out sentences: 256 calibration sentences 0.895 → 0.905 cosine (0.1: 0.905, 0.3: 0.903);
+# with all 1,699 training sentences the compensation no longer overfits and it changes nothing (0.921).
+DEFAULT_SHRINKAGE = 0.03
 DEFAULT_MAX_BYTES = 1 << 30  # exposed activations per batch; more taps than fit are run in several groups
 _CHUNK_ELEMS = 1 << 22  # rows·columns converted to float64 at a time (32 MiB)
 
@@ -483,13 +487,15 @@ def sequential_factors(
     *,
     split: str = "output",
     ridge: float = 1e-6,
+    shrinkage: float = DEFAULT_SHRINKAGE,
     samples: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
 ) -> dict[str, Factors]:
     """Error-compensating whitened factors, stage by stage in topological order: each layer's factors map
     the *student's* input (all earlier layers already compressed) to the *teacher's* output, so the error
-    of the layers before is partly undone instead of passed on (``linalg.whitened_svd(cross=...)``).
+    of the layers before is partly undone instead of passed on (``linalg.whitened_svd(cross=...)``), with
+    ``shrinkage`` toward the teacher's weight so that the compensation does not overfit few samples.
 
     ``ranks``: the planned total rank per layer; ``build_student(factors)`` returns the teacher with the
     layers in ``factors`` replaced by their chains. Returns ``{layer name: (input_factor, output_factor)}``
@@ -513,7 +519,7 @@ def sequential_factors(
                 for name in tap.layers:
                     layer = by_name[name]
                     w = layer.matrix()
-                    d = linalg.whitened_svd(w, gram, ridge, cross=cross)
+                    d = linalg.whitened_svd(w, gram, ridge, cross=cross, shrinkage=shrinkage)
                     factors[name] = linalg.whitened_factorize(w, gram, ranks[name] // layer.groups, split, d)
                 tap.gram = tap.cross = None  # O(k²) each; not needed any more
     finally:

@@ -197,7 +197,11 @@ class WhitenedSVD:
 
 
 def whitened_svd(
-    weight: np.ndarray, gram: np.ndarray, ridge: float = 1e-6, cross: np.ndarray | None = None
+    weight: np.ndarray,
+    gram: np.ndarray,
+    ridge: float = 1e-6,
+    cross: np.ndarray | None = None,
+    shrinkage: float = 0.0,
 ) -> WhitenedSVD:
     """Activation-aware SVD: with ``G = XᵀX = S Sᵀ``, ``‖X Wᵀ − X M‖ = ‖Sᵀ(Wᵀ − M)‖``, so the SVD of
     ``Sᵀ Wᵀ`` truncated to ``r`` gives the output-optimal rank-``r`` approximation.
@@ -207,8 +211,17 @@ def whitened_svd(
     ``‖X_t Wᵀ − X_s M‖² = ‖Sᵀ M − S⁻¹ C Wᵀ‖² + const``, so the SVD is of ``S⁻¹ C Wᵀ`` (error compensation;
     equal to ``Sᵀ Wᵀ`` when ``X_s = X_t``).
 
+    ``shrinkage = μ > 0`` estimates the compensated map by ridge regression toward the teacher's weight:
+    ``M* = (G + μḡI)⁻¹ (C + μḡI) Wᵀ`` minimizes ``‖X_t Wᵀ − X_s M‖² + μḡ‖Wᵀ − M‖²`` (``ḡ`` the mean diagonal
+    of ``gram``, so ``μ`` is relative to the input energy per feature); the SVD is then of ``Sᵀ M*``, the
+    best rank-``r`` approximation of that fit on the student's inputs. The least squares fits ``in²``
+    coefficients from the calibration rows and overfits them when rows are few; ``M* = Wᵀ`` (nothing
+    changes) when ``X_s = X_t``, and ``μ → ∞`` is the uncompensated whitened SVD.
+
     ``gram`` (and ``cross``) are ``[in, in]`` or per group ``[g, in, in]``.
     """
+    if shrinkage < 0:
+        raise ValueError(f"shrinkage must be ≥ 0, got {shrinkage}")
     w = as_stack(np.asarray(weight, dtype=np.float64))
     grams = _per_group(gram, w.shape[0])
     crosses = _per_group(cross, w.shape[0]) if cross is not None else None
@@ -219,6 +232,9 @@ def whitened_svd(
         chols.append(chol)
         if crosses is None:
             targets.append(chol.T @ wg.T)
+        elif shrinkage > 0:
+            shift = shrinkage * float(np.mean(np.diag(gg))) * np.eye(gg.shape[0])
+            targets.append(chol.T @ np.linalg.solve(gg + shift, (crosses[i] + shift) @ wg.T))
         else:
             targets.append(solve_triangular(chol, crosses[i] @ wg.T, lower=True))
     u, s, vt = thin_svd(np.stack(targets))

@@ -206,6 +206,40 @@ def test_error_compensation_fits_teacher_outputs_from_student_inputs() -> None:
     np.testing.assert_allclose(d1.s, d0.s, rtol=1e-8)
 
 
+def test_shrinkage_fits_the_compensation_by_ridge_regression_toward_the_teacher_weight() -> None:
+    """``shrinkage = μ``: the full-rank map is the ridge fit M* = argmin ‖X_t Wᵀ − X_s M‖² + μḡ‖Wᵀ − M‖²
+    (checked by least squares on the data with √(μḡ)·I rows appended), each rank r the best approximation
+    of X_s M* (Eckart–Young); no change when X_s = X_t; μ → ∞ is the uncompensated whitened SVD."""
+    rng = np.random.default_rng(11)
+    xt = correlated_inputs(rng, 60, 30)  # few rows: the compensation overfits
+    xs = xt + 0.3 * correlated_inputs(rng, 60, 30)
+    w = rng.standard_normal((22, 30))
+    gram, cross = xs.T @ xs, xs.T @ xt
+    mu = 0.05
+    root = np.sqrt(mu * np.mean(np.diag(gram))) * np.eye(30)
+    ridge_fit = np.linalg.lstsq(np.vstack([xs, root]), np.vstack([xt, root]) @ w.T, rcond=None)[0]  # [in, out]
+    d = linalg.whitened_svd(w, gram, cross=cross, shrinkage=mu)
+    a, b = linalg.whitened_factorize(w, gram, 22, decomposition=d)
+    np.testing.assert_allclose((b @ a)[0].T, ridge_fit, rtol=1e-7, atol=1e-9)
+    sv = np.linalg.svd(xs @ ridge_fit, compute_uv=False)
+    unshrunk = linalg.whitened_svd(w, gram, cross=cross)
+    for r in (4, 12):
+        a, b = linalg.whitened_factorize(w, gram, r, decomposition=d)
+        err = float(np.linalg.norm(xs @ ridge_fit - xs @ (b @ a)[0].T))
+        assert err == pytest.approx(float(np.sqrt(np.sum(sv[r:] ** 2))), rel=1e-6)
+        # on the calibration rows the unshrunk fit is the better one (it is their least squares)
+        a0, b0 = linalg.whitened_factorize(w, gram, r, decomposition=unshrunk)
+        target = xt @ w.T
+        assert np.linalg.norm(target - xs @ (b0 @ a0)[0].T) < np.linalg.norm(target - xs @ (b @ a)[0].T)
+    # the student sees what the teacher saw: nothing to compensate, nothing to shrink
+    same = linalg.whitened_svd(w, xt.T @ xt, cross=xt.T @ xt, shrinkage=mu)
+    np.testing.assert_allclose(same.s, linalg.whitened_svd(w, xt.T @ xt).s, rtol=1e-8)
+    huge = linalg.whitened_svd(w, gram, cross=cross, shrinkage=1e9)
+    np.testing.assert_allclose(huge.s, linalg.whitened_svd(w, gram).s, rtol=1e-6)
+    with pytest.raises(ValueError, match="shrinkage"):
+        linalg.whitened_svd(w, gram, shrinkage=-1.0)
+
+
 # --- random (Kaiming) factors ------------------------------------------------------------------------------
 
 
