@@ -9,7 +9,7 @@ folder); evaluation: the ``heldout`` sentences, never trained on, before and aft
 cosine to the teacher's embeddings and the Spearman correlation of all pairwise similarities.
 Target: cosine ≥ 0.99 and Spearman ≥ 0.98 within 15 minutes on 2 CPU cores.
 
-    python -m benchmarks.bench_distill [--epochs 8] [--lr 5e-4] [--feature-loss 1] [--threads 1]
+    python -m benchmarks.bench_distill [--epochs 8] [--lr 5e-4] [--feature-loss 1 --features norms] [--threads 1]
 
 Writes ``benchmarks/results/distill.json`` and ``distill.md`` (``--tag`` adds a suffix).
 """
@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lr=args.lr,
         batch_size=args.batch_size,
         feature_loss=args.feature_loss,
+        features=args.features,
         train=args.train,
         val_split=args.val_split,
         patience=args.patience,
@@ -222,7 +223,9 @@ def markdown(r: dict[str, Any]) -> str:
             f"ONNX Runtime on {r['machine']['threads']} thread(s).",
             "",
             f"Recipe: AdamW lr {c['lr']}, batch {c['batch_size']}, warm-up {c['warmup']:.0%} + cosine, clip "
-            f"{c['clip']}, train {c['train']}, feature loss {c['feature_loss']}, "
+            f"{c['clip']}, train {c['train']}, feature loss {c['feature_loss']}"
+            + (f" on {c.get('features', 'layers')}" if c["feature_loss"] else "")
+            + ", "
             f"precision {c.get('precision', 'fp32')}, validation split {c['val_split']:.0%}; "
             f"best validation cosine {t['best_val_cosine']:.4f} at epoch {t['best_epoch']}.",
             "",
@@ -242,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--feature-loss", type=float, default=0.0)
+    ap.add_argument("--features", default="layers", help="What the feature loss compares: layers | norms | regex.")
     ap.add_argument("--train", default="factors")
     ap.add_argument("--val-split", type=float, default=0.1)
     ap.add_argument("--patience", type=int, default=3)

@@ -76,6 +76,7 @@ _DISTILL_FIELDS = (
     "alpha",
     "losses",
     "feature_loss",
+    "features",
     "weight_decay",
     "warmup",
     "clip",
@@ -120,7 +121,14 @@ def distill_options(f: Any) -> Any:
             is_flag=False,
             flag_value=1.0,
             default=0.0,
-            help="Feature inheritance loss (factorized layer outputs vs the teacher's), optional weight [1].",
+            help="Feature inheritance loss (intermediate tensors vs the teacher's), optional weight [1].",
+        ),
+        click.option(
+            "--features",
+            default="layers",
+            show_default=True,
+            help="What --feature-loss compares: layers (factorized layer outputs), norms (normalization outputs: "
+            "each block's hidden state) or a regex over tensor names.",
         ),
         click.option("--weight-decay", type=float, default=0.0, show_default=True),
         click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up fraction of the steps."),

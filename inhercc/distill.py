@@ -49,13 +49,14 @@ _RESUME_KEYS = (
     "alpha",
     "losses",
     "feature_loss",
+    "features",
     "train",
     "val_split",
     "seed",
     "rebalance",
     "precision",
 )
-_RESUME_DEFAULTS = {"precision": "fp32"}
+_RESUME_DEFAULTS = {"precision": "fp32", "features": "layers"}
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -74,6 +75,9 @@ class DistillConfig:
     alpha: float = DEFAULT_ALPHA  # weight of the cross-entropy on ``_labels``
     losses: dict[str, tuple[str, float]] = field(default_factory=dict)  # {output: (kind, weight)} overrides
     feature_loss: float = 0.0  # weight of the feature inheritance loss (0 = off)
+    # what the feature loss compares: "layers" (each factorized layer's output), "norms" (the outputs of the
+    # normalization nodes: each block's hidden state, as TinyBERT matches them), or a regex over tensor names
+    features: str = "layers"
     train: str = "factors"  # "factors" | "all" | a regex over initializer names
     val_split: float = 0.1
     seed: int = 0
@@ -108,6 +112,8 @@ class DistillConfig:
             raise InherccError(f"--clip must be positive, got {self.clip}")
         if self.weight_decay < 0:
             raise InherccError(f"--weight-decay must be ≥ 0, got {self.weight_decay}")
+        if self.features != "layers" and not self.feature_loss > 0:
+            raise InherccError(f"--features {self.features} chooses what --feature-loss compares: give --feature-loss")
         if self.resume and not self.checkpoint:
             raise InherccError("--resume needs --checkpoint DIR")
         if self.precision not in PRECISIONS:
@@ -259,6 +265,59 @@ def inherited_outputs(student: ModelProto, teacher: ModelProto) -> list[str]:
             if o and o in teacher_by and o not in graph_out and teacher_by[o] != (node.name or f"#{i}"):
                 out.append(o)
     return out
+
+
+# Normalization ops whose output is a block's hidden state (the residual stream of a transformer).
+NORM_OPS = frozenset(
+    {
+        "LayerNormalization",
+        "SkipLayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "RMSNormalization",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+    }
+)
+
+
+def feature_tensors(student: ModelProto, teacher: ModelProto, which: str = "layers") -> list[str]:
+    """The tensors the feature loss compares, named alike in both graphs (graph outputs excluded, student
+    order): ``layers`` — :func:`inherited_outputs`; ``norms`` — the first output of every normalization
+    node (:data:`NORM_OPS`); anything else is a regex (``re.search``) over tensor names."""
+    if which == "layers":
+        found = inherited_outputs(student, teacher)
+        if not found:
+            raise InherccError("--feature-loss: the student has no factorized layer whose output the teacher also has")
+        return found
+    produced = {o for n in teacher.graph.node for o in n.output if o}
+    graph_out = {o.name for o in student.graph.output}
+    if which == "norms":
+        wanted = {n.output[0] for n in teacher.graph.node if n.op_type in NORM_OPS and n.output}
+        found = [n.output[0] for n in student.graph.node if n.op_type in NORM_OPS and n.output[0] in wanted]
+        found = [o for o in found if o not in graph_out]
+        if not found:
+            raise InherccError(
+                "--features norms: the graphs have no normalization node (LayerNormalization, BatchNormalization, …) "
+                "in common; give a regex over tensor names"
+            )
+        return found
+    try:
+        pattern = re.compile(which)
+    except re.error as e:
+        raise InherccError(f"--features {which!r} is neither layers, norms nor a valid regex: {e}") from None
+    found = list(
+        dict.fromkeys(
+            o
+            for n in student.graph.node
+            for o in n.output
+            if o and o in produced and o not in graph_out and pattern.search(o)
+        )
+    )
+    if not found:
+        raise InherccError(f"--features {which!r} matches no tensor computed by both the student and the teacher")
+    return found
 
 
 def check_pair(student: ModelProto, teacher: ModelProto) -> None:
@@ -500,9 +559,7 @@ def _train(
         if procs.main and not cfg.quiet:
             (log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
 
-    features = inherited_outputs(student_model, teacher_model) if cfg.feature_loss > 0 else []
-    if cfg.feature_loss > 0 and not features:
-        raise InherccError("--feature-loss: the student has no factorized layer whose output the teacher also has")
+    features = feature_tensors(student_model, teacher_model, cfg.features) if cfg.feature_loss > 0 else []
     trainable_names = select_trainable(student_model, cfg.train)
     torch.manual_seed(cfg.seed)
     module = OnnxModule(student_model, extra_outputs=features).to(device)
@@ -530,7 +587,11 @@ def _train(
     # The loss: kinds chosen from the teacher's outputs on one sample.
     probe_idx = train_idx[:1]
     probe = next(samples.batches(probe_idx, 1))[1]
-    probe_out = teacher.run(probe, features=False)
+    probe_out = teacher.run(probe, features=bool(features))
+    not_float = [f for f, v in zip(features, probe_out[n_out:]) if not np.issubdtype(v.dtype, np.floating)]
+    if not_float:
+        raise InherccError(f"--features: {', '.join(not_float[:3])} not float; the feature loss compares floats")
+    probe_out = probe_out[:n_out]
     loss_fn = DistillLoss.for_outputs(
         dict(zip(teacher.outputs, probe_out)),
         cfg.losses,
@@ -768,7 +829,7 @@ def _train(
         },
         "losses": {o.name: o.kind for o in loss_fn.outputs}
         | ({"_labels": f"ce alpha={cfg.alpha}"} if loss_fn.labels_output else {})
-        | ({"features": f"{len(features)} tensors x {cfg.feature_loss}"} if features else {}),
+        | ({"features": f"{len(features)} tensors ({cfg.features}) x {cfg.feature_loss}"} if features else {}),
         "lr": cfg.lr,
         "wall_s": round(time.perf_counter() - t0, 2),
         "history": state["history"],

@@ -27,6 +27,7 @@ from inhercc.distill import (
     Teacher,
     distill,
     factor_names,
+    feature_tensors,
     inherited_outputs,
     rebalance_factors,
     select_trainable,
@@ -34,23 +35,30 @@ from inhercc.distill import (
 from inhercc.errors import InherccError
 from inhercc.losses import DistillLoss, OutputLoss, ce_loss, kd_loss, output_kind, parse_loss_overrides
 from inhercc.verify import fidelity
+from tests.helpers import make_model
 
 FAST = {"threads": 1, "quiet": True, "batch_size": 64, "lr": 3e-3}
 
 
-def digits_teacher(x: np.ndarray, y: np.ndarray) -> onnx.ModelProto:
+def digits_teacher(x: np.ndarray, y: np.ndarray, norm: bool = False) -> onnx.ModelProto:
     """x[64] → 128 → ReLU → 128 → ReLU → 10 logits: random features with a ridge-regression head (a real
-    classifier, ≈ 95 % accuracy, built in milliseconds)."""
+    classifier, ≈ 95 % accuracy, built in milliseconds). ``norm``: a LayerNormalization (output ``n0``)
+    before the first ReLU."""
     rng = np.random.default_rng(0)
     w0 = (rng.standard_normal((64, 128)) * np.sqrt(2 / 64) * 4).astype(np.float32)
     b0 = (rng.standard_normal(128) * 0.1).astype(np.float32)
     w1 = (rng.standard_normal((128, 128)) * np.sqrt(2 / 128)).astype(np.float32)
     b1 = (rng.standard_normal(128) * 0.1).astype(np.float32)
-    h = np.maximum(np.maximum(x @ w0 + b0, 0) @ w1 + b1, 0)
+    z0 = x @ w0 + b0
+    if norm:
+        z0 = (z0 - z0.mean(1, keepdims=True)) / np.sqrt(z0.var(1, keepdims=True) + 1e-5)
+    h = np.maximum(np.maximum(z0, 0) @ w1 + b1, 0)
     hb = np.concatenate([h, np.ones((len(h), 1), np.float32)], 1)
     w2 = np.linalg.solve(hb.T @ hb + 1e-1 * np.eye(hb.shape[1]), hb.T @ (np.eye(10)[y] * 10 - 5)).astype(np.float32)
     weights = {"fc0.weight": w0, "fc0.bias": b0, "fc1.weight": w1, "fc1.bias": b1}
     weights |= {"fc2.weight": w2[:-1], "fc2.bias": w2[-1]}
+    if norm:
+        weights |= {"ln.scale": np.ones(128, np.float32), "ln.bias": np.zeros(128, np.float32)}
     nodes, inp = [], "x"
     for i in range(3):
         out = "logits" if i == 2 else f"z{i}"
@@ -58,6 +66,9 @@ def digits_teacher(x: np.ndarray, y: np.ndarray) -> onnx.ModelProto:
             helper.make_node("MatMul", [inp, f"fc{i}.weight"], [f"h{i}"], name=f"fc{i}"),
             helper.make_node("Add", [f"h{i}", f"fc{i}.bias"], [out], name=f"fc{i}_bias"),
         ]
+        if i == 0 and norm:
+            nodes.append(helper.make_node("LayerNormalization", [out, "ln.scale", "ln.bias"], ["n0"], name="ln"))
+            out = "n0"
         if i < 2:
             nodes.append(helper.make_node("Relu", [out], [f"a{i}"], name=f"act{i}"))
             inp = f"a{i}"
@@ -276,6 +287,48 @@ def test_feature_loss_compares_factorized_layer_outputs(case) -> None:
     result = distill(case.student, case.teacher, case.dir / "train.npz", steps=6, feature_loss=1.0, **FAST)
     assert result.report["training"]["losses"]["features"].startswith("2 tensors")
     assert result.report["fidelity"]["logits"]["cosine"] > result.report["fidelity_before"]["logits"]["cosine"]
+
+
+def test_features_choose_the_tensors_the_feature_loss_compares(case, tmp_path) -> None:
+    teacher = digits_teacher(case.x, case.y, norm=True)
+    student = compress(teacher, rank=8, init="svd", verify=False).model
+    assert feature_tensors(student, teacher) == ["h0", "h1"]  # layers: the factorized layers' outputs
+    assert feature_tensors(student, teacher, "norms") == ["n0"]
+    assert feature_tensors(student, teacher, "^(a1|n0)$") == ["n0", "a1"]  # regex, student order
+    for which, message in [
+        ("(", "neither layers, norms nor a valid regex"),
+        ("nothing_like_this", "matches no tensor"),
+        ("^logits$", "matches no tensor"),  # graph outputs are the main loss's
+    ]:
+        with pytest.raises(InherccError, match=message):
+            feature_tensors(student, teacher, which)
+    with pytest.raises(InherccError, match="no normalization node"):
+        feature_tensors(case.student, case.teacher, "norms")
+    with pytest.raises(InherccError, match="give --feature-loss"):
+        distill(student, teacher, case.dir / "train.npz", steps=2, features="norms", **FAST)
+
+    np.savez(tmp_path / "x.npz", x=case.x)
+    result = distill(student, teacher, tmp_path / "x.npz", steps=8, feature_loss=1.0, features="norms", **FAST)
+    assert result.report["training"]["losses"]["features"] == "1 tensors (norms) x 1.0"
+    before, after = result.report["fidelity_before"]["logits"], result.report["fidelity"]["logits"]
+    assert after["cosine"] > before["cosine"]
+
+
+def test_features_must_be_float_tensors(tmp_path) -> None:
+    """``--features`` naming an integer tensor (a Shape output both graphs compute) is a user error."""
+    rng = np.random.default_rng(3)
+    w = {"w0": rng.standard_normal((64, 48)).astype(np.float32), "w1": rng.standard_normal((48, 64)).astype(np.float32)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h0"], name="fc0"),
+        helper.make_node("MatMul", ["h0", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Reshape", ["h1", "shape"], ["y"], name="reshape"),
+    ]
+    teacher = make_model(nodes, {"x": ["N", 64]}, ["y"], w)
+    student = compress(teacher, rank=8, rank_multiple=1, min_params=0, init="svd", verify=False).model
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((64, 64)).astype(np.float32))
+    with pytest.raises(InherccError, match="shape not float"):
+        distill(student, teacher, tmp_path / "x.npz", steps=2, feature_loss=1.0, features="^shape$", **FAST)
 
 
 def test_resume_continues_the_same_run(case, tmp_path) -> None:
@@ -506,6 +559,8 @@ def test_cli_bad_data_is_one_line_error(case, tmp_path, make, message) -> None:
         (("--epochs", "0"), "--epochs must be positive"),
         (("--epochs", "1", "--device", "tpu"), "unknown --device"),
         (("--epochs", "1", "--precision", "fp8"), "--precision"),
+        (("--epochs", "1", "--features", "norms"), "give --feature-loss"),
+        (("--epochs", "1", "--feature-loss", "--features", "norms"), "no normalization node"),
     ],
 )
 def test_cli_bad_options_are_one_line_errors(case, tmp_path, extra, message) -> None:
