@@ -35,6 +35,7 @@ from inhercc.bench import BenchOptions, bench, shape_text
 from inhercc.calibrate import collect_grams
 from inhercc.data import sample_count
 from inhercc.report import (
+    bench_header,
     format_markdown,
     format_table,
     human_bytes,
@@ -323,13 +324,13 @@ def fidelity_text(row: dict[str, Any]) -> str:
 
 
 def environment_line(suite: dict[str, Any]) -> str:
-    env = suite["bench_cpu"]["environment"]
-    st = suite["bench_cpu"]["settings"]
+    """How the suite was timed (each provider's :func:`inhercc.report.bench_header`), at which shapes."""
+    timed = [f"CPU: {bench_header(suite['bench_cpu'])}"]
+    if suite.get("bench_cuda"):
+        timed.append(f"CUDA: {bench_header(suite['bench_cuda'])}")
     return (
-        f"CPU: {env['provider']} on {env['device']}, {env['threads']} threads, onnxruntime {env['onnxruntime']}, "
-        f"opt level {env['opt_level']}, {shape_text(suite['shapes'])}; {st['repeat']} interleaved rounds after "
-        f"{st['warmup']} warm-up runs; ratio = student p50 / teacher p50 with a 95% paired-bootstrap CI. "
-        f"Fidelity: mean cosine (and top-1 agreement for logits) to the teacher on held-out real data."
+        f"{'. '.join(timed)}. Shapes {shape_text(suite['shapes'])}. "
+        "Fidelity: mean cosine (and top-1 agreement for logits) to the teacher on held-out real data."
     )
 
 
