@@ -37,15 +37,9 @@ SHAPE = (32, 128)
 
 def profile(path: str | Path, feeds: dict[str, np.ndarray], threads: int, runs: int, work: Path) -> dict[str, Any]:
     """Kernel time per op type (ms per run) of ``runs`` profiled runs after one warm-up."""
-    import onnxruntime as ort
+    from inhercc.runtime import make_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.enable_profiling = True
-    so.profile_file_prefix = str(work / Path(path).stem)
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = make_session(path, threads=threads, profile_prefix=work / Path(path).stem)
     names = {i.name for i in sess.get_inputs()}
     feed = {k: v for k, v in feeds.items() if k in names}
     sess.run(None, feed)  # warm-up; its events are dropped below by counting the last ``runs`` runs only

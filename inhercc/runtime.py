@@ -63,10 +63,12 @@ def make_session(
     opt_level: str | None = None,
     provider_options: Sequence[Mapping[str, str]] | None = None,
     require: bool = True,
+    profile_prefix: str | os.PathLike[str] | None = None,
 ):  # -> onnxruntime.InferenceSession
     """An InferenceSession on the given providers. With ``require`` the first requested provider must be
     the one the session really uses — ONNX Runtime silently falls back to CPU when CUDA libraries are
-    missing, and CPU numbers must never pass for CUDA numbers."""
+    missing, and CPU numbers must never pass for CUDA numbers. ``profile_prefix``: ONNX Runtime's profiler
+    on, its trace written by ``end_profiling()`` to ``<prefix>_<date>.json``."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -74,6 +76,9 @@ def make_session(
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     if opt_level:
         levels = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

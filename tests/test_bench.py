@@ -23,7 +23,7 @@ from inhercc.cli import cli
 from inhercc.errors import InherccError
 from inhercc.model import float_param_count
 from inhercc.pipeline import compress
-from inhercc.runtime import cuda_available, provider_usable
+from inhercc.runtime import cuda_available, make_session, provider_usable
 from tests.helpers import mlp
 
 needs_no_cuda = pytest.mark.skipif(cuda_available(), reason="needs an install where CUDA cannot run")
@@ -65,6 +65,18 @@ def test_the_provider_probe_really_runs_a_session() -> None:
     assert provider_usable("CPUExecutionProvider") is True
     with pytest.raises(InherccError, match="unknown provider"):
         provider_usable("tpu")
+
+
+def test_profile_prefix_writes_onnx_runtimes_kernel_trace(tmp_path) -> None:
+    model = mlp(np.random.default_rng(0))
+    sess = make_session(model, threads=1, profile_prefix=tmp_path / "trace")
+    sess.run(None, {"x": np.ones((4, 64), np.float32)})
+    trace = sess.end_profiling()
+    assert trace.startswith(str(tmp_path / "trace"))
+    events = json.loads(open(trace).read())
+    kernels = {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
+    assert "MatMul" in kernels or "FusedMatMul" in kernels or "Gemm" in kernels
+    assert make_session(model, threads=1).get_session_options().enable_profiling is False
 
 
 @needs_cuda
