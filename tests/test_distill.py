@@ -355,10 +355,11 @@ def test_resume_continues_the_same_run(case, tmp_path) -> None:
     assert [h["val_cosine"] for h in t_res["history"]] == pytest.approx([h["val_cosine"] for h in t_full["history"]])
     with pytest.raises(InherccError, match="settings differ"):
         run_b(**in_b, resume=True, lr=1e-2)
-    # a checkpoint written before --precision existed resumes as fp32, and only as fp32
+    # a checkpoint written before --precision and --features existed resumes as fp32 (and only as fp32)
+    # comparing the factorized layers' outputs
     ckpt_path = tmp_path / "b" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
-    del ckpt["config"]["precision"]
+    del ckpt["config"]["precision"], ckpt["config"]["features"]
     torch.save(ckpt, ckpt_path)
     assert run_b(**in_b, resume=True).report["training"]["steps"] == 20
     with pytest.raises(InherccError, match="precision 'fp32' → 'bf16'"):
