@@ -366,7 +366,7 @@ def test_suite_tables_and_readme_block(models, tmp_path) -> None:
     assert s["rows"][1]["cpu"]["ratio"]["ratio"] > 0 and s["rows"][1]["cuda"] is None
     assert s["threads"] == 1
     md = suite.markdown(s)
-    assert "| teacher |" in md and "skipped (no GPU)" in md and "1 threads" in md
+    assert "| teacher |" in md and "skipped (no GPU)" in md and "threads 1" in md and "Shapes x=4x128" in md
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nbefore\n<!-- suite:start -->\nold\n<!-- suite:end -->\nafter\n")
     assert suite.refresh_readme([s], readme)
