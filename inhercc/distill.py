@@ -478,9 +478,8 @@ def _load_checkpoint(path: Path, cfg: DistillConfig, trainable: Mapping[str, tor
         raise InherccError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InherccError(f"{path} is not an inhercc distillation checkpoint")
-    theirs = ckpt["config"]
+    theirs = {**_RESUME_DEFAULTS, **ckpt["config"]}  # checkpoints written before a setting existed used its default
     ours = _resume_config(cfg)
-    theirs = {**_RESUME_DEFAULTS, **theirs}  # checkpoints written before a setting existed used its default
     diff = [k for k in _RESUME_KEYS if theirs.get(k) != ours.get(k)]
     if diff:
         detail = ", ".join(f"{k} {theirs.get(k)!r} → {ours.get(k)!r}" for k in diff)

@@ -335,7 +335,6 @@ def compress(
         samples = open_samples(data, model, shapes=shapes, synthetic=config.synthetic_samples, seed=config.seed)
         train_idx, _ = split_indices(len(samples), config.val_split, config.seed)
         calibration = [] if samples.synthetic else calibration_parts(samples, train_idx)
-        feeds = calibration[0] if calibration else None
         held_out = as_parts(verify_data, model)  # scored after training, besides the validation split
     else:
         calibration = as_parts(data, model)
@@ -344,7 +343,7 @@ def compress(
             i = max(range(len(calibration)), key=lambda j: sample_count(calibration[j]))
             calibration[i], held = split_holdout(calibration[i], verify_samples)
             held_out = [held]
-        feeds = calibration[0] if calibration else None
+    feeds = calibration[0] if calibration else None
     if shapes:
         resolve_shapes(input_specs(model), shapes)  # fail fast on bad --shape
     layers = find_layers(
