@@ -31,6 +31,7 @@ DEFAULT_BATCH_SIZE = 16
 # with all 1,699 training sentences the compensation no longer overfits and it changes nothing (0.921).
 DEFAULT_SHRINKAGE = 0.03
 DEFAULT_MAX_BYTES = 1 << 30  # exposed activations per batch; more taps than fit are run in several groups
+DEFAULT_CUT_BYTES = 4 << 30  # sequential calibration: both models' values at a stage's cut, over all batches
 _CHUNK_ELEMS = 1 << 22  # rows·columns converted to float64 at a time (32 MiB)
 
 
@@ -305,10 +306,16 @@ def _taps(model: ModelProto, layers: Sequence[Layer]) -> list[_Tap]:
     return sorted(taps.values(), key=lambda t: t.position)
 
 
-def with_outputs(model: ModelProto, tensors: Sequence[str]) -> tuple[ModelProto, list[str]]:
+def with_outputs(
+    model: ModelProto, tensors: Sequence[str], fed: Mapping[str, np.ndarray] | None = None
+) -> tuple[ModelProto, list[str]]:
     """A copy of ``model`` whose outputs are exactly ``tensors`` that are not graph inputs (those are fed),
-    with the nodes nothing of that needs removed (a tap early in the graph runs only the graph's head)."""
-    inputs = {i.name for i in model.graph.input}
+    with the nodes nothing of that needs removed (a tap early in the graph runs only the graph's head), and
+    the initializers no kept node reads. ``fed``: tensors whose values are given (example values: their dtype
+    and rank type the new graph inputs), so the nodes computing them are left out too (a sequential stage
+    starts where the one before stopped)."""
+    fed = fed or {}
+    inputs = {i.name for i in model.graph.input} | set(fed)
     types = {vi.name: vi.type for vi in list(model.graph.value_info) + list(model.graph.output)}
     names = list(dict.fromkeys(t for t in tensors if t not in inputs))
     out = ModelProto()
@@ -321,6 +328,9 @@ def with_outputs(model: ModelProto, tensors: Sequence[str]) -> tuple[ModelProto,
         else:
             vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
         out.graph.output.append(vi)
+    for name, value in fed.items():
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype)
+        out.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, [None] * np.ndim(value)))
     needed = set(names)
     keep = []
     for node in reversed(out.graph.node):
@@ -328,9 +338,39 @@ def with_outputs(model: ModelProto, tensors: Sequence[str]) -> tuple[ModelProto,
             keep.append(node)
             needed.update(node.input)
             needed.update(_subgraph_names(node))
+            needed.difference_update(fed)
     del out.graph.node[:]
     out.graph.node.extend(reversed(keep))
+    declared = {i.name for i in model.graph.input}
+    used = [t for t in out.graph.initializer if t.name in needed or t.name in declared]
+    if len(used) < len(out.graph.initializer):
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(used)
     return out, names
+
+
+def frontiers(model: ModelProto, stage_tensors: Sequence[Sequence[str]]) -> list[list[str]]:
+    """For each stage (its tap tensors, in order), the tensors computed up to it that the rest of the graph
+    still reads: with their values kept, the next stage runs only the nodes between the two."""
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    readers: dict[str, set[int]] = {}
+    for i, node in enumerate(model.graph.node):
+        for name in list(node.input) + sorted(_subgraph_names(node)):
+            readers.setdefault(name, set()).add(i)
+    done: set[int] = set()
+    out = []
+    for tensors in stage_tensors:
+        todo = [producer[t] for t in tensors if t in producer]
+        while todo:
+            i = todo.pop()
+            if i in done:
+                continue
+            done.add(i)
+            node = model.graph.node[i]
+            todo.extend(producer[t] for t in list(node.input) + sorted(_subgraph_names(node)) if t in producer)
+        computed = [o for i in sorted(done) for o in model.graph.node[i].output if o]
+        out.append([t for t in computed if readers.get(t, set()) - done])
+    return out
 
 
 def _subgraph_names(node: onnx.NodeProto) -> set[str]:
@@ -394,28 +434,48 @@ class _Runner:
                 out[name] = max(out.get(name, 0), int(v.nbytes) * rows)
         return out
 
-    def run(self, taps: Sequence[_Tap], bar: Progress, student: ModelProto | None = None) -> None:
-        """Stream every batch through the taps (with ``student``: its values, the model's as the teacher's)."""
+    def run(
+        self,
+        taps: Sequence[_Tap],
+        bar: Progress,
+        student: ModelProto | None = None,
+        given: Sequence[tuple[Feed, ...]] | None = None,
+        keep: Sequence[str] = (),
+        keep_bytes: int = DEFAULT_CUT_BYTES,
+    ) -> list[tuple[Feed, ...]] | None:
+        """Stream every batch through the taps (with ``student``: its values, the model's as the teacher's).
+        ``given``: per batch, values computed by an earlier run (one dict per model) that are fed instead of
+        recomputed; returns, per batch, the values of ``keep`` (one dict per model), or None when they would
+        take more than ``keep_bytes``."""
         tensors = [t.tensor for t in taps]
+        models = (self.model, student) if student is not None else (self.model,)
         sessions = []
-        for m in (self.model, student) if student is not None else (self.model,):
-            sub, names = with_outputs(m, tensors)
+        for i, m in enumerate(models):
+            sub, names = with_outputs(m, tensors + list(keep), given[0][i] if given else None)
             sessions.append((make_session(sub) if names else None, names))
             del sub
-        for batch in self.iter_batches():
+        kept: list[tuple[Feed, ...]] | None = [] if keep else None
+        held = 0
+        for b, batch in enumerate(self.iter_batches()):
             outs = []
-            for sess, names in sessions:
-                values = dict(zip(names, sess.run(names, batch))) if sess is not None else {}
-                outs.append({**batch, **values})
+            for i, (sess, names) in enumerate(sessions):
+                fed = {**batch, **given[b][i]} if given else batch
+                values = dict(zip(names, sess.run(names, fed))) if sess is not None else {}
+                outs.append({**fed, **values})
             mask = batch.get(self.mask_name) if self.mask_name else None
             for tap in taps:
                 if student is None:
                     tap.add(np.asarray(outs[0][tap.tensor]), mask)
                 else:
                     tap.add(np.asarray(outs[1][tap.tensor]), mask, np.asarray(outs[0][tap.tensor]))
+            if kept is not None:
+                kept.append(tuple({k: out[k] for k in keep} for out in outs))
+                held += sum(np.asarray(v).nbytes for values in kept[-1] for v in values.values())
+                kept = kept if held <= keep_bytes else None
             bar.step()
         for tap in taps:
             tap.flush()
+        return kept
 
 
 def collect_grams(
@@ -491,6 +551,7 @@ def sequential_factors(
     samples: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
+    max_bytes: int = DEFAULT_CUT_BYTES,
 ) -> dict[str, Factors]:
     """Error-compensating whitened factors, stage by stage in topological order: each layer's factors map
     the *student's* input (all earlier layers already compressed) to the *teacher's* output, so the error
@@ -507,12 +568,16 @@ def sequential_factors(
     by_name = {layer.name: layer for layer in planned}
     runner = _Runner(model, feeds, samples, batch_size)
     plan_stages = stages(model, _taps(model, planned))
+    cuts = frontiers(model, [[t.tensor for t in stage] for stage in plan_stages])
     bar = Progress(runner.batches * len(plan_stages), f"sequential calibration, {len(plan_stages)} stages", progress)
     factors: dict[str, Factors] = {}
+    given: list[tuple[Feed, ...]] | None = None
     try:
-        for stage in plan_stages:
+        for stage, cut in zip(plan_stages, cuts):
             student = build_student(factors) if factors else model
-            runner.run(stage, bar, student)
+            # both models' values at this stage's cut are kept, so the next stage starts there: each node
+            # runs once over all stages, not once per stage (unless the cut would not fit in max_bytes)
+            given = runner.run(stage, bar, student, given, cut, max_bytes)
             for tap in stage:
                 assert tap.gram is not None and tap.cross is not None
                 gram, cross = tap.result(tap.gram), tap.result(tap.cross)

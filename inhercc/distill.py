@@ -17,7 +17,9 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,9 @@ class DistillConfig:
     # steps per second on CPUs with AVX512-BF16/AMX and on GPUs); losses, weights, optimizer state and the
     # validation stay float32, so the kept weights are scored exactly as ONNX Runtime will run them
     precision: str = "fp32"
+    # the teacher's outputs for the next batch are computed in a worker thread while the student trains on
+    # this one (ONNX Runtime releases the GIL): on a machine with a core to spare the teacher costs no time
+    prefetch: bool = True
 
     def check(self) -> None:
         for name in ("epochs", "steps", "batch_size", "eval_every", "checkpoint_every", "synthetic_samples", "threads"):
@@ -348,6 +353,7 @@ class Teacher:
         cache: bool | None,
         train_samples: int,
         threads: int | None = None,
+        spin: bool = True,
     ) -> None:
         from inhercc.calibrate import with_outputs
         from inhercc.runtime import make_session
@@ -357,7 +363,7 @@ class Teacher:
         self.features = list(features)
         exposed, _ = with_outputs(model, self.outputs + self.features)
         options = [{"device_id": str(device_id)}] if provider == "cuda" else None
-        self.session = make_session(exposed, [provider], threads=threads, provider_options=options)
+        self.session = make_session(exposed, [provider], threads=threads, provider_options=options, spin=spin)
         self.provider = provider
         self.train_samples = train_samples
         self.cache_train = cache
@@ -419,6 +425,37 @@ def _local(idx: np.ndarray, feeds: Feed, procs: Processes) -> tuple[np.ndarray, 
     n = len(idx)
     lo, hi = n * procs.rank // procs.world, n * (procs.rank + 1) // procs.world
     return idx[lo:hi], {k: v[lo:hi] for k, v in feeds.items()}
+
+
+Prefetched = tuple[int, Feed, list[np.ndarray], list[np.ndarray]]
+
+
+def _with_teacher(
+    teacher: Teacher,
+    batches: Iterable[tuple[np.ndarray, Feed]],
+    features: bool,
+    procs: Processes,
+    skip: int,
+    ahead: bool,
+) -> Iterator[Prefetched]:
+    """``(batch number, feeds, teacher outputs, teacher features)`` for this rank's slice of each batch
+    from ``skip`` on. With ``ahead`` the teacher runs one batch ahead in a worker thread, so that ONNX Runtime
+    works on the next batch while torch trains on this one; the results are the same either way."""
+    todo = ((b, *_local(idx, feeds, procs)) for b, (idx, feeds) in enumerate(batches) if b >= skip)
+    if not ahead:
+        for b, idx, feeds in todo:
+            yield b, feeds, *teacher(idx, feeds, features=features)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inhercc-teacher") as pool:
+        queue: deque[tuple[int, Feed, Future]] = deque()
+        for b, idx, feeds in todo:
+            queue.append((b, feeds, pool.submit(teacher, idx, feeds, features=features)))
+            if len(queue) > 1:
+                b0, feeds0, job = queue.popleft()
+                yield b0, feeds0, *job.result()
+        while queue:
+            b0, feeds0, job = queue.popleft()
+            yield b0, feeds0, *job.result()
 
 
 def _schedule(total: int, warmup: float) -> Callable[[int], float]:
@@ -572,7 +609,14 @@ def _train(
 
     provider = "cuda" if device.type == "cuda" and cuda_available() else "cpu"
     teacher = Teacher(
-        teacher_model, features, provider, device.index or 0, cfg.cache_teacher, len(train_idx), cfg.threads
+        teacher_model,
+        features,
+        provider,
+        device.index or 0,
+        cfg.cache_teacher,
+        len(train_idx),
+        cfg.threads,
+        spin=not (cfg.prefetch and provider == "cpu"),  # spinning ORT workers would slow torch's beside them
     )
     n_out = len(teacher.outputs)
 
@@ -748,11 +792,11 @@ def _train(
         epoch = state["epoch"]
         label = f"{epoch + 1}/{epochs}"
         rng = np.random.default_rng([cfg.seed, epoch])
-        for b, (idx, feeds) in enumerate(samples.batches(train_idx, global_batch, rng, min_rows=procs.world)):
-            if b < state["batch"]:
-                continue  # resumed inside this epoch: these batches were trained on already
-            idx, feeds = _local(idx, feeds, procs)
-            t_out, t_feat = teacher(idx, feeds, features=bool(features))
+        batches = samples.batches(train_idx, global_batch, rng, min_rows=procs.world)
+        # resumed inside this epoch: the batches before state["batch"] were trained on already
+        for b, feeds, t_out, t_feat in _with_teacher(
+            teacher, batches, bool(features), procs, state["batch"], cfg.prefetch
+        ):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 s_out, s_feat = forward(feeds)
             if cfg.precision != "fp32":

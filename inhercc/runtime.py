@@ -64,11 +64,13 @@ def make_session(
     provider_options: Sequence[Mapping[str, str]] | None = None,
     require: bool = True,
     profile_prefix: str | os.PathLike[str] | None = None,
+    spin: bool = True,
 ):  # -> onnxruntime.InferenceSession
     """An InferenceSession on the given providers. With ``require`` the first requested provider must be
     the one the session really uses — ONNX Runtime silently falls back to CPU when CUDA libraries are
     missing, and CPU numbers must never pass for CUDA numbers. ``profile_prefix``: ONNX Runtime's profiler
-    on, its trace written by ``end_profiling()`` to ``<prefix>_<date>.json``."""
+    on, its trace written by ``end_profiling()`` to ``<prefix>_<date>.json``. ``spin=False``: idle intra-op
+    threads sleep instead of spinning (for a session that runs beside other work, e.g. torch training)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -76,6 +78,8 @@ def make_session(
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = str(profile_prefix)

@@ -389,6 +389,59 @@ def test_sequential_calibration_compensates_earlier_errors() -> None:
         compress(model, rank=8, rank_multiple=1, min_params=0, sequential=True, verify=False)
 
 
+def test_sequential_stages_start_where_the_one_before_stopped(monkeypatch) -> None:
+    """A residual stack whose every layer also reads a gate computed once at the top: each stage feeds the
+    values kept at the previous stage's cut (residual, gate) and runs only its own nodes — every node runs
+    once over all stages — with the same factors as rerunning both models from the inputs every stage."""
+    import inhercc.calibrate as cal
+
+    rng = np.random.default_rng(13)
+    depth, k = 5, 16
+    w = {f"w{i}": (rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32) for i in range(depth)}
+    nodes = [helper.make_node("Sigmoid", ["x"], ["gate"], name="gate")]
+    h = "x"
+    for i in range(depth):
+        nodes += [
+            helper.make_node("Mul", [h, "gate"], [f"g{i}"], name=f"mul{i}"),
+            helper.make_node("MatMul", [f"g{i}", f"w{i}"], [f"m{i}"], name=f"fc{i}"),
+            helper.make_node("Tanh", [f"m{i}"], [f"t{i}"], name=f"act{i}"),
+            helper.make_node("Add", [h, f"t{i}"], [f"h{i}"], name=f"res{i}"),
+        ]
+        h = f"h{i}"
+    model = prepare_model(make_model(nodes, {"x": ["N", k]}, [h], w))
+    layers = layers_of(model)
+    ranks = {la.name: 4 for la in layers}
+    plan_stages = stages(model, calibration_taps(model, layers))
+    cuts = cal.frontiers(model, [[t.tensor for t in st] for st in plan_stages])
+    middle = [[f"g{i}", "gate", f"h{i - 1}"] for i in range(1, 4)]
+    assert [sorted(c) for c in cuts] == [["g0", "gate"], *middle, ["g4", "h3"]]  # graph inputs are always fed
+
+    def build(done):
+        return rewrite(model, RankPlan({n: ranks[n] for n in done}), layers, lambda la, _r: done[la.name])
+
+    ran: list[list[str]] = []
+    with_outputs = cal.with_outputs
+
+    def spy(m, tensors, fed=None):
+        sub, names = with_outputs(m, tensors, fed)
+        ran.append([n.name for n in sub.graph.node])
+        return sub, names
+
+    monkeypatch.setattr(cal, "with_outputs", spy)
+    x = {"x": correlated(rng, 64, k)}
+    staged = sequential_factors(model, layers, ranks, x, build, batch_size=16)
+    teacher_runs = ran[::2]  # teacher, student, teacher, student, ...
+    assert sorted(n for names in teacher_runs for n in names) == sorted(
+        n.name for n in model.graph.node if not n.name.startswith("fc4") and n.name not in ("act4", "res4")
+    )  # each node once (the last layer's own nodes are never needed)
+    ran.clear()
+    rerun = sequential_factors(model, layers, ranks, x, build, batch_size=16, max_bytes=0)  # nothing kept
+    assert len(ran[-2]) > len(teacher_runs[-1])  # the last stage ran the whole head again
+    assert set(staged) == set(rerun) == set(ranks)
+    for name, (a, b) in staged.items():
+        np.testing.assert_allclose(b @ a, rerun[name][1] @ rerun[name][0], rtol=1e-5, atol=1e-6)
+
+
 def test_sensitivity_finds_the_layer_that_matters() -> None:
     """Two parallel branches summed into the output, one scaled ×8: truncating it costs far more."""
     rng = np.random.default_rng(7)

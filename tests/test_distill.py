@@ -366,6 +366,30 @@ def test_resume_continues_the_same_run(case, tmp_path) -> None:
         run_b(**in_b, resume=True, precision="bf16")
 
 
+def test_prefetching_the_teacher_in_a_worker_thread_changes_nothing(case, monkeypatch) -> None:
+    import threading
+
+    threads: list[str] = []
+    call = Teacher.__call__
+
+    def spy(self, idx, feeds, **kw):
+        threads.append(threading.current_thread().name)
+        return call(self, idx, feeds, **kw)
+
+    monkeypatch.setattr(Teacher, "__call__", spy)
+    cfg = DistillConfig(steps=12, seed=3, cache_teacher=False, feature_loss=1.0, **FAST)
+    ahead = distill(case.student, case.teacher, case.dir / "train.npz", config=cfg)
+    worker = [t for t in threads if t.startswith("inhercc-teacher")]
+    # every training batch's teacher ran in the worker (and one batch ahead of the last step); validation in
+    # the caller
+    assert len(worker) == 13
+    threads.clear()
+    inline = distill(case.student, case.teacher, case.dir / "train.npz", config=cfg, prefetch=False)
+    assert not any(t.startswith("inhercc-teacher") for t in threads)
+    assert changed(case.student, ahead.model) and not changed(ahead.model, inline.model)  # bit-identical
+    assert ahead.report["training"]["history"] == inline.report["training"]["history"]
+
+
 def test_early_stop_and_best_weights(case) -> None:
     # a learning rate far too high: validation gets worse, training stops, the best weights are kept
     result = distill(
