@@ -105,7 +105,8 @@ def distill_options(f: Any) -> Any:
             "--train",
             default="factors",
             show_default=True,
-            help="Which initializers to train: factors (<w>.inherit_in/out), all, or a regex over names.",
+            help="Which initializers to train: factors (<w>.inherit_in/out), all, or a regex over names "
+            "(never one-element constants).",
         ),
         click.option("--temperature", type=float, default=4.0, show_default=True, help="KD temperature."),
         click.option("--alpha", type=float, default=0.3, show_default=True, help="Weight of CE on _labels."),

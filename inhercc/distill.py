@@ -1,10 +1,11 @@
 """Distillation: fine-tune an inherited student from its teacher.
 
-The teacher runs in ONNX Runtime (its outputs computed once per sample and cached when they fit in
-memory); the student runs forward and backward in torch through :class:`inhercc.torchrt.OnnxModule`, whose
-parameters are the student's initializers, and is written back into the ONNX graph at the end. AdamW with
-a warm-up + cosine schedule and gradient clipping; validation fidelity (mean cosine to the teacher on
-held-out samples) after every epoch; the best weights are kept; early stop; checkpoints and resume.
+The teacher runs in ONNX Runtime (its outputs computed once per sample and cached when they fit in memory;
+one batch ahead in a worker thread when it has cores of its own); the student runs forward and backward in
+torch through :class:`inhercc.torchrt.OnnxModule`, whose parameters are the student's initializers, and is
+written back into the ONNX graph at the end. AdamW with a warm-up + cosine schedule and gradient clipping;
+validation fidelity (mean cosine to the teacher on held-out samples) after every epoch; the best weights are
+kept; early stop; checkpoints and resume.
 
 Under ``torchrun --nproc_per_node N`` it trains data-parallel with DDP (NCCL on GPU, gloo on CPU): every
 rank sees the same shuffled global batches and takes its own slice of each; only rank 0 writes files.
@@ -99,8 +100,11 @@ class DistillConfig:
     # validation stay float32, so the kept weights are scored exactly as ONNX Runtime will run them
     precision: str = "fp32"
     # the teacher's outputs for the next batch are computed in a worker thread while the student trains on
-    # this one (ONNX Runtime releases the GIL): on a machine with a core to spare the teacher costs no time
-    prefetch: bool = True
+    # this one (ONNX Runtime releases the GIL), so the teacher costs no time where it has cores to itself.
+    # None: on a GPU, or on CPU when ``threads`` leaves as many cores to the teacher (2 cores, threads 1:
+    # 0.48 s per MiniLM step against 0.75 s inline; torch and the teacher both on all cores: 0.58 against
+    # 0.50 inline, so not then)
+    prefetch: bool | None = None
 
     def check(self) -> None:
         for name in ("epochs", "steps", "batch_size", "eval_every", "checkpoint_every", "synthetic_samples", "threads"):
@@ -202,7 +206,8 @@ def factor_names(names: Iterable[str]) -> list[str]:
 def select_trainable(model: ModelProto, train: str = "factors") -> list[str]:
     """Names of the initializers to train: ``factors`` (the inherited factor chains), ``all`` (every float
     initializer with more than one element — scalars are constants such as epsilons), or a regex matched
-    (``re.search``) against the float initializer names."""
+    (``re.search``) against the names of those."""
+    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
     floats = [t.name for t in model.graph.initializer if t.data_type in FLOAT_TYPES]
     if train == "factors":
         chosen = factor_names(floats)
@@ -213,13 +218,12 @@ def select_trainable(model: ModelProto, train: str = "factors") -> list[str]:
             )
         return chosen
     if train == "all":
-        sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
         return [n for n in floats if sizes[n] > 1]
     try:
         pattern = re.compile(train)
     except re.error as e:
         raise InherccError(f"--train {train!r} is neither factors, all nor a valid regex: {e}") from None
-    chosen = [n for n in floats if pattern.search(n)]
+    chosen = [n for n in floats if sizes[n] > 1 and pattern.search(n)]
     if not chosen:
         raise InherccError(f"--train {train!r} matches no float initializer of the student")
     return chosen
@@ -588,6 +592,7 @@ def _train(
     t0: float,
 ) -> DistillResult:
     """The training loop of :func:`distill` (data split, processes and device already settled)."""
+    from inhercc.calibrate import mask_input
     from inhercc.runtime import cuda_available
     from inhercc.torchrt import OnnxModule
 
@@ -596,6 +601,7 @@ def _train(
             (log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
 
     features = feature_tensors(student_model, teacher_model, cfg.features) if cfg.feature_loss > 0 else []
+    mask_name = mask_input(student_model)  # padding positions are left out of the feature loss
     trainable_names = select_trainable(student_model, cfg.train)
     torch.manual_seed(cfg.seed)
     module = OnnxModule(student_model, extra_outputs=features).to(device)
@@ -608,6 +614,9 @@ def _train(
     rebalanced = rebalance_factors(params, trainable) if cfg.rebalance else 0
 
     provider = "cuda" if device.type == "cuda" and cuda_available() else "cpu"
+    prefetch = cfg.prefetch
+    if prefetch is None:
+        prefetch = device.type == "cuda" or bool(cfg.threads and 2 * cfg.threads <= (os.cpu_count() or 1))
     teacher = Teacher(
         teacher_model,
         features,
@@ -616,7 +625,7 @@ def _train(
         cfg.cache_teacher,
         len(train_idx),
         cfg.threads,
-        spin=not (cfg.prefetch and provider == "cpu"),  # spinning ORT workers would slow torch's beside them
+        spin=not (prefetch and provider == "cpu"),  # spinning ORT workers would slow torch's beside them
     )
     n_out = len(teacher.outputs)
 
@@ -794,9 +803,7 @@ def _train(
         rng = np.random.default_rng([cfg.seed, epoch])
         batches = samples.batches(train_idx, global_batch, rng, min_rows=procs.world)
         # resumed inside this epoch: the batches before state["batch"] were trained on already
-        for b, feeds, t_out, t_feat in _with_teacher(
-            teacher, batches, bool(features), procs, state["batch"], cfg.prefetch
-        ):
+        for b, feeds, t_out, t_feat in _with_teacher(teacher, batches, bool(features), procs, state["batch"], prefetch):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 s_out, s_feat = forward(feeds)
             if cfg.precision != "fp32":
@@ -807,6 +814,7 @@ def _train(
                 labels_of(feeds),
                 s_feat,
                 [torch.from_numpy(t).to(device) for t in t_feat],
+                torch.as_tensor(np.asarray(feeds[mask_name])).to(device) if mask_name and features else None,
             )
             if not torch.isfinite(loss):
                 raise InherccError(f"the loss became {float(loss)} at step {state['step'] + 1}; lower --lr")

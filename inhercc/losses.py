@@ -40,11 +40,30 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = D
     return t * t * F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
 
 
-def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``mean((s − t)²) / mean(t²)``: MSE made independent of the tensor's scale, so that outputs and layers
-    of very different magnitudes weigh alike."""
+    of very different magnitudes weigh alike. ``weight`` (broadcast to the tensors, e.g. a 0/1 token mask):
+    ``Σ w·(s − t)² / Σ w·t²``, the positions with weight 0 left out."""
     s, t = student.float(), teacher.float()
-    return ((s - t) ** 2).mean() / (t.pow(2).mean() + _EPS)
+    if weight is None:
+        return ((s - t) ** 2).mean() / (t.pow(2).mean() + _EPS)
+    w = weight.to(s.dtype)
+    return (w * (s - t) ** 2).sum() / ((w * t.pow(2)).sum() + _EPS)
+
+
+def token_weight(shape: Sequence[int], mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A ``[batch, seq]`` attention mask shaped to broadcast over a per-token tensor: ``[batch, seq, …]``
+    (hidden states), or ``[batch, heads, seq, seq]`` (attention probabilities: the query rows). None when the
+    tensor has no such token axis (or there is no mask)."""
+    if mask is None or len(shape) < 2:
+        return None
+    batch, seq = mask.shape
+    m = (mask != 0).float()
+    if tuple(shape[:2]) == (batch, seq):
+        return m.reshape(batch, seq, *([1] * (len(shape) - 2)))
+    if len(shape) == 4 and shape[0] == batch and shape[2] == shape[3] == seq:
+        return m.reshape(batch, 1, seq, 1)
+    return None
 
 
 def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -174,8 +193,11 @@ class DistillLoss:
         labels: torch.Tensor | None = None,
         student_features: Sequence[torch.Tensor] = (),
         teacher_features: Sequence[torch.Tensor] = (),
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The total loss and its parts (``{output: value, "ce": …, "features": …}``, floats for logging)."""
+        """The total loss and its parts (``{output: value, "ce": …, "features": …}``, floats for logging).
+        ``mask``: the batch's ``[batch, seq]`` attention mask; padding positions of per-token features are left
+        out of the feature loss (they are never pooled into an output, so they are not worth the capacity)."""
         total = torch.zeros((), device=student[0].device if student else "cpu")
         parts: dict[str, float] = {}
         for spec, s, t in zip(self.outputs, student, teacher):
@@ -192,7 +214,9 @@ class DistillLoss:
             parts[spec.name] = float(term.detach())
             total = total + spec.weight * term
         if self.feature_weight > 0 and student_features:
-            feat = torch.stack([relative_mse(s, t) for s, t in zip(student_features, teacher_features)]).mean()
+            feat = torch.stack(
+                [relative_mse(s, t, token_weight(t.shape, mask)) for s, t in zip(student_features, teacher_features)]
+            ).mean()
             parts["features"] = float(feat.detach())
             total = total + self.feature_weight * feat
         return total, parts

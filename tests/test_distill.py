@@ -33,7 +33,16 @@ from inhercc.distill import (
     select_trainable,
 )
 from inhercc.errors import InherccError
-from inhercc.losses import DistillLoss, OutputLoss, ce_loss, kd_loss, output_kind, parse_loss_overrides
+from inhercc.losses import (
+    DistillLoss,
+    OutputLoss,
+    ce_loss,
+    kd_loss,
+    output_kind,
+    parse_loss_overrides,
+    relative_mse,
+    token_weight,
+)
 from inhercc.verify import fidelity
 from tests.helpers import make_model
 
@@ -120,6 +129,83 @@ def test_kd_loss_is_zero_at_the_teacher_and_scales_with_t_squared() -> None:
     p_t = torch.softmax(t / 2, -1)
     kl = (p_t * (torch.log_softmax(t / 2, -1) - torch.log_softmax(s / 2, -1))).sum(-1).mean()
     assert float(kd_loss(s, t, 2.0)) == pytest.approx(4 * float(kl), rel=1e-5)
+
+
+def test_feature_loss_leaves_padding_positions_out() -> None:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    hidden_t, hidden_s = torch.randn(2, 4, 6, generator=g), torch.randn(2, 4, 6, generator=g)
+    probs_t, probs_s = torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 3, 4, 4, generator=g)
+    keep = mask.bool()
+    # hidden states: exactly the relative MSE over the real tokens
+    want = ((hidden_s[keep] - hidden_t[keep]) ** 2).sum() / (hidden_t[keep] ** 2).sum()
+    got = relative_mse(hidden_s, hidden_t, token_weight(hidden_t.shape, mask))
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    # attention probabilities: the real query rows
+    rows_t, rows_s = probs_t.permute(0, 2, 1, 3)[keep], probs_s.permute(0, 2, 1, 3)[keep]
+    want = ((rows_s - rows_t) ** 2).sum() / (rows_t**2).sum()
+    got = relative_mse(probs_s, probs_t, token_weight(probs_t.shape, mask))
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert token_weight((2, 6), mask) is None and token_weight(hidden_t.shape, None) is None
+    # in the objective: changing padding positions changes nothing, changing a real token does
+    loss = DistillLoss([OutputLoss("e", "embedding", 1.0)], feature_weight=1.0)
+    out = [torch.ones(2, 3)]
+
+    def total(s_feat: torch.Tensor) -> float:
+        return float(loss(out, out, None, [s_feat], [hidden_t], mask)[0])
+
+    garbage = hidden_s.clone()
+    garbage[~keep] = 1e3
+    assert total(garbage) == pytest.approx(total(hidden_s), rel=1e-6)
+    garbage[0, 0] += 1.0
+    assert total(garbage) > total(hidden_s)
+    assert float(loss(out, out, None, [hidden_s], [hidden_t])[0]) != pytest.approx(total(hidden_s))  # no mask
+
+
+def test_training_passes_the_batch_attention_mask_to_the_feature_loss(monkeypatch) -> None:
+    """A token model (x [batch, seq, 8] → two MatMuls → masked mean pooling): the feature loss gets each
+    batch's own attention mask."""
+    rng = np.random.default_rng(0)
+    w = {k: (rng.standard_normal((8, 8)) / 3).astype(np.float32) for k in ("w0", "w1")}
+    w |= {"axis": np.array([-1], np.int64), "one": np.array([1], np.int64)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
+        helper.make_node("Relu", ["h"], ["a"], name="act"),
+        helper.make_node("MatMul", ["a", "w1"], ["z"], name="fc1"),
+        helper.make_node("Cast", ["attention_mask"], ["m"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axis"], ["m3"], name="unsq"),
+        helper.make_node("Mul", ["z", "m3"], ["zm"], name="mul"),
+        helper.make_node("ReduceSum", ["zm", "one"], ["pooled"], name="pool", keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tokens",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 8])],
+        [numpy_helper.from_array(v, k) for k, v in w.items()],
+    )
+    teacher = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    teacher.ir_version = 8
+    student = compress(teacher, rank=2, init="svd", rank_multiple=1, min_params=0, verify=False).model
+    x = rng.standard_normal((40, 5, 8)).astype(np.float32)
+    mask = (np.arange(5)[None] < rng.integers(1, 6, 40)[:, None]).astype(np.int64)
+    seen: list[tuple[np.ndarray, tuple[int, ...]]] = []
+    call = DistillLoss.__call__
+
+    def spy(self, s_out, t_out, labels=None, s_feat=(), t_feat=(), mask=None):
+        seen.append((mask.numpy().copy(), tuple(t_feat[0].shape)))
+        return call(self, s_out, t_out, labels, s_feat, t_feat, mask)
+
+    monkeypatch.setattr(DistillLoss, "__call__", spy)
+    cfg = DistillConfig(steps=3, batch_size=12, val_split=0.0, feature_loss=1.0, seed=1, threads=1, quiet=True)
+    distill(student, teacher, {"x": x, "attention_mask": mask}, config=cfg)
+    assert len(seen) == 3
+    rows = {tuple(r) for r in mask}
+    for m, shape in seen:
+        assert m.shape == shape[:2] == (12, 5) and all(tuple(r) in rows for r in m)
 
 
 def test_output_kinds_and_overrides() -> None:
@@ -258,6 +344,16 @@ def test_train_selects_exactly_the_intended_parameters(case) -> None:
         assert result.report["training"]["trained"]["tensors"] == len(expected)
     with pytest.raises(InherccError, match="matches no float initializer"):
         select_trainable(case.student, "nothing-like-this")
+    # one-element constants (epsilons, scales) are never trained, by name or by "all"
+    with_eps = onnx.ModelProto()
+    with_eps.CopyFrom(case.student)
+    with_eps.graph.initializer.append(numpy_helper.from_array(np.array(1e-5, np.float32), "fc0.eps"))
+    assert "fc0.eps" not in select_trainable(with_eps, "all")
+    assert sorted(select_trainable(with_eps, r"^fc0\.")) == [
+        "fc0.bias",
+        "fc0.weight.inherit_in",
+        "fc0.weight.inherit_out",
+    ]
     with pytest.raises(InherccError, match="no factor initializers"):
         select_trainable(case.teacher, "factors")  # e.g. finetune on an uncompressed model
     with pytest.raises(InherccError, match="valid regex"):
@@ -378,7 +474,7 @@ def test_prefetching_the_teacher_in_a_worker_thread_changes_nothing(case, monkey
 
     monkeypatch.setattr(Teacher, "__call__", spy)
     cfg = DistillConfig(steps=12, seed=3, cache_teacher=False, feature_loss=1.0, **FAST)
-    ahead = distill(case.student, case.teacher, case.dir / "train.npz", config=cfg)
+    ahead = distill(case.student, case.teacher, case.dir / "train.npz", config=cfg, prefetch=True)
     worker = [t for t in threads if t.startswith("inhercc-teacher")]
     # every training batch's teacher ran in the worker (and one batch ahead of the last step); validation in
     # the caller
@@ -388,6 +484,10 @@ def test_prefetching_the_teacher_in_a_worker_thread_changes_nothing(case, monkey
     assert not any(t.startswith("inhercc-teacher") for t in threads)
     assert changed(case.student, ahead.model) and not changed(ahead.model, inline.model)  # bit-identical
     assert ahead.report["training"]["history"] == inline.report["training"]["history"]
+    # by default only where the teacher has cores of its own: not when torch takes them all
+    threads.clear()
+    distill(case.student, case.teacher, case.dir / "train.npz", config=cfg, threads=os.cpu_count())
+    assert not any(t.startswith("inhercc-teacher") for t in threads)
 
 
 def test_early_stop_and_best_weights(case) -> None:
