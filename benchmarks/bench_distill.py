@@ -9,7 +9,7 @@ folder); evaluation: the ``heldout`` sentences, never trained on, before and aft
 cosine to the teacher's embeddings and the Spearman correlation of all pairwise similarities.
 Target: cosine ≥ 0.99 and Spearman ≥ 0.98 within 15 minutes on 2 CPU cores.
 
-    python -m benchmarks.bench_distill [--epochs 8] [--lr 5e-4] [--feature-loss 1 --features norms] [--threads 1]
+    python -m benchmarks.bench_distill [--epochs 3] [--augment 6] [--train factors] [--features layers] [--threads 2]
 
 Writes ``benchmarks/results/distill.json`` and ``distill.md`` (``--tag`` adds a suffix).
 """
@@ -220,7 +220,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"Wall time {tm['total'] / 60:.1f} min (target ≤ 15): calibration {tm['calibration']:.0f} s, compression "
             f"{tm['compression']:.0f} s, distillation {tm['distillation']:.0f} s; {r['machine']['cpus']} CPU cores "
             f"shared with other jobs (load average {r['machine']['load_average_1min_at_end']} at the end), torch and "
-            f"ONNX Runtime on {r['machine']['threads']} thread(s).",
+            f"ONNX Runtime on {r['machine']['threads']} thread(s)"
+            + (", the teacher one batch ahead in a worker thread." if t.get("teacher_prefetched") else "."),
             "",
             f"Recipe: AdamW lr {c['lr']}, batch {c['batch_size']}, warm-up {c['warmup']:.0%} + cosine, clip "
             f"{c['clip']}, train {c['train']}, feature loss {c['feature_loss']}"
@@ -239,22 +240,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, help="Instead of --ratio: one rank for every MatMul (128 = ratio 0.5).")
     ap.add_argument("--init", default="whitened", choices=["whitened", "svd"])
     ap.add_argument("--allocation", default="sensitivity", choices=["sensitivity", "greedy", "uniform"])
-    ap.add_argument("--sequential", action="store_true", help="Error-compensating (sequential) calibration.")
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Error-compensating (sequential) calibration (default on).",
+    )
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps", type=int)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--feature-loss", type=float, default=0.0)
-    ap.add_argument("--features", default="layers", help="What the feature loss compares: layers | norms | regex.")
-    ap.add_argument("--train", default="factors")
+    ap.add_argument("--feature-loss", type=float, default=10.0)
+    ap.add_argument("--features", default="norms", help="What the feature loss compares: layers | norms | regex.")
+    ap.add_argument("--train", default="all", help="factors | all | regex (default all: +0.003 held-out cosine).")
     ap.add_argument("--val-split", type=float, default=0.1)
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--warmup", type=float, default=0.05)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--augment", type=int, default=0, help="Variants per training sentence (crop/concat/drop).")
+    ap.add_argument("--augment", type=int, default=6, help="Variants per training sentence (crop/concat/drop).")
     ap.add_argument("--calib-samples", type=int, default=1536, help="Training inputs for the Gram matrices.")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="Training forward precision.")
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="Training forward precision.")
     ap.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads (1: see the module doc)")
     ap.add_argument("--tag", default="", help="Suffix of the result files.")
     ap.add_argument("-q", "--quiet", action="store_true")

@@ -872,6 +872,7 @@ def _train(
         "precision": cfg.precision,
         "teacher_provider": teacher.provider,
         "teacher_cached": teacher.caching,
+        "teacher_prefetched": prefetch,
         "trained": {
             "mode": cfg.train,
             "factor_pairs_rebalanced": rebalanced,
