@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from onnx import ModelProto
 
@@ -291,10 +292,64 @@ NORM_OPS = frozenset(
 )
 
 
+def norm_outputs(model: ModelProto) -> list[str]:
+    """Every normalization's output, in graph order: the first output of a :data:`NORM_OPS` node, and the end
+    of a normalization an exporter wrote out in primitive ops (LayerNorm before opset 17, RMSNorm):
+    ``x / Sqrt(ReduceMean(…) [+ ε])`` or ``x · Reciprocal(Sqrt(…))``, followed by its elementwise affine (a
+    ``Mul`` by γ, then an ``Add`` of β, constant operands) when it has one."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output}
+
+    def sqrt_mean(name: str) -> bool:
+        """Whether ``name`` is ``Sqrt(ReduceMean(…) [+ ε])``."""
+        node = producer.get(name)
+        if node is None or node.op_type != "Sqrt":
+            return False
+        node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Add":  # + ε
+            node = next(
+                (producer[i] for i in node.input if i in producer and producer[i].op_type == "ReduceMean"), None
+            )
+        return node is not None and node.op_type == "ReduceMean"
+
+    def inverse_sqrt_mean(name: str) -> bool:
+        """Whether ``name`` is ``Reciprocal(Sqrt(…))`` or ``c / Sqrt(…)`` (how exporters write rsqrt)."""
+        node = producer.get(name)
+        if node is not None and node.op_type == "Reciprocal":
+            return sqrt_mean(node.input[0])
+        return node is not None and node.op_type == "Div" and node.input[0] in constants and sqrt_mean(node.input[1])
+
+    out = []
+    for node in model.graph.node:
+        if node.op_type in NORM_OPS and node.output:
+            out.append(node.output[0])
+            continue
+        ins = list(node.input)
+        normalizes = (node.op_type == "Div" and len(ins) == 2 and ins[0] not in constants and sqrt_mean(ins[1])) or (
+            node.op_type == "Mul"
+            and len(ins) == 2
+            and any(inverse_sqrt_mean(a) and b not in constants for a, b in (ins, ins[::-1]))
+        )
+        if not normalizes:
+            continue
+        end = node.output[0]
+        for op in ("Mul", "Add"):  # the affine: γ, then β
+            users = readers.get(end, [])
+            if len(users) == 1 and users[0].op_type == op and any(i in constants for i in users[0].input if i != end):
+                end = users[0].output[0]
+        out.append(end)
+    return out
+
+
 def feature_tensors(student: ModelProto, teacher: ModelProto, which: str = "layers") -> list[str]:
     """The tensors the feature loss compares, named alike in both graphs (graph outputs excluded, student
-    order): ``layers`` — :func:`inherited_outputs`; ``norms`` — the first output of every normalization
-    node (:data:`NORM_OPS`); anything else is a regex (``re.search``) over tensor names."""
+    order): ``layers`` — :func:`inherited_outputs`; ``norms`` — every normalization's output
+    (:func:`norm_outputs`); anything else is a regex (``re.search``) over tensor names."""
     if which == "layers":
         found = inherited_outputs(student, teacher)
         if not found:
@@ -303,13 +358,12 @@ def feature_tensors(student: ModelProto, teacher: ModelProto, which: str = "laye
     produced = {o for n in teacher.graph.node for o in n.output if o}
     graph_out = {o.name for o in student.graph.output}
     if which == "norms":
-        wanted = {n.output[0] for n in teacher.graph.node if n.op_type in NORM_OPS and n.output}
-        found = [n.output[0] for n in student.graph.node if n.op_type in NORM_OPS and n.output[0] in wanted]
-        found = [o for o in found if o not in graph_out]
+        wanted = set(norm_outputs(teacher))
+        found = [o for o in norm_outputs(student) if o in wanted and o not in graph_out]
         if not found:
             raise InherccError(
-                "--features norms: the graphs have no normalization node (LayerNormalization, BatchNormalization, …) "
-                "in common; give a regex over tensor names"
+                "--features norms: the graphs have no normalization (LayerNormalization, BatchNormalization, … or "
+                "one written out in primitive ops) in common; give a regex over tensor names"
             )
         return found
     try:

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from inhercc import compress
+from inhercc.calibrate import with_outputs
 from inhercc.cli import cli, summary_table
 from inhercc.data import LABELS_KEY, open_samples, split_indices
 from inhercc.distill import (
@@ -43,6 +44,7 @@ from inhercc.losses import (
     relative_mse,
     token_weight,
 )
+from inhercc.runtime import make_session
 from inhercc.verify import fidelity
 from tests.helpers import make_model
 
@@ -398,7 +400,7 @@ def test_features_choose_the_tensors_the_feature_loss_compares(case, tmp_path) -
     ]:
         with pytest.raises(InherccError, match=message):
             feature_tensors(student, teacher, which)
-    with pytest.raises(InherccError, match="no normalization node"):
+    with pytest.raises(InherccError, match="no normalization"):
         feature_tensors(case.student, case.teacher, "norms")
     with pytest.raises(InherccError, match="give --feature-loss"):
         distill(student, teacher, case.dir / "train.npz", steps=2, features="norms", **FAST)
@@ -408,6 +410,46 @@ def test_features_choose_the_tensors_the_feature_loss_compares(case, tmp_path) -
     assert result.report["training"]["losses"]["features"] == "1 tensors (norms) x 1.0"
     before, after = result.report["fidelity_before"]["logits"], result.report["fidelity"]["logits"]
     assert after["cosine"] > before["cosine"]
+
+
+def test_norms_found_where_exporters_write_them_out_in_primitive_ops(tmp_path) -> None:
+    """A torch block (Linear → LayerNorm → Linear → RMSNorm → Linear) exported at opset 13, where LayerNorm
+    becomes ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add and RMSNorm x·rsqrt(mean(x²)+ε)·γ, and at opset 17 (fused
+    LayerNormalization): ``norms`` finds both normalizations' outputs — the values after the affine."""
+    import io
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc0, self.fc1, self.fc2 = (torch.nn.Linear(16, 16) for _ in range(3))
+            self.ln = torch.nn.LayerNorm(16)
+            self.gamma = torch.nn.Parameter(torch.rand(16) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.ln(self.fc0(x))
+            z = self.fc1(torch.relu(h))
+            r = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gamma
+            return self.fc2(r)
+
+    torch.manual_seed(0)
+    block, x = Block().eval(), torch.randn(4, 16)
+    with torch.no_grad():
+        ln_out = block.ln(block.fc0(x))
+        z = block.fc1(torch.relu(ln_out))
+        rms_out = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6) * block.gamma
+    for opset in (13, 17):
+        buf = io.BytesIO()
+        torch.onnx.export(block, (x,), buf, opset_version=opset, dynamo=False, input_names=["x"])
+        teacher = onnx.load_from_string(buf.getvalue())
+        ops = {n.op_type for n in teacher.graph.node}
+        assert ("LayerNormalization" in ops) == (opset == 17)
+        student = compress(teacher, rank=4, init="svd", rank_multiple=1, min_params=0, verify=False).model
+        found = feature_tensors(student, teacher, "norms")
+        assert len(found) == 2, (opset, found)
+        exposed, names = with_outputs(teacher, found)
+        values = make_session(exposed).run(names, {"x": x.numpy()})
+        np.testing.assert_allclose(values[0], ln_out.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(values[1], rms_out.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_features_must_be_float_tensors(tmp_path) -> None:
@@ -685,7 +727,7 @@ def test_cli_bad_data_is_one_line_error(case, tmp_path, make, message) -> None:
         (("--epochs", "1", "--device", "tpu"), "unknown --device"),
         (("--epochs", "1", "--precision", "fp8"), "--precision"),
         (("--epochs", "1", "--features", "norms"), "give --feature-loss"),
-        (("--epochs", "1", "--feature-loss", "--features", "norms"), "no normalization node"),
+        (("--epochs", "1", "--feature-loss", "--features", "norms"), "no normalization"),
     ],
 )
 def test_cli_bad_options_are_one_line_errors(case, tmp_path, extra, message) -> None:
