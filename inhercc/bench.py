@@ -31,7 +31,7 @@ from onnx import ModelProto
 
 from inhercc.data import input_specs, parse_shapes, resolve_shapes, synthetic_feeds
 from inhercc.errors import InherccError
-from inhercc.runtime import make_session, provider_name
+from inhercc.runtime import make_session, ort_failures, provider_name
 
 BENCH_FORMAT = "inhercc-bench"
 BENCH_VERSION = 1
@@ -463,13 +463,15 @@ def bench(
     runs = []
     for k, shape_set in enumerate(shape_sets):
         shapes_k = [c[k] for c in concrete]
-        runners = _runners(subjects, shapes_k, options, cuda_graph, notes)
-        if runners is None:  # CUDA graphs not possible for some model: all run without, for a fair ratio
-            cuda_graph = False
-            runners = _runners(subjects, shapes_k, options, False, notes)
-        assert runners is not None
-        say(f"shape set {k + 1}/{len(shape_sets)} {shape_text(shapes_k[0])}: warm-up {warmup}, timing")
-        samples = time_interleaved(runners, warmup=warmup, repeat=options.repeat, duration=options.duration)
+        check_input_memory(subjects, shapes_k)
+        with ort_failures(f"benchmarking at {shape_text(shapes_k[0])}"):
+            runners = _runners(subjects, shapes_k, options, cuda_graph, notes)
+            if runners is None:  # CUDA graphs not possible for some model: all run without, for a fair ratio
+                cuda_graph = False
+                runners = _runners(subjects, shapes_k, options, False, notes)
+            assert runners is not None
+            say(f"shape set {k + 1}/{len(shape_sets)} {shape_text(shapes_k[0])}: warm-up {warmup}, timing")
+            samples = time_interleaved(runners, warmup=warmup, repeat=options.repeat, duration=options.duration)
         batch = _batch_of(shapes_k[0])
         results = []
         for i, (s, lat) in enumerate(zip(subjects, samples)):
@@ -530,6 +532,40 @@ def bench(
         "runs": runs,
         "notes": notes,
     }
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_input_memory(subjects: Sequence[Subject], shapes: Sequence[ShapeSet]) -> None:
+    """A one-line error before allocating when the synthetic inputs of one shape set (every model's, plus
+    the float64 draw they are made from) would not fit in the memory available."""
+    need = 0
+    biggest = 0
+    for s, shape in zip(subjects, shapes):
+        for spec in input_specs(s.model):
+            count = int(np.prod(shape.get(spec.name, [1]), dtype=np.float64))
+            need += count * np.dtype(spec.dtype).itemsize
+            biggest = max(biggest, count * 8)  # synthetic floats are drawn in float64, then cast
+    need += biggest
+    free = available_memory()
+    if free is not None and need > free:
+        raise InherccError(
+            f"--shape {shape_text(shapes[0])}: the inputs need {need / 2**30:.1f} GiB of memory, "
+            f"only {free / 2**30:.1f} GiB is available; use a smaller shape"
+        )
 
 
 def _runners(

@@ -22,7 +22,7 @@ from onnx import ModelProto
 from inhercc.data import Feed, cast_feeds, input_specs, iter_batches, sample_count
 from inhercc.errors import InherccError
 from inhercc.layers import Layer
-from inhercc.runtime import make_session
+from inhercc.runtime import batch_size_for, full_batches, make_session, model_fixed_batch, ort_failures
 
 DEFAULT_SAMPLES = 256
 DEFAULT_BATCH_SIZE = 16
@@ -277,15 +277,19 @@ def split_quota(parts: Sequence[Feed], samples: int | None) -> list[tuple[Feed, 
 
 
 def trimmed_parts(
-    model: ModelProto, feeds: Mapping[str, np.ndarray] | Parts, samples: int | None
+    model: ModelProto, feeds: Mapping[str, np.ndarray] | Parts, samples: int | None, source: str = "calibration data"
 ) -> list[tuple[Feed, Callable[[Feed], Feed]]]:
     """``samples`` samples (all when None) of one feed or several parts, drawn in proportion, each part as
-    model inputs sorted by length with its padding cutter (:func:`padding_trimmer`)."""
+    model inputs sorted by length with its padding cutter (:func:`padding_trimmer`). With a fixed batch dim
+    each part is cut to whole batches (:func:`inhercc.runtime.full_batches`); a part smaller than one batch
+    is left out, unless every part is (an error)."""
     if samples is not None and samples <= 0:
         raise InherccError(f"--calib-samples must be positive, got {samples}")
-    return [
-        padding_trimmer(model, calibration_feeds(model, part, n)) for part, n in split_quota(feed_parts(feeds), samples)
-    ]
+    chosen = [calibration_feeds(model, part, n) for part, n in split_quota(feed_parts(feeds), samples)]
+    fixed = model_fixed_batch(model)
+    if fixed and len(chosen) > 1 and any(sample_count(f) >= fixed for f in chosen):
+        chosen = [f for f in chosen if sample_count(f) >= fixed]
+    return [padding_trimmer(model, full_batches(model, feed, source)) for feed in chosen]
 
 
 def _taps(model: ModelProto, layers: Sequence[Layer]) -> list[_Tap]:
@@ -404,12 +408,18 @@ class _Runner:
     feeding the taps."""
 
     def __init__(
-        self, model: ModelProto, feeds: Mapping[str, np.ndarray] | Parts, samples: int | None, batch_size: int
+        self,
+        model: ModelProto,
+        feeds: Mapping[str, np.ndarray] | Parts,
+        samples: int | None,
+        batch_size: int,
+        source: str = "calibration data",
     ):
         if batch_size <= 0:
             raise InherccError(f"calibration batch size must be positive, got {batch_size}")
-        self.model, self.batch_size = model, batch_size
-        self.parts = trimmed_parts(model, feeds, samples)
+        batch_size = batch_size_for(model, batch_size)  # a fixed batch dim takes exactly its size
+        self.model, self.batch_size, self.source = model, batch_size, source
+        self.parts = trimmed_parts(model, feeds, samples, source)
         self.mask_name = mask_input(model)
         sizes = [sample_count(feed) for feed, _ in self.parts]
         self.samples = sum(sizes)
@@ -421,17 +431,20 @@ class _Runner:
             yield from map(cut, iter_batches(feed, self.batch_size))
 
     def activation_bytes(self, taps: Sequence[_Tap]) -> dict[str, int]:
-        """Bytes per batch of each exposed tensor, the most any part needs (one run on its longest sample)."""
+        """Bytes per batch of each exposed tensor, the most any part needs (one run on its longest sample, or
+        on its last batch when the model fixes the batch size)."""
         probe_model, names = with_outputs(self.model, [t.tensor for t in taps])
         if not names:
             return {}
         sess = make_session(probe_model)
+        probe = model_fixed_batch(self.model) or 1
         out: dict[str, int] = {}
         for feed, cut in self.parts:
-            values = sess.run(names, cut({k: v[-1:] for k, v in feed.items()}))
+            with ort_failures(f"calibration on {self.source}"):
+                values = sess.run(names, cut({k: v[-probe:] for k, v in feed.items()}))
             rows = min(self.batch_size, sample_count(feed))
             for name, v in zip(names, values):
-                out[name] = max(out.get(name, 0), int(v.nbytes) * rows)
+                out[name] = max(out.get(name, 0), int(v.nbytes) * rows // probe)
         return out
 
     def run(
@@ -460,7 +473,8 @@ class _Runner:
             outs = []
             for i, (sess, names) in enumerate(sessions):
                 fed = {**batch, **given[b][i]} if given else batch
-                values = dict(zip(names, sess.run(names, fed))) if sess is not None else {}
+                with ort_failures(f"calibration on {self.source}"):
+                    values = dict(zip(names, sess.run(names, fed))) if sess is not None else {}
                 outs.append({**fed, **values})
             mask = batch.get(self.mask_name) if self.mask_name else None
             for tap in taps:
@@ -487,6 +501,7 @@ def collect_grams(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    source: str = "calibration data",
 ) -> dict[str, np.ndarray]:
     """Per-layer Gram matrices ``XᵀX`` (sums, not means) of the layer inputs over ``samples`` samples of
     ``feeds`` (all when None): one feed dict, or several of different sample shapes, drawn from in
@@ -495,9 +510,9 @@ def collect_grams(
     Returns ``{layer name: G}``, ``G`` of shape ``[k, k]`` (``groups == 1``) or ``[g, k, k]`` (grouped
     conv), ``k`` the layer's ``in_features``. Layers whose input cannot be exposed are left out (they fall
     back to plain SVD). Taps are run in several passes when their activations for one batch would exceed
-    ``max_bytes``.
+    ``max_bytes``. ``source`` names the data in errors (ONNX Runtime failing on it, too few samples).
     """
-    runner = _Runner(model, feeds, samples, batch_size)
+    runner = _Runner(model, feeds, samples, batch_size, source)
     taps = _taps(model, layers)
     if not taps:
         return {}
@@ -552,6 +567,7 @@ def sequential_factors(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
     max_bytes: int = DEFAULT_CUT_BYTES,
+    source: str = "calibration data",
 ) -> dict[str, Factors]:
     """Error-compensating whitened factors, stage by stage in topological order: each layer's factors map
     the *student's* input (all earlier layers already compressed) to the *teacher's* output, so the error
@@ -566,7 +582,7 @@ def sequential_factors(
 
     planned = [layer for layer in layers if ranks.get(layer.name)]
     by_name = {layer.name: layer for layer in planned}
-    runner = _Runner(model, feeds, samples, batch_size)
+    runner = _Runner(model, feeds, samples, batch_size, source)
     plan_stages = stages(model, _taps(model, planned))
     cuts = frontiers(model, [[t.tensor for t in stage] for stage in plan_stages])
     bar = Progress(runner.batches * len(plan_stages), f"sequential calibration, {len(plan_stages)} stages", progress)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
 import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -15,9 +20,47 @@ from inhercc.report import format_table, human_bytes, human_count
 _NO_ARGS_IS_HELP: type[Exception] = getattr(click.exceptions, "NoArgsIsHelpError", type("_Never", (Exception,), {}))
 
 
+class OptionalValue(click.Option):
+    """An option whose value may be left out: ``--feature-loss`` alone means ``--feature-loss 1``. Unlike
+    click's ``is_flag=False, flag_value=…`` (which reads ``--feature-loss -1`` as the option ``-1``), a
+    negative number is still taken as the value, so that the range check can refuse it."""
+
+    def __init__(self, *args: Any, implied: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.implied = implied
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class Command(click.Command):
+    """Fills in the implied value of an :class:`OptionalValue` given without one."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        implied = {opt: p.implied for p in self.params if isinstance(p, OptionalValue) for opt in p.opts}
+        filled: list[str] = []
+        for i, arg in enumerate(args):
+            filled.append(arg)
+            if arg == "--":
+                filled.extend(args[i + 1 :])
+                break
+            if arg in implied:
+                nxt = args[i + 1] if i + 1 < len(args) else None
+                if nxt is None or (nxt.startswith("-") and len(nxt) > 1 and not _is_number(nxt)):
+                    filled.append(implied[arg])
+        return super().parse_args(ctx, filled)
+
+
 class OneLineErrors(click.Group):
     """User mistakes (bad options, bad files) print one ``error: …`` line and exit 2 — no usage block, no
     traceback."""
+
+    command_class = Command
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         kwargs["standalone_mode"] = False
@@ -46,11 +89,50 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _warn(message: str) -> None:
+    click.echo(f"warning: {' '.join(message.split())}", err=True)
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    _warn(str(message))
+
+
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="inhercc")
 def cli() -> None:
     """inhercc — compress ONNX models by inheritance (SVD-initialized asymmetric factor chains)."""
-    warnings.simplefilter("ignore", UserWarning)  # the CLI states synthetic-data use in its own output
+    # Other libraries' UserWarnings are noise here; inhercc's own (e.g. distillation on synthetic inputs)
+    # are one ``warning: …`` line, except synthetic verification, which the compress summary states.
+    warnings.simplefilter("ignore", UserWarning)
+    warnings.filterwarnings("default", category=UserWarning, module=r"inhercc\b")
+    warnings.filterwarnings("ignore", message="no --data given: verification", category=UserWarning)
+    warnings.showwarning = _show_warning
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM as Ctrl-C: the temp files being written are removed on the way out (a second one kills)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
+def _flag(param: click.Parameter) -> str:
+    """The option as users write it (``--calib-samples``, ``--loss``)."""
+    return max(param.opts, key=len) if param.opts else (param.name or "?").upper()
+
+
+class FiniteFloat(click.types.FloatParamType):
+    """A float option that refuses nan and ±inf (they would hang a timing loop or poison a loss)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            raise InherccError(f"{_flag(param) if param else 'value'} must be a finite number, got {value}")
+        return number
+
+
+FLOAT = FiniteFloat()
 
 
 def _ratio(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -61,8 +143,31 @@ def _ratio(ctx: click.Context, param: click.Parameter, value: float | None) -> f
 
 def _rank(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     if value is not None and value <= 0:
-        raise InherccError(f"--{param.name.replace('_', '-')} must be positive, got {value}")
+        raise InherccError(f"{_flag(param)} must be positive, got {value}")
     return value
+
+
+def _non_negative(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and value < 0:
+        raise InherccError(f"{_flag(param)} must be ≥ 0, got {value}")
+    return value
+
+
+def _given(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among ``names`` set on the command line (to refuse those the chosen mode ignores)."""
+    given = []
+    for param in ctx.command.params:
+        if param.name in names:
+            source = ctx.get_parameter_source(param.name)
+            if source is not None and source != click.core.ParameterSource.DEFAULT:
+                given.append(_flag(param))
+    return given
+
+
+def _refuse_calibration_without_data(ctx: click.Context, data: str | None) -> None:
+    given = _given(ctx, ("calib_samples", "calib_batch_size"))
+    if data is None and given:
+        raise InherccError(f"{', '.join(given)}: calibration options, only used with --data")
 
 
 _DISTILL_FIELDS = (
@@ -93,14 +198,15 @@ _DISTILL_FIELDS = (
 )
 
 
-def distill_options(f: Any) -> Any:
-    """The distillation options shared by ``compress`` and ``finetune``."""
+def distill_options(epochs_help: str) -> Callable[[Any], Any]:
+    """The distillation options shared by ``compress`` and ``finetune`` (``--epochs`` says what it does in
+    each)."""
     options = [
-        click.option("--epochs", type=int, callback=_rank, help="Distil for this many epochs [default: 3]."),
+        click.option("--epochs", type=int, callback=_rank, help=epochs_help),
         click.option("--steps", type=int, callback=_rank, help="Distil for this many optimizer steps (not epochs)."),
-        click.option("--lr", type=float, default=5e-4, show_default=True, help="AdamW peak learning rate."),
+        click.option("--lr", type=FLOAT, default=5e-4, show_default=True, help="AdamW peak learning rate."),
         click.option("--batch-size", type=int, default=32, show_default=True, callback=_rank, help="Per process."),
-        click.option("--val-split", type=float, default=0.1, show_default=True, help="Held-out fraction."),
+        click.option("--val-split", type=FLOAT, default=0.1, show_default=True, help="Held-out fraction."),
         click.option(
             "--train",
             default="factors",
@@ -108,8 +214,8 @@ def distill_options(f: Any) -> Any:
             help="Which initializers to train: factors (<w>.inherit_in/out), all, or a regex over names "
             "(never one-element constants).",
         ),
-        click.option("--temperature", type=float, default=4.0, show_default=True, help="KD temperature."),
-        click.option("--alpha", type=float, default=0.3, show_default=True, help="Weight of CE on _labels."),
+        click.option("--temperature", type=FLOAT, default=4.0, show_default=True, help="KD temperature."),
+        click.option("--alpha", type=FLOAT, default=0.3, show_default=True, help="Weight of CE on _labels."),
         click.option(
             "--loss",
             "losses",
@@ -118,10 +224,12 @@ def distill_options(f: Any) -> Any:
         ),
         click.option(
             "--feature-loss",
-            type=float,
-            is_flag=False,
-            flag_value=1.0,
+            cls=OptionalValue,
+            implied="1",
+            type=FLOAT,
             default=0.0,
+            callback=_non_negative,
+            metavar="[WEIGHT]",
             help="Feature inheritance loss (intermediate tensors vs the teacher's), optional weight [1].",
         ),
         click.option(
@@ -131,16 +239,23 @@ def distill_options(f: Any) -> Any:
             help="What --feature-loss compares: layers (factorized layer outputs), norms (normalization outputs: "
             "each block's hidden state) or a regex over tensor names.",
         ),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True),
-        click.option("--warmup", type=float, default=0.05, show_default=True, help="Warm-up fraction of the steps."),
-        click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping."),
-        click.option("--patience", type=int, default=3, show_default=True, help="Early stop (0: never)."),
+        click.option("--weight-decay", type=FLOAT, default=0.0, show_default=True, callback=_non_negative),
+        click.option("--warmup", type=FLOAT, default=0.05, show_default=True, help="Warm-up fraction of the steps."),
+        click.option("--clip", type=FLOAT, default=1.0, show_default=True, help="Gradient-norm clipping."),
+        click.option(
+            "--patience", type=int, default=3, show_default=True, callback=_non_negative, help="Early stop (0: never)."
+        ),
         click.option("--eval-every", type=int, callback=_rank, help="Validate every N steps [default: per epoch]."),
         click.option(
             "--cache-teacher/--no-cache-teacher", default=None, help="Cache teacher outputs [default: when they fit]."
         ),
         click.option("--checkpoint", type=click.Path(file_okay=False, path_type=str), help="Checkpoint folder."),
-        click.option("--checkpoint-every", type=int, callback=_rank, help="Steps [default: every validation]."),
+        click.option(
+            "--checkpoint-every",
+            type=int,
+            callback=_rank,
+            help="Steps (with --checkpoint) [default: every validation].",
+        ),
         click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint when there is one."),
         click.option("--device", help="cpu, cuda or cuda:N [default: cuda when available]."),
         click.option(
@@ -153,9 +268,13 @@ def distill_options(f: Any) -> Any:
         click.option("--threads", type=int, callback=_rank, help="torch / ONNX Runtime threads [default: theirs]."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-epoch lines."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
 def calibration_options(f: Any) -> Any:
@@ -167,9 +286,11 @@ def calibration_options(f: Any) -> Any:
             default=256,
             show_default=True,
             callback=_rank,
-            help="Samples of --data whose layer inputs calibrate the whitened factors.",
+            help="Samples of --data whose layer inputs calibrate the whitened factors (with --data).",
         ),
-        click.option("--calib-batch-size", type=int, default=16, show_default=True, callback=_rank),
+        click.option(
+            "--calib-batch-size", type=int, default=16, show_default=True, callback=_rank, help="(With --data.)"
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -182,19 +303,13 @@ def distill_config(options: dict[str, Any], seed: int) -> Any:
     from inhercc.losses import parse_loss_overrides
 
     values = {k: options.pop(k) for k in _DISTILL_FIELDS}
+    if values["epochs"] is not None and values["steps"] is not None:
+        raise InherccError("choose one of --epochs, --steps (got both)")
+    if values["checkpoint_every"] is not None and values["checkpoint"] is None:
+        raise InherccError("--checkpoint-every: a checkpoint option, only used with --checkpoint")
     values["losses"] = parse_loss_overrides(values["losses"])
     values["patience"] = values["patience"] or None
     return DistillConfig(seed=seed, **values)
-
-
-def _distill_given(ctx: click.Context) -> list[str]:
-    """Distillation options set on the command line (to refuse them without --epochs / --steps)."""
-    given = []
-    for name in _DISTILL_FIELDS:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source != click.core.ParameterSource.DEFAULT:
-            given.append("--" + name.replace("_", "-").replace("losses", "loss"))
-    return given
 
 
 @cli.command()
@@ -204,12 +319,12 @@ def _distill_given(ctx: click.Context) -> list[str]:
 )
 @click.option(
     "--ratio",
-    type=float,
+    type=FLOAT,
     callback=_ratio,
     help="Keep this fraction of the compressible parameters (default 0.5); ranks spread by --allocation.",
 )
 @click.option("--rank", type=int, callback=_rank, help="One rank for every layer.")
-@click.option("--energy", type=float, help="Per layer, keep this fraction of the spectral energy.")
+@click.option("--energy", type=FLOAT, help="Per layer, keep this fraction of the spectral energy.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=str), help="Replay a plan JSON.")
 @click.option("--save-plan", type=click.Path(dir_okay=False, path_type=str), help="Write the plan as JSON.")
 @click.option(
@@ -237,14 +352,16 @@ def _distill_given(ctx: click.Context) -> list[str]:
 @click.option(
     "--data",
     type=click.Path(path_type=str),
-    help="Samples (.npz, one array per input; or a folder of .npz / <input>.npy shards) for calibration, "
+    help="Samples (.npz, one array per input; <input>.npy; or a folder of .npz / <input>.npy shards) for "
+    "calibration, "
     "verification and distillation.",
 )
 @click.option(
     "--verify-data",
     type=click.Path(path_type=str),
-    help="Held-out samples (.npz) for the fidelity check "
-    "(default: the last --verify-samples of --data, held out from calibration).",
+    help="Held-out samples (.npz) for the fidelity check [default: the last --verify-samples samples of --data, "
+    "held out from calibration when --data has at least twice as many, else all of --data, calibration samples "
+    "included (with a warning); with --epochs/--steps: the validation split, and --verify-data besides].",
 )
 @click.option("--verify-samples", type=int, default=8, show_default=True, callback=_rank)
 @click.option("--shape", "shapes", multiple=True, help="Input shape for dynamic dims, e.g. input_ids=1x128.")
@@ -282,7 +399,9 @@ def _distill_given(ctx: click.Context) -> list[str]:
     "by stage: better fidelity, one pass over the calibration samples per stage.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Also print the per-layer table.")
-@distill_options
+@distill_options(
+    "Distil for this many epochs after compressing (compress distils only when --epochs or --steps is given)."
+)
 @click.pass_context
 def compress(
     ctx: click.Context,
@@ -324,13 +443,15 @@ def compress(
 
     training = options["epochs"] is not None or options["steps"] is not None
     threads = options["threads"]  # also the --latency-aware timing threads
-    given = [g for g in _distill_given(ctx) if not (latency_aware and g == "--threads") and g != "--quiet"]
+    given = [g for g in _given(ctx, _DISTILL_FIELDS) if not (latency_aware and g == "--threads") and g != "--quiet"]
     if sensitivity and allocation not in (None, "sensitivity"):
         raise InherccError(f"--sensitivity contradicts --allocation {allocation}")
     progress = not options["quiet"]  # also the calibration progress bars
     if not training and given:
         raise InherccError(f"{', '.join(given)}: distillation options, only used with --epochs or --steps")
+    _refuse_calibration_without_data(ctx, data)
     config = distill_config(options, seed)
+    multiple = rank_multiple or (default_rank_multiple(provider) if latency_aware else 8)
     result = compress_file(
         model,
         output,
@@ -341,7 +462,7 @@ def compress(
         rank=rank,
         energy=energy,
         plan=plan_path,
-        rank_multiple=rank_multiple or (default_rank_multiple(provider) if latency_aware else 8),
+        rank_multiple=multiple,
         split=split,
         init=init,
         include=include or None,
@@ -446,7 +567,9 @@ def _ratio_str(a: float, b: float) -> str:
 @click.option("--data", type=click.Path(path_type=str), help="Calibration samples: show whitened (output) spectra.")
 @calibration_options
 @click.option("-q", "--quiet", is_flag=True, help="No calibration progress bar.")
+@click.pass_context
 def inspect(
+    ctx: click.Context,
     model: str,
     as_json: bool,
     include: tuple[str, ...],
@@ -461,6 +584,7 @@ def inspect(
     layer outputs with --data), why not compressible."""
     from inhercc.pipeline import inspect_model
 
+    _refuse_calibration_without_data(ctx, data)
     info = inspect_model(
         model,
         include=include or None,
@@ -526,7 +650,7 @@ def inspect(
 @click.option("--batch", type=int, callback=_rank, help="Leading dynamic dim not set by --shape (default 1).")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs per model and shape set.")
 @click.option("--repeat", type=int, help="Timed rounds (A B A B …) per shape set [default: 100].")
-@click.option("--duration", type=float, help="Instead of --repeat: seconds of timed rounds per shape set.")
+@click.option("--duration", type=FLOAT, help="Instead of --repeat: seconds of timed rounds per shape set.")
 @click.option(
     "--cudnn-algo",
     type=click.Choice(["heuristic", "exhaustive", "default"], case_sensitive=False),
@@ -539,7 +663,12 @@ def inspect(
 @click.option("--seed", type=int, default=0, show_default=True, help="Synthetic inputs and bootstrap.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str), help="Write the result JSON.")
 @click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=str), help="Write a markdown table.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=str), help="Latency plot (PNG).")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Latency plot; the extension picks the format (.png, .svg, .pdf, …; needs matplotlib).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Progress on stderr.")
 def bench(
     models: tuple[str, ...],
@@ -568,12 +697,16 @@ def bench(
         --shape input_ids=32x128 --shape input_ids=1x128 --json bench.json
     """
     from inhercc.bench import BenchOptions, bench, default_provider, parse_shape_sets
-    from inhercc.model import check_output_path
+    from inhercc.model import check_paths
     from inhercc.report import bench_markdown, bench_table, plot_bench, write_json, write_text_atomic
 
-    for out in (json_path, md_path, plot_path):
-        if out is not None:
-            check_output_path(out, list(models))
+    check_paths(
+        [("MODELS", m) for m in models],
+        {"--json": json_path, "--markdown": md_path, "--plot": plot_path},
+        models=models,
+    )
+    if plot_path is not None:
+        check_plot_format(plot_path)
     options = BenchOptions(
         provider=(provider or default_provider()).lower(),
         threads=threads,
@@ -598,6 +731,21 @@ def bench(
         plot_bench(result, plot_path)
 
 
+def check_plot_format(path: str) -> None:
+    """--plot writes exactly ``path``, in the format its extension names (one matplotlib can write without
+    LaTeX): refused up front rather than after the timing run."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as e:
+        raise InherccError("--plot needs matplotlib (pip install matplotlib)") from e
+    formats = sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
+    ext = Path(path).suffix.lower().lstrip(".")
+    if not ext:
+        raise InherccError(f"--plot {path} has no extension; add one of .{', .'.join(formats)}")
+    if ext not in formats:
+        raise InherccError(f"--plot {path}: unsupported format .{ext}; choose one of .{', .'.join(formats)}")
+
+
 @cli.command()
 @click.argument("student", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--teacher", required=True, type=click.Path(dir_okay=False, path_type=str), help="Teacher ONNX file.")
@@ -607,14 +755,14 @@ def bench(
 @click.option(
     "--data",
     type=click.Path(path_type=str),
-    help="Training samples: .npz (one array per input, optional _labels) or a folder of shards "
+    help="Training samples: .npz (one array per input, optional _labels), <input>.npy, or a folder of shards "
     "[default: synthetic, with a warning].",
 )
 @click.option("--shape", "shapes", multiple=True, help="Input shape for synthetic data, e.g. input_ids=1x128.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str), help="Write a JSON report.")
 @click.option("--external-data", is_flag=True, default=None, help="Store weights in <output>.data (auto above 2 GB).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Validation split and shuffling.")
-@distill_options
+@distill_options("Distil for this many epochs [default: 3, unless --steps is given].")
 def finetune(
     student: str,
     teacher: str,
@@ -630,6 +778,7 @@ def finetune(
     from inhercc.data import parse_shapes
     from inhercc.distill import finetune_file
 
+    config = distill_config(options, seed)
     result = finetune_file(
         student,
         teacher,
@@ -637,7 +786,7 @@ def finetune(
         data,
         report_path=report_path,
         external_data=external_data,
-        config=distill_config(options, seed),
+        config=config,
         shapes=parse_shapes(shapes),
     )
     rep = result.report
@@ -652,7 +801,8 @@ def finetune(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: SIGTERM stops like Ctrl-C (``error: aborted``, temp files removed)."""
+    signal.signal(signal.SIGTERM, _terminate)
     cli()
 
 

@@ -154,17 +154,69 @@ def warn_synthetic(purpose: str) -> None:
     )
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip
+
+
+def data_file_kind(path: Path) -> str:
+    """``"npz"`` or ``"npy"`` by the file's first bytes; any other file is an :class:`InherccError` that says
+    what an ``.npz`` is (numpy's own message for such files suggests unpickling them)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise InherccError(f"cannot read data file {path}: {e.strerror or one_line(e)}") from e
+    if head.startswith(_NPY_MAGIC):
+        return "npy"
+    if head.startswith(_ZIP_MAGICS):
+        return "npz"
+    what = "an empty file" if not head else "not a zip file"
+    raise InherccError(f"cannot read {path}: not a .npz archive ({what}; write one array per input with numpy.savez)")
+
+
+def read_error(path: Path, kind: str, e: Exception) -> InherccError:
+    """A one-line error for a data file numpy cannot read (object arrays named as such: numpy's text
+    suggests ``allow_pickle``, which would run code from the file)."""
+    if "allow_pickle" in str(e):
+        return InherccError(f"{path} holds Python objects (dtype=object), not numeric arrays")
+    return InherccError(f"cannot read {path} as .{kind}: {one_line(e)}")
+
+
+def npy_input_name(path: Path, model: ModelProto | None) -> str:
+    """The model input a lone ``.npy`` file holds: the input its stem names (as in a folder of
+    ``<input>.npy`` files), else the model's only input."""
+    if model is None:
+        return path.stem
+    names = [s.name for s in input_specs(model)]
+    if path.stem in names or path.stem == LABELS_KEY:
+        return path.stem
+    if len(names) == 1:
+        return names[0]
+    raise InherccError(
+        f"{path} holds one array and is not named after an input; the model has inputs {', '.join(names)}: "
+        "pass an .npz or a folder of <input>.npy files"
+    )
+
+
 def load_npz(path: str | Path, model: ModelProto | None = None) -> Feed:
-    """Arrays from an ``.npz`` (one per graph input; first axis = samples; optional ``_labels``),
-    checked against the model's inputs when given."""
+    """Arrays from an ``.npz`` (one per graph input; first axis = samples; optional ``_labels``), or from a
+    lone ``.npy`` (see :func:`npy_input_name`), checked against the model's inputs when given."""
     path = Path(path)
     if not path.exists():
         raise InherccError(f"no such data file: {path}")
+    if path.is_dir():
+        raise InherccError(f"{path} is a folder, not a data file")
+    kind = data_file_kind(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            feeds = {k: z[k] for k in z.files}
+        if kind == "npy":
+            feeds = {npy_input_name(path, model): np.load(path, allow_pickle=False)}
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                feeds = {k: z[k] for k in z.files}
+    except InherccError:
+        raise
     except Exception as e:
-        raise InherccError(f"cannot read {path} as .npz: {one_line(e)}") from e
+        raise read_error(path, kind, e) from e
     if not feeds:
         raise InherccError(f"{path} holds no arrays")
     if model is not None:
@@ -382,10 +434,20 @@ def _model_arrays(feeds: Mapping[str, np.ndarray], model: ModelProto) -> Feed:
     return {k: v for k, v in feeds.items() if k in keep}
 
 
+def _checked_model_arrays(
+    feeds: Mapping[str, np.ndarray], model: ModelProto, source: str, *, check_finite: bool = True
+) -> Feed:
+    """:func:`check_feeds` on every array given (so its errors list them all), then the model's arrays."""
+    check_feeds(feeds, model, source, check_finite=check_finite)
+    return _model_arrays(feeds, model)
+
+
 def _npz_header(path: Path) -> Feed:
     """Zero-stride stand-ins with the shape and dtype of every array in an ``.npz`` (values not read)."""
     import zipfile
 
+    if data_file_kind(path) != "npz":
+        raise InherccError(f"cannot read {path}: not a .npz archive (a .npy array; in a folder, name it <input>.npy)")
     out: Feed = {}
     try:
         with zipfile.ZipFile(path) as z:
@@ -398,7 +460,7 @@ def _npz_header(path: Path) -> Feed:
                     shape, _, dtype = (read or np.lib.format.read_array_header_2_0)(f)
                 out[info.filename[:-4]] = _stand_in(shape, dtype)
     except Exception as e:
-        raise InherccError(f"cannot read {path} as .npz: {one_line(e)}") from e
+        raise read_error(path, "npz", e) from e
     if not out:
         raise InherccError(f"{path} holds no arrays")
     return out
@@ -409,8 +471,7 @@ def _stand_in(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 def _npz_shard(path: Path, model: ModelProto) -> Shard:
-    head = _model_arrays(_npz_header(path), model)
-    check_feeds(head, model, str(path), check_finite=False)
+    head = _checked_model_arrays(_npz_header(path), model, str(path), check_finite=False)
 
     def load() -> Feed:
         return _model_arrays(load_npz(path), model)
@@ -425,9 +486,8 @@ def _npy_shard(files: list[Path], model: ModelProto, source: str) -> Shard:
         try:
             arrays[f.stem] = np.load(f, mmap_mode="r", allow_pickle=False)
         except Exception as e:
-            raise InherccError(f"cannot read {f} as .npy: {one_line(e)}") from e
-    arrays = _model_arrays(arrays, model)
-    check_feeds(arrays, model, source, check_finite=False)
+            raise read_error(f, "npy", e) from e
+    arrays = _checked_model_arrays(arrays, model, source, check_finite=False)
     return Shard(sample_count(arrays), feed_signature(arrays), lambda: arrays, source)
 
 
@@ -455,14 +515,14 @@ def _iterable_shards(items: Iterable[Mapping[str, np.ndarray]], model: ModelProt
     for i, item in enumerate(items):
         if not isinstance(item, Mapping):
             raise InherccError(f"{source} item {i} is a {type(item).__name__}, not a dict of input arrays")
-        feeds = _model_arrays({k: np.asarray(v) for k, v in item.items()}, model)
+        given = {k: np.asarray(v) for k, v in item.items()}
         # one unbatched sample (rank one below the model input's) gets its batch axis
         for spec in specs:
-            a = feeds.get(spec.name)
+            a = given.get(spec.name)
             if a is not None and spec.shape and a.ndim == len(spec.shape) - 1:
-                feeds = {k: v[None] for k, v in feeds.items()}
+                given = {k: v[None] for k, v in given.items()}
                 break
-        check_feeds(feeds, model, f"{source} item {i}")
+        feeds = _checked_model_arrays(given, model, f"{source} item {i}")
         if runs and feed_signature(runs[-1][-1]) == feed_signature(feeds):
             runs[-1].append(feeds)
         else:
@@ -504,8 +564,7 @@ def open_samples(
         feeds = _model_arrays(load_npz(path, model), model)
         return Samples([_in_memory(feeds, str(path))], model, str(path))
     if isinstance(data, Mapping):
-        feeds = _model_arrays({k: np.asarray(v) for k, v in data.items()}, model)
-        check_feeds(feeds, model)
+        feeds = _checked_model_arrays({k: np.asarray(v) for k, v in data.items()}, model, "data")
         return Samples([_in_memory(feeds, "data")], model, "data")
     get_next = getattr(data, "get_next", None)
     if callable(get_next):

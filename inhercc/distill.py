@@ -13,6 +13,7 @@ rank sees the same shuffled global batches and takes its own slice of each; only
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -21,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from onnx import ModelProto
 from inhercc.data import LABELS_KEY, Feed, Samples, cast_feeds, input_specs, open_samples, split_indices
 from inhercc.errors import InherccError
 from inhercc.losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DistillLoss
-from inhercc.model import FLOAT_TYPES
+from inhercc.model import FLOAT_TYPES, one_line
 from inhercc.verify import compare_output_parts, mean_cosine, output_fidelity
 
 FACTOR_PATTERN = re.compile(r"\.inherit_(in|out)(_\d+)?$")
@@ -108,6 +109,14 @@ class DistillConfig:
     prefetch: bool | None = None
 
     def check(self) -> None:
+        """Every setting valid (an :class:`InherccError` naming the option otherwise), before any work."""
+        for f in fields(self):  # NaN passes every comparison below, and ±inf most: refuse them first
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise InherccError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+        for output, (_kind, weight) in self.losses.items():
+            if not math.isfinite(weight) or weight < 0:
+                raise InherccError(f"--loss {output}: weight must be a finite number ≥ 0, got {weight}")
         for name in ("epochs", "steps", "batch_size", "eval_every", "checkpoint_every", "synthetic_samples", "threads"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -429,8 +438,11 @@ class Teacher:
 
     def run(self, feeds: Feed, features: bool) -> list[np.ndarray]:
         """One ONNX Runtime run: the graph outputs, then (``features``) the feature tensors."""
+        from inhercc.runtime import ort_failures
+
         names = self.outputs + (self.features if features else [])
-        return list(self.session.run(names, cast_feeds(feeds, self.model)))
+        with ort_failures("distillation (the teacher)"):
+            return list(self.session.run(names, cast_feeds(feeds, self.model)))
 
     def __call__(
         self, idx: np.ndarray, feeds: Feed, *, features: bool, train: bool = True
@@ -555,24 +567,74 @@ class _Progress:
         self.say(text)
 
 
+def _checkpoint_folder(folder: Path) -> None:
+    """Create the ``--checkpoint`` folder (checked before training, so a bad one costs no training time)."""
+    if folder.exists() and not folder.is_dir():
+        raise InherccError(f"--checkpoint {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InherccError(f"cannot create checkpoint folder {folder}: {e.strerror or one_line(e)}") from e
+
+
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic ``torch.save`` (a crash never leaves a half-written checkpoint)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic ``torch.save``: written and synced to a temporary file beside ``path``, then renamed over it (a
+    crash or a full disk never leaves a half-written checkpoint, nor a stale temporary file)."""
+    _checkpoint_folder(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise InherccError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+        raise InherccError(f"cannot write checkpoint {path}: {reason}") from e
+
+
+# What :func:`_train` writes into a checkpoint (and reads back on resume).
+_CHECKPOINT_KEYS = ("format", "config", "shapes", "params", "best_params", "optimizer", "scheduler", "state")
+
+
+def checkpoint_error(path: Path, why: str) -> InherccError:
+    """A checkpoint that cannot be resumed from: say why and what to do (never to unpickle it)."""
+    return InherccError(f"checkpoint {path} cannot be read ({why}); remove it or start without --resume")
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in a few words (torch's own text recommends
+    ``weights_only=False``, which would run code from the file)."""
+    import pickle
+
+    if isinstance(e, OSError):
+        return e.strerror or one_line(e)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "an empty file"
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        return "not a torch checkpoint archive"
+    if isinstance(e, pickle.UnpicklingError):
+        return "it holds objects other than tensors and plain data"
+    return "truncated or corrupt"
 
 
 def _load_checkpoint(path: Path, cfg: DistillConfig, trainable: Mapping[str, torch.nn.Parameter]) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InherccError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InherccError(f"{path} is not an inhercc distillation checkpoint")
+        raise checkpoint_error(path, _unreadable(path, e)) from e
+    if (
+        not isinstance(ckpt, dict)
+        or ckpt.get("format") != CHECKPOINT_FORMAT
+        or any(k not in ckpt for k in _CHECKPOINT_KEYS)
+        or not all(isinstance(ckpt[k], dict) for k in ("config", "shapes", "params", "state"))
+        or not all(isinstance(ckpt["state"].get(k), int) for k in ("step", "epoch", "batch"))
+    ):
+        raise checkpoint_error(path, "not an inhercc distillation checkpoint")
     theirs = {**_RESUME_DEFAULTS, **ckpt["config"]}  # checkpoints written before a setting existed used its default
     ours = _resume_config(cfg)
     diff = [k for k in _RESUME_KEYS if theirs.get(k) != ours.get(k)]
@@ -786,18 +848,23 @@ def _train(
     }
     best_params: dict[str, torch.Tensor] | None = None
     ckpt_path = Path(cfg.checkpoint) / CHECKPOINT_FILE if cfg.checkpoint else None
+    if ckpt_path is not None and procs.main:
+        _checkpoint_folder(ckpt_path.parent)
     resumed_from = None
     if ckpt_path is not None and cfg.resume:
         if ckpt_path.exists():
             ckpt = _load_checkpoint(ckpt_path, cfg, trainable)
-            with torch.no_grad():
-                for name, p in trainable.items():
-                    p.copy_(ckpt["params"][name].to(p.device, p.dtype))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            state = ckpt["state"]
-            best_params = ckpt["best_params"]
-            resumed_from = state["step"]
+            try:
+                with torch.no_grad():
+                    for name, p in trainable.items():
+                        p.copy_(ckpt["params"][name].to(p.device, p.dtype))
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+                state = ckpt["state"]
+                best_params = ckpt["best_params"]
+                resumed_from = state["step"]
+            except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+                raise checkpoint_error(ckpt_path, f"its contents do not fit this run: {one_line(e)}") from e
             say(f"resuming from {ckpt_path} at step {state['step']} (epoch {state['epoch'] + 1})")
         else:
             say(f"no checkpoint in {cfg.checkpoint}; starting from the beginning")
@@ -952,7 +1019,7 @@ def onnx_fidelity(
     threads: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Teacher vs student in ONNX Runtime on the given samples (the exported student, not the torch one)."""
-    from inhercc.runtime import make_session
+    from inhercc.runtime import make_session, ort_failures
 
     sess = make_session(student, threads=threads)
     names = teacher.outputs
@@ -961,7 +1028,8 @@ def onnx_fidelity(
     for idx, feeds in samples.batches(indices, batch_size):
         t_out, _ = teacher(idx, feeds, features=False, train=False)
         t_parts.append(t_out)
-        s_parts.append(list(sess.run(names, cast_feeds(feeds, student))))
+        with ort_failures("fidelity of the student"):
+            s_parts.append(list(sess.run(names, cast_feeds(feeds, student))))
     return compare_output_parts(names, t_parts, s_parts)  # batches may differ in shape (length buckets)
 
 
@@ -977,11 +1045,15 @@ def finetune_file(
 ) -> DistillResult:
     """:func:`distill` from files to a file: output paths checked before any work; rank 0 writes the
     student atomically (never over an input) and the JSON report."""
-    from inhercc.model import check_output_path, file_size, save_model
+    from inhercc.model import check_paths, file_size, path_or_none, save_model
 
-    check_output_path(output_path, [student_path, teacher_path])
-    if report_path is not None:
-        check_output_path(report_path, [student_path, teacher_path])
+    config = kwargs.get("config")
+    check_paths(
+        [("STUDENT", student_path), ("--teacher", teacher_path), ("--data", path_or_none(data))],
+        {"-o": output_path, "--report": report_path},
+        models=(student_path, teacher_path),
+        checkpoint=kwargs.get("checkpoint") or (config.checkpoint if config is not None else None),
+    )
     result = distill(student_path, teacher_path, data, **kwargs)
     if is_main_process():
         save_model(result.model, output_path, external_data=external_data)

@@ -6,6 +6,7 @@ import functools
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +265,82 @@ def check_output_path(output: str | os.PathLike[str], inputs: list[str | os.Path
     if out.is_dir():
         raise InherccError(f"output {out} is a directory")
     return out
+
+
+def path_or_none(value: object) -> str | os.PathLike[str] | None:
+    """``value`` when it names a file or folder (data may also be arrays, a dict or an iterable)."""
+    return value if isinstance(value, (str, os.PathLike)) else None
+
+
+def _real(path: str | os.PathLike[str]) -> str:
+    return os.path.realpath(path)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_paths(
+    inputs: Sequence[tuple[str, str | os.PathLike[str] | None]],
+    outputs: Mapping[str, str | os.PathLike[str] | None],
+    *,
+    models: Sequence[str | os.PathLike[str]] = (),
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> None:
+    """Before any work: no output (by option label) overwrites an input (or its external data) or writes
+    into an input folder (--data shards), no two outputs (the --checkpoint folder and its files included)
+    are one path — symlinks and ``..`` resolved — and every output folder is writable. ``models``: the
+    ONNX inputs, whose external data files are protected too."""
+    from inhercc.distill import CHECKPOINT_FILE
+
+    claims: list[tuple[str, str, str]] = []  # (label, path as given, real path written)
+    for label, path in outputs.items():
+        if path is not None:
+            claims.append((label, path, _real(path)))
+    if checkpoint is not None:
+        folder = _real(checkpoint)
+        for real in (folder, os.path.join(folder, CHECKPOINT_FILE), os.path.join(folder, CHECKPOINT_FILE + ".tmp")):
+            claims.append(("--checkpoint", checkpoint, real))
+    for in_label, in_path in inputs:
+        if in_path is None:
+            continue
+        real_in, is_folder = _real(in_path), os.path.isdir(in_path)
+        for label, path, real in claims:
+            if is_folder and _inside(real, real_in):
+                raise InherccError(
+                    f"{label} {path} is inside the input folder {in_label} {in_path}; choose another path"
+                )
+            if real == real_in:
+                raise InherccError(f"{label} {path} would overwrite the input {in_label}; choose another path")
+    seen: dict[str, str] = {}
+    for label, path, real in claims:
+        other = seen.setdefault(real, label)
+        if other != label:
+            raise InherccError(f"{other} and {label} are the same path ({path}); choose different paths")
+    for path in outputs.values():
+        if path is not None:
+            check_output_path(path, list(models))
+    if checkpoint is not None:
+        check_checkpoint_folder(checkpoint)
+
+
+def check_checkpoint_folder(folder: str | os.PathLike[str]) -> None:
+    """A --checkpoint folder that can be made (or is there) and written into, checked without creating it."""
+    path = Path(folder)
+    if path.is_symlink() and not path.exists():
+        raise InherccError(f"--checkpoint {folder} is a broken link")
+    if path.exists() and not path.is_dir():
+        raise InherccError(f"--checkpoint {folder} is a file, not a folder")
+    existing = Path(os.path.abspath(path))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InherccError(f"--checkpoint {folder}: {existing} is a file, not a folder")
+    try:  # a real probe: os.access says yes to root even on read-only file systems
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise InherccError(f"--checkpoint {folder}: {existing} is not writable ({e.strerror or e})") from e
 
 
 def save_model(model: ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:

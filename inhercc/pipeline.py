@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,7 +34,7 @@ from inhercc.distill import DistillConfig, is_main_process
 from inhercc.errors import InherccError
 from inhercc.layers import DEFAULT_MIN_PARAMS, DEFAULT_MIN_SAVING, Layer, count_flops, find_layers
 from inhercc.model import (
-    check_output_path,
+    check_paths,
     drop_inferred_shapes,
     file_facts,
     file_size,
@@ -40,6 +42,7 @@ from inhercc.model import (
     infer_model_shapes,
     load_model,
     model_bytes,
+    path_or_none,
     prepare_model,
     save_model,
     shape_skeleton,
@@ -48,6 +51,7 @@ from inhercc.model import (
 from inhercc.passes import FactorizeConv, FactorizeGemm, FactorizeMatMul, run_passes
 from inhercc.passes.base import FactorSource
 from inhercc.plan import RankPlan, apply_plan, plan_energy, plan_proportional, plan_ratio, plan_uniform
+from inhercc.runtime import check_provider, model_fixed_batch
 from inhercc.verify import fidelity
 
 INITS = ("svd", "whitened", "random")
@@ -101,6 +105,11 @@ def as_parts(data: Any, model: ModelProto) -> list[Feed]:
     return calibration_parts(samples, np.arange(len(samples)))
 
 
+def data_label(data: Any, default: str = "data") -> str:
+    """How errors name a data source: its path, else ``default``."""
+    return str(data) if isinstance(data, (str, os.PathLike)) else default
+
+
 def calibration_parts(samples: Samples, indices: np.ndarray) -> list[Feed]:
     """The first ``CALIBRATION_LIMIT`` of the given samples, one feed dict per sample shape (shards of a
     folder may differ in, say, sequence length)."""
@@ -131,7 +140,7 @@ def choose_plan(
     if rank_multiple <= 0:
         raise InherccError(f"--rank-multiple must be positive, got {rank_multiple}")
     if plan is not None:
-        return apply_plan(layers, plan if isinstance(plan, RankPlan) else RankPlan.load(plan))
+        return apply_plan(layers, plan if isinstance(plan, RankPlan) else RankPlan.load(plan), min_saving=min_saving)
     if rank is not None:
         return plan_uniform(layers, rank, rank_multiple=rank_multiple, min_saving=min_saving)
     if energy is not None:
@@ -245,11 +254,26 @@ def fixed_shape_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None)
 
 def split_holdout(feeds: Feed, samples: int) -> tuple[Feed, Feed]:
     """``(head, tail)``: the last ``samples`` samples are held out for verification when at least as many
-    remain for calibration; otherwise both are the whole set (too little data to split)."""
+    remain for calibration; otherwise both are the whole set (too little data to split; a warning says so)."""
     n = sample_count(feeds)
     if n < 2 * samples:
+        warnings.warn(
+            f"only {n} calibration samples, fewer than twice --verify-samples {samples}: the fidelity check "
+            "reuses the calibration samples (pass --verify-data, or a lower --verify-samples)",
+            stacklevel=2,
+        )
         return feeds, feeds
     return {k: v[: n - samples] for k, v in feeds.items()}, {k: v[n - samples :] for k, v in feeds.items()}
+
+
+def skip_reason(layers: Sequence[Layer]) -> str:
+    """Why none of ``layers`` is compressible: the most common reason, with a count and an example."""
+    skipped = [la for la in layers if la.reason]
+    if not skipped:
+        return ""
+    kind, n = Counter(la.reason.split(" (")[0] for la in skipped).most_common(1)[0]
+    example = next(la for la in skipped if la.reason.split(" (")[0] == kind)
+    return f"; main reason ({n} of {len(layers)} layers, e.g. {example.name}): {example.reason}"
 
 
 def verification_feeds(
@@ -325,10 +349,18 @@ def compress(
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     say = log or (lambda _msg: None)
+    if latency_aware and latency_timer is None:
+        check_provider(provider)  # before any calibration: a GPU that cannot run is a one-line error now
     teacher_value_info = has_value_info(teacher)
     model = as_model(teacher)
     training = distill is not None or epochs is not None or steps is not None
     if training:
+        fixed = model_fixed_batch(model)
+        if fixed:  # inhercc.distill batches (and probes with one sample) as if the batch dim were dynamic
+            raise InherccError(
+                f"fine-tuning (--epochs/--steps) needs a dynamic batch dim; the model fixes it at {fixed} "
+                "(re-export it with a dynamic batch axis, or compress without --epochs/--steps)"
+            )
         options = {k: v for k, v in (("epochs", epochs), ("steps", steps)) if v is not None}
         config = replace(distill or DistillConfig(), **options)
         config.check()
@@ -344,6 +376,8 @@ def compress(
             calibration[i], held = split_holdout(calibration[i], verify_samples)
             held_out = [held]
     feeds = calibration[0] if calibration else None
+    data_source = data_label(data, "calibration data")
+    verify_source = data_label(verify_data) if verify_data is not None else f"{data_source} (held-out samples)"
     if shapes:
         resolve_shapes(input_specs(model), shapes)  # fail fast on bad --shape
     layers = find_layers(
@@ -358,7 +392,7 @@ def compress(
         found = (
             f"{len(layers)} candidate(s), none compressible" if layers else "no MatMul/Gemm/Conv with a constant weight"
         )
-        raise InherccError(f"no compressible layer in the model ({found})")
+        raise InherccError(f"no compressible layer in the model ({found}){skip_reason(layers)}")
     init = init or ("whitened" if feeds is not None else "svd")
     if init == "whitened" and grams is None:
         if feeds is None:
@@ -369,7 +403,13 @@ def compress(
         t_calib = time.perf_counter()
         compressible = [la for la in layers if la.compressible]
         grams = collect_grams(
-            model, compressible, calibration, samples=calib_samples, batch_size=calib_batch_size, progress=progress
+            model,
+            compressible,
+            calibration,
+            samples=calib_samples,
+            batch_size=calib_batch_size,
+            progress=progress,
+            source=data_source,
         )
         timings["calibrate"] = round(time.perf_counter() - t_calib, 3)
     factorizer = Factorizer(init, split, grams, seed)
@@ -400,6 +440,7 @@ def compress(
             ratio=DEFAULT_RATIO if ratio is None else ratio,
             batch_size=calib_batch_size,
             progress=progress,
+            source=data_source,
         )
         layer_weights = sensitivity_weights(measured)
         timings["sensitivity"] = round(time.perf_counter() - t_sens, 3)
@@ -445,7 +486,16 @@ def compress(
             raise InherccError("--sequential needs calibration data (--data) and --init whitened")
         t_seq = time.perf_counter()
         factors = sequential_source(
-            model, layers, rank_plan, calibration, factorizer, calib_samples, calib_batch_size, progress, say
+            model,
+            layers,
+            rank_plan,
+            calibration,
+            factorizer,
+            calib_samples,
+            calib_batch_size,
+            progress,
+            say,
+            data_source,
         )
         timings["sequential"] = round(time.perf_counter() - t_seq, 3)
         rank_plan.method["sequential"] = True
@@ -464,11 +514,13 @@ def compress(
         student = tuned.model
         report.update(tuned.report)
         if held_out and verify:
-            report["fidelity_verify_data"] = fidelity(model, student, verification_feeds(model, held_out, None, 0, 0))
+            report["fidelity_verify_data"] = fidelity(
+                model, student, verification_feeds(model, held_out, None, 0, 0), source=verify_source
+            )
     elif verify:
         say("verifying in ONNX Runtime")
         vfeeds = verification_feeds(model, held_out, shapes, verify_samples, seed)
-        report["fidelity"] = fidelity(model, student, vfeeds)
+        report["fidelity"] = fidelity(model, student, vfeeds, source=verify_source if held_out else "synthetic inputs")
         report["fidelity_inputs"] = "data" if held_out else "synthetic"
     report["time_s"] = {**timings, "rewrite": round(t_rewrite, 3), "total": round(time.perf_counter() - t0, 3)}
     if not teacher_value_info:
@@ -490,6 +542,7 @@ def sequential_source(
     batch_size: int,
     progress: bool,
     say: Callable[[str], None],
+    source: str = "calibration data",
 ) -> FactorSource:
     """Error-compensating factors (:func:`inhercc.calibrate.sequential_factors`) for the planned layers;
     the factorizer's for any layer whose input could not be exposed."""
@@ -509,19 +562,22 @@ def sequential_source(
         samples=samples,
         batch_size=batch_size,
         progress=progress,
+        source=source,
     )
 
-    def source(layer: Layer, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    def chosen(layer: Layer, rank: int) -> tuple[np.ndarray, np.ndarray]:
         return compensated[layer.name] if layer.name in compensated else factorizer(layer, rank)
 
-    return source
+    return chosen
 
 
 def sample_shapes(feeds: Feed | None, model: ModelProto) -> dict[str, list[int]] | None:
-    """Input shapes of one sample of real data (batch 1), so FLOPs are counted at the data's sizes."""
+    """Input shapes of one sample of real data (batch 1, or the model's batch size when it fixes one), so
+    FLOPs are counted at the data's sizes."""
     if feeds is None:
         return None
-    return {s.name: [1, *feeds[s.name].shape[1:]] for s in input_specs(model) if s.name in feeds}
+    batch = model_fixed_batch(model) or 1
+    return {s.name: [batch, *feeds[s.name].shape[1:]] for s in input_specs(model) if s.name in feeds}
 
 
 def build_report(
@@ -569,12 +625,17 @@ def compress_file(
     external_data: bool | None = None,
     **kwargs: Any,
 ) -> CompressResult:
-    """:func:`compress` from a file to a file: the output is checked before any work, written atomically,
-    and never over the input. Sizes in the report are the real sizes on disk."""
-    check_output_path(output_path, [input_path])
-    for extra in (report_path, save_plan):
-        if extra is not None:
-            check_output_path(extra, [input_path])
+    """:func:`compress` from a file to a file: the outputs are checked before any work (none over an input —
+    model, data, plan — or over another output), written atomically. Sizes in the report are the real sizes
+    on disk."""
+    distill = kwargs.get("distill")
+    check_paths(
+        [("MODEL", input_path)]
+        + [(f"--{k.replace('_', '-')}", path_or_none(kwargs.get(k))) for k in ("data", "verify_data", "plan")],
+        {"-o": output_path, "--report": report_path, "--save-plan": save_plan},
+        models=(input_path,),
+        checkpoint=distill.checkpoint if distill is not None else None,
+    )
     result = compress(input_path, **kwargs)
     if not is_main_process():  # under torchrun only rank 0 writes
         return result
@@ -622,6 +683,7 @@ def inspect_model(
             samples=calib_samples,
             batch_size=calib_batch_size,
             progress=progress,
+            source=data_label(data),
         )
     factorizer = Factorizer("whitened" if grams is not None else "svd", grams=grams)
     rows = []

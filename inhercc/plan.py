@@ -39,6 +39,9 @@ class RankPlan:
     ranks: dict[str, int | None]
     reasons: dict[str, str] = field(default_factory=dict)
     method: dict[str, Any] = field(default_factory=dict)
+    # what a plan file recorded of each layer (checked against the model when it is replayed)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    ops: dict[str, str] = field(default_factory=dict)
 
     def rank(self, name: str) -> int | None:
         return self.ranks.get(name)
@@ -66,20 +69,56 @@ class RankPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "plan") -> RankPlan:
+        """A plan from its JSON form (as :meth:`to_dict` writes it), every field checked: a malformed file
+        is an :class:`InherccError` naming the field."""
         if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
             raise InherccError(f'{source} is not an inhercc plan (missing "format": "{PLAN_FORMAT}")')
-        ranks: dict[str, int | None] = {}
-        reasons: dict[str, str] = {}
-        for row in data.get("layers", []):
-            name, rank = row.get("name"), row.get("rank")
-            if not isinstance(name, str):
-                raise InherccError(f'{source}: every layer needs a "name"')
-            if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
-                raise InherccError(f"{source}: rank of {name} must be a positive integer or null, got {rank!r}")
-            ranks[name] = rank
-            if rank is None:
-                reasons[name] = str(row.get("reason") or "left dense by the plan")
-        return cls(ranks, reasons, dict(data.get("method", {})))
+        version = data.get("version", PLAN_VERSION)
+        if not _is_int(version) or not 1 <= version <= PLAN_VERSION:
+            raise InherccError(f'{source}: "version" {version!r} is not one this inhercc reads ({PLAN_VERSION})')
+        method = data.get("method", {})
+        if not isinstance(method, Mapping):
+            raise InherccError(f'{source}: "method" must be an object, got {_json_type(method)}')
+        _check_method(method, source)
+        if "layers" not in data:
+            raise InherccError(f'{source}: "layers" is missing (a list of {{"name": …, "rank": …}} objects)')
+        rows = data["layers"]
+        if not isinstance(rows, list):
+            raise InherccError(
+                f'{source}: "layers" must be a list of {{"name": …, "rank": …}} objects, got {_json_type(rows)}'
+            )
+        plan = cls({}, {}, dict(method))
+        for i, row in enumerate(rows):
+            plan._add_row(row, f"{source}: layers[{i}]")
+        return plan
+
+    def _add_row(self, row: Any, where: str) -> None:
+        """One entry of a plan file's ``"layers"`` (``where`` names it in errors)."""
+        if not isinstance(row, Mapping):
+            raise InherccError(f'{where} must be an object like {{"name": "fc1", "rank": 16}}, got {_json_type(row)}')
+        name = row.get("name")
+        if not isinstance(name, str) or not name:
+            raise InherccError(f'{where}: every layer needs a "name" (a string), got {_json_type(name)}')
+        if name in self.ranks:
+            raise InherccError(f"{where}: layer {name} is listed twice")
+        if "rank" not in row:
+            raise InherccError(f'{where} ({name}) needs a "rank": a positive integer, or null to keep it dense')
+        rank = row["rank"]
+        if rank is not None and (not _is_int(rank) or rank <= 0):
+            raise InherccError(f"{where}: rank of {name} must be a positive integer or null, got {rank!r}")
+        for key in ("op", "reason"):
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise InherccError(f'{where}: "{key}" of {name} must be a string, got {_json_type(row[key])}')
+        shape = row.get("shape")
+        if shape is not None:
+            if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+                raise InherccError(f'{where}: "shape" of {name} must be a list of dims, got {shape!r}')
+            self.shapes[name] = list(shape)
+        if row.get("op") is not None:
+            self.ops[name] = row["op"]
+        self.ranks[name] = rank
+        if rank is None:
+            self.reasons[name] = str(row.get("reason") or "left dense by the plan")
 
     @classmethod
     def load(cls, path: str | Path) -> RankPlan:
@@ -90,6 +129,50 @@ class RankPlan:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InherccError(f"plan {path} is not valid JSON: {e}") from e
         return cls.from_dict(data, str(path))
+
+
+# ``method`` keys a plan file may carry, with their JSON types (others are kept as they are).
+_METHOD_TYPES: dict[str, tuple[type, ...]] = {
+    "mode": (str,),
+    "value": (int, float),
+    "rank_multiple": (int,),
+    "spectrum": (str,),
+    "allocation": (str,),
+    "init": (str,),
+    "split": (str,),
+}
+# ``method`` keys that describe how one run made its factors, not how the ranks were chosen: a replay
+# records its own (the pipeline sets them), never the plan file's.
+_RUN_KEYS = ("init", "split", "sequential", "latency_aware", "rebalanced_ratio")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _json_type(v: object) -> str:
+    """How a JSON value reads in an error: ``null``, ``a list``, ``"fc1"``, …"""
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    if isinstance(v, Mapping):
+        return "an object"
+    return repr(v) if isinstance(v, str) else f"{v!r} ({type(v).__name__})"
+
+
+def _check_method(method: Mapping[str, Any], source: str) -> None:
+    for key, types in _METHOD_TYPES.items():
+        v = method.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, types):
+            kind = "a string" if types == (str,) else "a number" if float in types else "an integer"
+            raise InherccError(f'{source}: "method.{key}" must be {kind}, got {_json_type(v)}')
+        if key == "rank_multiple" and v <= 0:
+            raise InherccError(f'{source}: "method.rank_multiple" must be positive, got {v}')
+        if key == "value" and not math.isfinite(v):
+            raise InherccError(f'{source}: "method.value" must be a finite number, got {v}')
 
 
 def spectrum_energy(singular_values: np.ndarray) -> np.ndarray:
@@ -242,9 +325,11 @@ def plan_proportional(
     return _finish(layers, chosen, method, min_saving)
 
 
-def apply_plan(layers: list[Layer], plan: RankPlan) -> RankPlan:
-    """Check a user-supplied plan against the model's layers: names exist, ranks are valid and within the
-    full rank (capped), grouped convs get ranks divisible by their groups."""
+def apply_plan(layers: list[Layer], plan: RankPlan, *, min_saving: float = DEFAULT_MIN_SAVING) -> RankPlan:
+    """Check a user-supplied plan against the model's layers: names exist (with the op and shape the plan
+    recorded), ranks are within the layer's full rank (``min(out, in)`` per group), grouped convs get ranks
+    divisible by their groups. As for ``--rank``, a layer whose factors would save under ``min_saving`` of
+    its weights stays dense, with the reason."""
     by_name = {layer.name: layer for layer in layers}
     unknown = [name for name in plan.ranks if name not in by_name]
     if unknown:
@@ -252,6 +337,7 @@ def apply_plan(layers: list[Layer], plan: RankPlan) -> RankPlan:
     chosen: dict[str, int | None] = {}
     reasons: dict[str, str] = {}
     for layer in layers:
+        _check_recorded(layer, plan)
         rank = plan.ranks.get(layer.name)
         if layer.name not in plan.ranks:
             reasons[layer.name] = layer.reason or "not in the plan"
@@ -263,9 +349,43 @@ def apply_plan(layers: list[Layer], plan: RankPlan) -> RankPlan:
             raise InherccError(f"plan asks to factorize {layer.name}, which cannot be: {layer.reason}")
         if rank % layer.groups:
             raise InherccError(f"plan rank {rank} of {layer.name} is not divisible by its {layer.groups} groups")
-        chosen[layer.name] = min(rank, layer.full_rank * layer.groups)
+        most = layer.full_rank * layer.groups
+        if rank > most:
+            raise InherccError(
+                f"plan rank {rank} of {layer.name} (weight {'x'.join(map(str, layer.shape))}) exceeds its "
+                f"maximum rank {most}"
+            )
+        too_little = _saving_shortfall(layer, rank, min_saving)
+        if too_little:
+            reasons[layer.name] = too_little
+        else:
+            chosen[layer.name] = rank
     ranks: dict[str, int | None] = {layer.name: chosen.get(layer.name) for layer in layers}
-    return RankPlan(ranks, reasons, {**plan.method, "replayed": True})
+    method = {k: v for k, v in plan.method.items() if k not in _RUN_KEYS}
+    return RankPlan(ranks, reasons, {**method, "replayed": True})
+
+
+def _check_recorded(layer: Layer, plan: RankPlan) -> None:
+    """The op and weight shape a plan file recorded for ``layer`` must be the model's (else the plan was
+    made for another model)."""
+    shape, op = plan.shapes.get(layer.name), plan.ops.get(layer.name)
+    if shape is not None and shape != layer.shape:
+        raise InherccError(
+            f"plan records {layer.name} with weight shape {shape}, the model's is {layer.shape} "
+            "(a plan made for another model?)"
+        )
+    if op is not None and op != layer.op:
+        raise InherccError(
+            f"plan records {layer.name} as {op}, the model's is {layer.op} (a plan made for another model?)"
+        )
+
+
+def _saving_shortfall(layer: Layer, rank: int, min_saving: float) -> str | None:
+    """Why ``layer`` stays dense at ``rank`` (its factors save under ``min_saving`` of the weights), or None."""
+    saving = 1.0 - layer.factor_params(rank) / layer.weight_params
+    if saving < min_saving:
+        return f"rank {rank} would save only {max(saving, 0.0):.0%} (< {min_saving:.0%})"
+    return None
 
 
 def _finish(layers: list[Layer], chosen: dict[str, int | None], method: dict[str, Any], min_saving: float) -> RankPlan:
@@ -281,12 +401,10 @@ def _finish(layers: list[Layer], chosen: dict[str, int | None], method: dict[str
             ranks[layer.name] = None
             reasons[layer.name] = "kept dense by the plan (the budget let it keep its full weight)"
             continue
-        saving = 1.0 - layer.factor_params(r) / layer.weight_params
-        if saving < min_saving:
-            ranks[layer.name] = None
-            reasons[layer.name] = f"rank {r} would save only {max(saving, 0.0):.0%} (< {min_saving:.0%})"
-        else:
-            ranks[layer.name] = r
+        too_little = _saving_shortfall(layer, r, min_saving)
+        ranks[layer.name] = None if too_little else r
+        if too_little:
+            reasons[layer.name] = too_little
     return RankPlan(ranks, reasons, method)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -59,11 +60,16 @@ def human_bytes(n: int | None) -> str:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file via a temp file in the same folder and a rename (no partial file on failure)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write a file via a temp file in the same folder and a rename (no partial file on failure)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for everyone to read
@@ -192,7 +198,8 @@ def bench_markdown(result: dict[str, Any], title: str = "Latency") -> str:
 
 
 def plot_bench(result: dict[str, Any], path: str | Path) -> Path:
-    """Latency distributions, the models side by side, one panel per shape set (PNG; needs matplotlib)."""
+    """Latency distributions, the models side by side, one panel per shape set, in the format of ``path``'s
+    extension (png, svg, pdf …; needs matplotlib); written atomically."""
     try:
         import matplotlib
 
@@ -232,6 +239,8 @@ def plot_bench(result: dict[str, Any], path: str | Path) -> Path:
     fig.suptitle(f"{env['provider']} · {env['device']} · threads {env['threads'] or 'default'}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
     return path

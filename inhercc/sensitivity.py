@@ -22,7 +22,7 @@ from inhercc.data import Feed, iter_batches, sample_count
 from inhercc.errors import InherccError
 from inhercc.layers import Layer
 from inhercc.plan import keep_ratio_rank, spectrum_energy
-from inhercc.runtime import make_session
+from inhercc.runtime import batch_size_for, make_session, ort_failures
 from inhercc.verify import pooled_squared_error
 
 DEFAULT_SAMPLES = 32
@@ -72,10 +72,16 @@ def relative_output_error(teacher: Sequence[Sequence[np.ndarray]], student: Sequ
 
 
 def _run(
-    sess, feed: Feed, weights: Mapping[str, np.ndarray], batch_size: int, cut: Callable[[Feed], Feed]
+    sess,
+    feed: Feed,
+    weights: Mapping[str, np.ndarray],
+    batch_size: int,
+    cut: Callable[[Feed], Feed],
+    what: str = "the sensitivity measurement",
 ) -> list[np.ndarray]:
     """All outputs over ``feed`` in batches (padding cut), the weights fed whole with every batch."""
-    parts = [sess.run(None, {**cut(batch), **weights}) for batch in iter_batches(feed, batch_size)]
+    with ort_failures(what):
+        parts = [sess.run(None, {**cut(batch), **weights}) for batch in iter_batches(feed, batch_size)]
     return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(parts[0]))]
 
 
@@ -105,21 +111,25 @@ def measure_sensitivity(
     samples: int = DEFAULT_SAMPLES,
     batch_size: int = 16,
     progress: bool = False,
+    source: str = "calibration data",
 ) -> dict[str, dict[str, object]]:
     """Per compressible layer: the end-to-end relative output error with only that layer truncated, at
     ranks ``probe × keep_ratio_rank(layer, ratio)``, and the fitted weight ``c`` (error per unit of dropped
-    spectral energy share). Returns ``{name: {"ranks": [...], "errors": [...], "weight": c}}``."""
+    spectral energy share). Returns ``{name: {"ranks": [...], "errors": [...], "weight": c}}``. A model
+    with a fixed batch dim runs in batches of that size; ``source`` names the data in errors."""
     cands = [layer for layer in layers if layer.compressible]
     if not cands:
         return {}
     if not probes or any(p <= 0 for p in probes):
         raise InherccError("sensitivity probes must be positive multiples of the uniform rank")
-    chunks = trimmed_parts(model, feeds, samples)
+    chunks = trimmed_parts(model, feeds, samples, source)
+    batch_size = batch_size_for(model, batch_size)
+    what = f"the sensitivity measurement on {source}"
     open_model = weights_as_inputs(model, cands)
     sess = make_session(open_model)
     inits = {t.name: t for t in model.graph.initializer}
     teacher_weights = {la.weight_name: numpy_helper.to_array(inits[la.weight_name]) for la in cands}
-    reference = [_run(sess, feed, teacher_weights, batch_size, cut) for feed, cut in chunks]
+    reference = [_run(sess, feed, teacher_weights, batch_size, cut, what) for feed, cut in chunks]
     bar = Progress(len(cands) * len(probes), "sensitivity", progress)
     result: dict[str, dict[str, object]] = {}
     try:
@@ -132,7 +142,7 @@ def measure_sensitivity(
                 a, b = factors(layer, r * layer.groups)
                 approx = stored_weight(layer, np.matmul(b, a))
                 weights = {**teacher_weights, layer.weight_name: approx}
-                out = [_run(sess, feed, weights, batch_size, cut) for feed, cut in chunks]
+                out = [_run(sess, feed, weights, batch_size, cut, what) for feed, cut in chunks]
                 errors.append(relative_output_error(reference, out))
                 bar.step()
             t = np.array([tail[r] for r in ranks])

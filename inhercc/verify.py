@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from onnx import ModelProto
 
-from inhercc.runtime import make_session, run_session
+from inhercc.runtime import full_batches, make_session, run_session
 
 NOT_LOGITS = ("embed", "hidden", "pool", "feature")
 
@@ -78,14 +78,18 @@ def fidelity(
     feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
     *,
     batch_size: int | None = 32,
+    source: str = "verification data",
 ) -> dict[str, dict[str, float]]:
     """Run teacher and student on ``feeds`` — one feed dict, or several of different sample shapes — (ORT,
-    CPU) and compare every graph output, pooled over the parts."""
+    CPU) and compare every graph output, pooled over the parts. Inputs are cast to the model's dtypes; a
+    teacher with a fixed batch dim is run in batches of that size (a remainder is left out, with a
+    warning: :func:`inhercc.runtime.full_batches`); ONNX Runtime failures are one-line errors naming
+    ``source``."""
     names = [o.name for o in teacher.graph.output]
-    parts = [feeds] if isinstance(feeds, Mapping) else list(feeds)
+    parts = [full_batches(teacher, p, source) for p in ([feeds] if isinstance(feeds, Mapping) else list(feeds))]
     t_sess, s_sess = make_session(teacher), make_session(student)
-    t_out = [run_session(t_sess, part, batch_size) for part in parts]
-    s_out = [run_session(s_sess, part, batch_size) for part in parts]
+    t_out = [run_session(t_sess, part, batch_size, f"the teacher on {source}") for part in parts]
+    s_out = [run_session(s_sess, part, batch_size, f"the student on {source}") for part in parts]
     return compare_output_parts(names, t_out, s_out)
 
 
