@@ -577,6 +577,18 @@ def _checkpoint_folder(folder: Path) -> None:
         raise InherccError(f"cannot create checkpoint folder {folder}: {e.strerror or one_line(e)}") from e
 
 
+def check_dynamic_batch(model: ModelProto) -> None:
+    """Distillation batches, probes and scores with any number of samples: a fixed batch dim is refused."""
+    from inhercc.runtime import model_fixed_batch
+
+    fixed = model_fixed_batch(model)
+    if fixed:
+        raise InherccError(
+            f"fine-tuning (--epochs/--steps) needs a dynamic batch dim; the model fixes it at {fixed} "
+            "(re-export it with a dynamic batch axis, or compress without --epochs/--steps)"
+        )
+
+
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Atomic ``torch.save``: written and synced to a temporary file beside ``path``, then renamed over it (a
     crash or a full disk never leaves a half-written checkpoint, nor a stale temporary file)."""
@@ -588,9 +600,11 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+    except BaseException as e:  # Ctrl-C / SIGTERM included: no stale temporary file
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a full disk as a RuntimeError
+            raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
         raise InherccError(f"cannot write checkpoint {path}: {reason}") from e
 
@@ -677,6 +691,7 @@ def distill(
     student_model = as_model(student)
     teacher_model = as_model(teacher)
     check_pair(student_model, teacher_model)
+    check_dynamic_batch(teacher_model)
     samples = open_samples(data, teacher_model, shapes=shapes, synthetic=cfg.synthetic_samples, seed=cfg.seed)
     train_idx, val_idx = split_indices(len(samples), cfg.val_split, cfg.seed)
 

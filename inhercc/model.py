@@ -306,9 +306,10 @@ def check_paths(
             continue
         real_in, is_folder = _real(in_path), os.path.isdir(in_path)
         for label, path, real in claims:
-            if is_folder and _inside(real, real_in):
+            if is_folder and _inside(real, real_in) and Path(real).suffix in (".npz", ".npy"):
                 raise InherccError(
-                    f"{label} {path} is inside the input folder {in_label} {in_path}; choose another path"
+                    f"{label} {path} is inside the input folder {in_label} {in_path}, whose .npz / .npy files are "
+                    "read as data; choose another path"
                 )
             if real == real_in:
                 raise InherccError(f"{label} {path} would overwrite the input {in_label}; choose another path")

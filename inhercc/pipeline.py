@@ -30,7 +30,7 @@ from inhercc.data import (
     synthetic_feeds,
     warn_synthetic,
 )
-from inhercc.distill import DistillConfig, is_main_process
+from inhercc.distill import DistillConfig, check_dynamic_batch, is_main_process
 from inhercc.errors import InherccError
 from inhercc.layers import DEFAULT_MIN_PARAMS, DEFAULT_MIN_SAVING, Layer, count_flops, find_layers
 from inhercc.model import (
@@ -355,12 +355,7 @@ def compress(
     model = as_model(teacher)
     training = distill is not None or epochs is not None or steps is not None
     if training:
-        fixed = model_fixed_batch(model)
-        if fixed:  # inhercc.distill batches (and probes with one sample) as if the batch dim were dynamic
-            raise InherccError(
-                f"fine-tuning (--epochs/--steps) needs a dynamic batch dim; the model fixes it at {fixed} "
-                "(re-export it with a dynamic batch axis, or compress without --epochs/--steps)"
-            )
+        check_dynamic_batch(model)  # before calibration: distillation would refuse it after
         options = {k: v for k, v in (("epochs", epochs), ("steps", steps)) if v is not None}
         config = replace(distill or DistillConfig(), **options)
         config.check()
@@ -371,7 +366,7 @@ def compress(
     else:
         calibration = as_parts(data, model)
         held_out = as_parts(verify_data, model)
-        if calibration and not held_out:  # held out of the largest part
+        if calibration and not held_out and verify:  # held out of the largest part
             i = max(range(len(calibration)), key=lambda j: sample_count(calibration[j]))
             calibration[i], held = split_holdout(calibration[i], verify_samples)
             held_out = [held]

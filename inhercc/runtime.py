@@ -225,7 +225,7 @@ def _file_source(path: str | os.PathLike[str], so: Any) -> str | bytes:
         return str(path)
     data = path.read_bytes()
     if version is not None:
-        data = b"\x08" + _encode_varint(limit) + data[end:]
+        data = b"".join((b"\x08", _encode_varint(limit), memoryview(data)[end:]))  # one copy, not two
     else:  # ir_version not first: parse (the external data is not read), lower, serialize
         model = onnx.load_model_from_string(data)
         if model.ir_version <= limit:

@@ -97,7 +97,7 @@ OUTPUT_CLASHES = {
     ),
     "--checkpoint = the --data folder": (
         [*FT[:-1], "{w}/shards", "--epochs", "1", "-o", f"{O}/t.onnx", "--checkpoint", "{w}/shards"],
-        "--checkpoint {w}/shards is inside the input folder --data",
+        "--checkpoint {w}/shards would overwrite the input --data",
     ),
 }
 
@@ -312,3 +312,20 @@ def test_python_api_checks_outputs_against_inputs_like_the_cli(work: Path) -> No
     with pytest.raises(InherccError, match="-o .* would overwrite the input --data"):
         finetune_file(work / "student.onnx", work / "teacher.onnx", work / "data.npz", work / "data.npz", epochs=1)
     assert _snapshot(work) == before
+
+
+def test_outputs_the_loader_does_not_read_may_sit_in_the_data_folder(work: Path) -> None:
+    """Only .npz / .npy files in a --data folder are read as samples: a student or report there is fine."""
+    r = invoke("compress", work / "teacher.onnx", "-o", work / "shards" / "s.onnx", "--rank", "8",
+               "--data", work / "shards", "--report", work / "shards" / "r.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (work / "shards").iterdir()) == ["a.npz", "r.json", "s.onnx"]
+
+
+def test_no_verify_takes_no_samples_out_and_warns_of_nothing(work: Path) -> None:
+    small = work / "small.npz"
+    np.savez(small, x=np.random.default_rng(1).standard_normal((6, 64)).astype(np.float32))
+    r = invoke("compress", work / "teacher.onnx", "-o", work / "out" / "a.onnx", "--rank", "8", "--data", small,
+               "--no-verify", "--report", work / "out" / "r.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.output

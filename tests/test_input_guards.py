@@ -285,6 +285,19 @@ def test_checkpoint_is_written_atomically_and_resumes(pair, tmp_path) -> None:
     assert first.report["training"]["steps"] == 3
 
 
+def test_interrupted_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch) -> None:
+    from inhercc import distill as distill_module
+
+    def interrupted(payload, f) -> None:
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_module.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill_module._save_checkpoint(tmp_path / CHECKPOINT_FILE, {"state": {}})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checkpoint_folder_that_is_a_file_fails_before_training(pair, tmp_path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import inhercc.bench
 from inhercc.bench import BenchOptions, bench
 from inhercc.calibrate import collect_grams
+from inhercc.distill import distill
 from inhercc.errors import InherccError
 from inhercc.layers import find_layers
 from inhercc.pipeline import compress, inspect_model
@@ -143,6 +144,8 @@ def test_fixed_batch_with_fewer_samples_than_one_batch_is_a_one_line_error() -> 
         fidelity(model, model, {"x": x}, source="few.npz")
     with pytest.raises(InherccError, match="fine-tuning .* needs a dynamic batch dim; the model fixes it at 4"):
         compress(model, ratio=0.5, data={"x": np.ones((8, 32), np.float32)}, epochs=1, min_params=1)
+    with pytest.raises(InherccError, match="fine-tuning .* needs a dynamic batch dim; the model fixes it at 4"):
+        distill(model, model, {"x": np.ones((8, 32), np.float32)}, steps=1)  # finetune: the same line
 
 
 # --- 4. ONNX Runtime failures on user data ----------------------------------------------------------------
