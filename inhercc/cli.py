@@ -8,7 +8,6 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -228,7 +227,6 @@ def distill_options(epochs_help: str) -> Callable[[Any], Any]:
             implied="1",
             type=FLOAT,
             default=0.0,
-            callback=_non_negative,
             metavar="[WEIGHT]",
             help="Feature inheritance loss (intermediate tensors vs the teacher's), optional weight [1].",
         ),
@@ -239,7 +237,7 @@ def distill_options(epochs_help: str) -> Callable[[Any], Any]:
             help="What --feature-loss compares: layers (factorized layer outputs), norms (normalization outputs: "
             "each block's hidden state) or a regex over tensor names.",
         ),
-        click.option("--weight-decay", type=FLOAT, default=0.0, show_default=True, callback=_non_negative),
+        click.option("--weight-decay", type=FLOAT, default=0.0, show_default=True),
         click.option("--warmup", type=FLOAT, default=0.05, show_default=True, help="Warm-up fraction of the steps."),
         click.option("--clip", type=FLOAT, default=1.0, show_default=True, help="Gradient-norm clipping."),
         click.option(
@@ -451,7 +449,6 @@ def compress(
         raise InherccError(f"{', '.join(given)}: distillation options, only used with --epochs or --steps")
     _refuse_calibration_without_data(ctx, data)
     config = distill_config(options, seed)
-    multiple = rank_multiple or (default_rank_multiple(provider) if latency_aware else 8)
     result = compress_file(
         model,
         output,
@@ -462,7 +459,7 @@ def compress(
         rank=rank,
         energy=energy,
         plan=plan_path,
-        rank_multiple=multiple,
+        rank_multiple=rank_multiple or (default_rank_multiple(provider) if latency_aware else 8),
         split=split,
         init=init,
         include=include or None,
@@ -698,7 +695,14 @@ def bench(
     """
     from inhercc.bench import BenchOptions, bench, default_provider, parse_shape_sets
     from inhercc.model import check_paths
-    from inhercc.report import bench_markdown, bench_table, plot_bench, write_json, write_text_atomic
+    from inhercc.report import (
+        bench_markdown,
+        bench_table,
+        check_plot_format,
+        plot_bench,
+        write_json,
+        write_text_atomic,
+    )
 
     check_paths(
         [("MODELS", m) for m in models],
@@ -729,21 +733,6 @@ def bench(
         write_text_atomic(md_path, bench_markdown(result))
     if plot_path:
         plot_bench(result, plot_path)
-
-
-def check_plot_format(path: str) -> None:
-    """--plot writes exactly ``path``, in the format its extension names (one matplotlib can write without
-    LaTeX): refused up front rather than after the timing run."""
-    try:
-        from matplotlib.backend_bases import FigureCanvasBase
-    except ImportError as e:
-        raise InherccError("--plot needs matplotlib (pip install matplotlib)") from e
-    formats = sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
-    ext = Path(path).suffix.lower().lstrip(".")
-    if not ext:
-        raise InherccError(f"--plot {path} has no extension; add one of .{', .'.join(formats)}")
-    if ext not in formats:
-        raise InherccError(f"--plot {path}: unsupported format .{ext}; choose one of .{', .'.join(formats)}")
 
 
 @cli.command()
@@ -778,7 +767,6 @@ def finetune(
     from inhercc.data import parse_shapes
     from inhercc.distill import finetune_file
 
-    config = distill_config(options, seed)
     result = finetune_file(
         student,
         teacher,
@@ -786,7 +774,7 @@ def finetune(
         data,
         report_path=report_path,
         external_data=external_data,
-        config=config,
+        config=distill_config(options, seed),
         shapes=parse_shapes(shapes),
     )
     rep = result.report

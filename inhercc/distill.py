@@ -129,8 +129,9 @@ class DistillConfig:
             raise InherccError(f"--warmup must be in [0, 1), got {self.warmup}")
         if self.clip is not None and self.clip <= 0:
             raise InherccError(f"--clip must be positive, got {self.clip}")
-        if self.weight_decay < 0:
-            raise InherccError(f"--weight-decay must be ≥ 0, got {self.weight_decay}")
+        for name in ("weight_decay", "feature_loss"):
+            if getattr(self, name) < 0:
+                raise InherccError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
         if self.features != "layers" and not self.feature_loss > 0:
             raise InherccError(f"--features {self.features} chooses what --feature-loss compares: give --feature-loss")
         if self.resume and not self.checkpoint:
@@ -569,8 +570,9 @@ class _Progress:
 
 def _checkpoint_folder(folder: Path) -> None:
     """Create the ``--checkpoint`` folder (checked before training, so a bad one costs no training time)."""
-    if folder.exists() and not folder.is_dir():
-        raise InherccError(f"--checkpoint {folder} is a file, not a folder")
+    from inhercc.model import check_checkpoint_folder
+
+    check_checkpoint_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -592,9 +594,9 @@ def check_dynamic_batch(model: ModelProto) -> None:
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Atomic ``torch.save``: written and synced to a temporary file beside ``path``, then renamed over it (a
     crash or a full disk never leaves a half-written checkpoint, nor a stale temporary file)."""
-    _checkpoint_folder(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # made before training; again if removed since
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()

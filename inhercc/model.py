@@ -244,6 +244,17 @@ def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
     return [path.parent / n for n in file_facts(path)[0]]
 
 
+def _not_writable(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder``, or None. A real probe: ``os.access`` says yes to root even
+    on read-only or virtual file systems."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return str(e.strerror or e)
+    return None
+
+
 def check_output_path(output: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] = ()) -> Path:
     """Refuse to write over an input (or its external data) and check that the folder is writable."""
     out = Path(output)
@@ -257,11 +268,9 @@ def check_output_path(output: str | os.PathLike[str], inputs: list[str | os.Path
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise InherccError(f"output directory {parent} does not exist")
-    try:  # a real probe: os.access says yes to root even on read-only or virtual file systems
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise InherccError(f"output directory {parent} is not writable ({e.strerror or e})") from e
+    why = _not_writable(parent)
+    if why:
+        raise InherccError(f"output directory {parent} is not writable ({why})")
     if out.is_dir():
         raise InherccError(f"output {out} is a directory")
     return out
@@ -337,11 +346,9 @@ def check_checkpoint_folder(folder: str | os.PathLike[str]) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise InherccError(f"--checkpoint {folder}: {existing} is a file, not a folder")
-    try:  # a real probe: os.access says yes to root even on read-only file systems
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise InherccError(f"--checkpoint {folder}: {existing} is not writable ({e.strerror or e})") from e
+    why = _not_writable(existing)
+    if why:
+        raise InherccError(f"--checkpoint {folder}: {existing} is not writable ({why})")
 
 
 def save_model(model: ModelProto, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:

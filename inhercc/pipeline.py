@@ -107,7 +107,8 @@ def as_parts(data: Any, model: ModelProto) -> list[Feed]:
 
 def data_label(data: Any, default: str = "data") -> str:
     """How errors name a data source: its path, else ``default``."""
-    return str(data) if isinstance(data, (str, os.PathLike)) else default
+    path = path_or_none(data)
+    return default if path is None else str(path)
 
 
 def calibration_parts(samples: Samples, indices: np.ndarray) -> list[Feed]:

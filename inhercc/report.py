@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from inhercc.errors import InherccError
+
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
     """A plain-text table; `align` is one char per column ('l' or 'r'), default: text left, numbers right."""
@@ -197,17 +199,30 @@ def bench_markdown(result: dict[str, Any], title: str = "Latency") -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def check_plot_format(path: str | Path) -> None:
+    """--plot writes exactly ``path``, in the format its extension names (one matplotlib can write without
+    LaTeX): refused up front rather than after the timing run."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as e:
+        raise InherccError("--plot needs matplotlib (pip install matplotlib)") from e
+    formats = sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
+    ext = Path(path).suffix.lower().lstrip(".")
+    if not ext:
+        raise InherccError(f"--plot {path} has no extension; add one of .{', .'.join(formats)}")
+    if ext not in formats:
+        raise InherccError(f"--plot {path}: unsupported format .{ext}; choose one of .{', .'.join(formats)}")
+
+
 def plot_bench(result: dict[str, Any], path: str | Path) -> Path:
     """Latency distributions, the models side by side, one panel per shape set, in the format of ``path``'s
-    extension (png, svg, pdf …; needs matplotlib); written atomically."""
+    extension (png, svg, pdf …; PNG without one; needs matplotlib); written atomically."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        from inhercc.errors import InherccError
-
         raise InherccError("--plot needs matplotlib (pip install matplotlib)") from e
     import numpy as np
 

@@ -310,6 +310,13 @@ def test_checkpoint_folder_that_is_a_file_fails_before_training(pair, tmp_path) 
 # --- 5. non-finite distillation settings -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["weight_decay", "feature_loss"])
+def test_negative_weights_are_refused_by_the_config(name: str) -> None:
+    option = "--" + name.replace("_", "-")
+    with pytest.raises(InherccError, match=f"^{option} must be ≥ 0, got -0.5$"):
+        DistillConfig(**{name: -0.5}).check()
+
+
 @pytest.mark.parametrize("name", ["lr", "weight_decay", "warmup", "clip", "temperature", "alpha", "feature_loss"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_settings_are_refused_naming_the_option(name: str, value: float) -> None:
