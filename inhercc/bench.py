@@ -29,7 +29,18 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto
 
-from inhercc.data import input_specs, parse_shapes, resolve_shapes, synthetic_feeds
+from inhercc.data import (
+    available_memory,
+    batch_axes,
+    check_memory,
+    confirmed_shapes,
+    input_specs,
+    parse_shapes,
+    resolve_shapes,
+    shape_text,
+    synthetic_bytes,
+    synthetic_feeds,
+)
 from inhercc.errors import InherccError
 from inhercc.runtime import make_session, ort_failures, provider_name
 
@@ -447,7 +458,7 @@ def bench(
             raise InherccError(f"no such file: {p}")
     subjects = load_subjects(models, options, labels)
     shape_sets = options.shape_sets or [{}]
-    concrete = [[resolve_shapes(input_specs(s.model), ss, options.batch) for ss in shape_sets] for s in subjects]
+    concrete, chosen = bench_shapes(subjects, shape_sets, options.batch)
 
     notes: list[str] = []
     cuda_graph = options.cuda_graph
@@ -472,7 +483,7 @@ def bench(
             assert runners is not None
             say(f"shape set {k + 1}/{len(shape_sets)} {shape_text(shapes_k[0])}: warm-up {warmup}, timing")
             samples = time_interleaved(runners, warmup=warmup, repeat=options.repeat, duration=options.duration)
-        batch = _batch_of(shapes_k[0])
+        batch = _batch_of(subjects[0].model, shapes_k[0])
         results = []
         for i, (s, lat) in enumerate(zip(subjects, samples)):
             stats = latency_stats(lat)
@@ -502,6 +513,7 @@ def bench(
             {
                 "shapes": shapes_k[0],
                 "requested": shape_set,
+                "shapes_chosen": chosen[k],
                 "batch": batch,
                 "rounds": int(len(samples[0])),
                 "flops_per_sample": flops,
@@ -534,38 +546,34 @@ def bench(
     }
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux ``MemAvailable``), None when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, OSError, ValueError):
-        return None
+def bench_shapes(
+    subjects: Sequence[Subject], shape_sets: Sequence[ShapeSet], batch: int | None
+) -> tuple[list[list[dict[str, list[int]]]], list[str]]:
+    """Concrete shapes per subject and shape set, and per shape set whether they were ``given`` or chosen
+    (``default``): dynamic dims no ``--shape`` fixes are chosen on the reference model
+    (:func:`inhercc.data.confirmed_shapes`, said in one warning) and shared by the models with its inputs."""
+    reference = subjects[0].model
+    names = [s.name for s in input_specs(reference)]
+    concrete: list[list[dict[str, list[int]]]] = [[] for _ in subjects]
+    chosen = []
+    for shape_set in shape_sets:
+        values, note = confirmed_shapes(reference, batch or 1, shape_set)
+        if note:
+            warnings.warn(note, stacklevel=3)
+        chosen.append("default" if note or not shape_set else "given")
+        for i, s in enumerate(subjects):
+            specs = input_specs(s.model)
+            same = [x.name for x in specs] == names
+            concrete[i].append(values if same else resolve_shapes(specs, shape_set, batch, model=s.model))
+    return concrete, chosen
 
 
 def check_input_memory(subjects: Sequence[Subject], shapes: Sequence[ShapeSet]) -> None:
     """A one-line error before allocating when the synthetic inputs of one shape set (every model's, plus
-    the float64 draw they are made from) would not fit in the memory available."""
-    need = 0
-    biggest = 0
-    for s, shape in zip(subjects, shapes):
-        for spec in input_specs(s.model):
-            count = int(np.prod(shape.get(spec.name, [1]), dtype=np.float64))
-            need += count * np.dtype(spec.dtype).itemsize
-            biggest = max(biggest, count * 8)  # synthetic floats are drawn in float64, then cast
-    need += biggest
-    free = available_memory()
-    if free is not None and need > free:
-        raise InherccError(
-            f"--shape {shape_text(shapes[0])}: the inputs need {need / 2**30:.1f} GiB of memory, "
-            f"only {free / 2**30:.1f} GiB is available; use a smaller shape"
-        )
+    the largest temporary draw) would not fit in the memory available."""
+    sizes = [synthetic_bytes(s.model, shape) for s, shape in zip(subjects, shapes)]
+    need = sum(total for total, _ in sizes) + max((biggest for _, biggest in sizes), default=0)
+    check_memory(need, f"--shape {shape_text(shapes[0])}: the inputs", available_memory())
 
 
 def _runners(
@@ -590,11 +598,8 @@ def _runners(
     return runners
 
 
-def _batch_of(shapes: ShapeSet) -> int:
-    first = next(iter(shapes.values()), [1])
-    return int(first[0]) if first else 1
+def _batch_of(model: ModelProto, shapes: ShapeSet) -> int:
+    """Samples per run at ``shapes``: the size of the first input's batch axis (:func:`inhercc.data.batch_axes`)."""
+    axes = batch_axes(model)
+    return next((int(v[a]) for k, v in shapes.items() if (a := axes.get(k)) is not None and a < len(v)), 1)
 
-
-def shape_text(shapes: Mapping[str, Sequence[int]]) -> str:
-    """``{"ids": [1, 128]}`` → ``ids=1x128`` (the ``--shape`` syntax)."""
-    return " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())

@@ -19,7 +19,16 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from inhercc.data import Feed, cast_feeds, input_specs, iter_batches, sample_count
+from inhercc.data import (
+    Feed,
+    batch_axes,
+    cast_feeds,
+    input_specs,
+    iter_batches,
+    sample_count,
+    slice_batch,
+    take_samples,
+)
 from inhercc.errors import InherccError
 from inhercc.layers import Layer
 from inhercc.runtime import batch_size_for, full_batches, make_session, model_fixed_batch, ort_failures
@@ -216,7 +225,7 @@ def padding_trimmer(model: ModelProto, feed: Feed) -> tuple[Feed, Callable[[Feed
         return feed, lambda batch: batch
     mask = feed[name]
     order = np.argsort(_lengths(mask), kind="stable")
-    sorted_feed = {k: v[order] for k, v in feed.items()}
+    sorted_feed = take_samples(feed, batch_axes(model), order)
     cuttable = [
         k
         for k, v in feed.items()
@@ -236,9 +245,9 @@ def padding_trimmer(model: ModelProto, feed: Feed) -> tuple[Feed, Callable[[Feed
 def calibration_feeds(model: ModelProto, feeds: Mapping[str, np.ndarray], samples: int | None) -> Feed:
     """The model inputs of the first ``samples`` samples (all when None), cast to the declared dtypes."""
     cast = cast_feeds(feeds, model)
-    n = sample_count(cast)
-    take = n if samples is None else min(n, samples)
-    return {k: v[:take] for k, v in cast.items()}
+    axes = batch_axes(model)
+    n = sample_count(cast, axes)
+    return slice_batch(cast, axes, 0, n if samples is None else min(n, samples))
 
 
 Parts = Sequence[Mapping[str, np.ndarray]]  # calibration data: one feed per sample shape
@@ -266,13 +275,15 @@ def quotas(sizes: Sequence[int], samples: int | None) -> list[int]:
     return [int(n) for n in take]
 
 
-def split_quota(parts: Sequence[Feed], samples: int | None) -> list[tuple[Feed, int | None]]:
+def split_quota(
+    parts: Sequence[Feed], samples: int | None, axes: Mapping[str, int | None] | None = None
+) -> list[tuple[Feed, int | None]]:
     """Spread a total of ``samples`` (None: all) over several feeds in proportion to their sizes (largest
     remainders), so a sample count taken from length-bucketed data is drawn from every bucket rather than
     from the first ones; feeds left with nothing are dropped."""
     if samples is None:
         return [(part, None) for part in parts]
-    take = quotas([sample_count(p) for p in parts], samples)
+    take = quotas([sample_count(p, axes) for p in parts], samples)
     return [(part, n) for part, n in zip(parts, take) if n > 0]
 
 
@@ -285,10 +296,11 @@ def trimmed_parts(
     is left out, unless every part is (an error)."""
     if samples is not None and samples <= 0:
         raise InherccError(f"--calib-samples must be positive, got {samples}")
-    chosen = [calibration_feeds(model, part, n) for part, n in split_quota(feed_parts(feeds), samples)]
+    axes = batch_axes(model)
+    chosen = [calibration_feeds(model, part, n) for part, n in split_quota(feed_parts(feeds), samples, axes)]
     fixed = model_fixed_batch(model)
-    if fixed and len(chosen) > 1 and any(sample_count(f) >= fixed for f in chosen):
-        chosen = [f for f in chosen if sample_count(f) >= fixed]
+    if fixed and len(chosen) > 1 and any(sample_count(f, axes) >= fixed for f in chosen):
+        chosen = [f for f in chosen if sample_count(f, axes) >= fixed]
     return [padding_trimmer(model, full_batches(model, feed, source)) for feed in chosen]
 
 
@@ -421,14 +433,15 @@ class _Runner:
         self.model, self.batch_size, self.source = model, batch_size, source
         self.parts = trimmed_parts(model, feeds, samples, source)
         self.mask_name = mask_input(model)
-        sizes = [sample_count(feed) for feed, _ in self.parts]
+        self.axes = batch_axes(model)
+        sizes = [sample_count(feed, self.axes) for feed, _ in self.parts]
         self.samples = sum(sizes)
         self.batches = sum(math.ceil(n / batch_size) for n in sizes)
 
     def iter_batches(self) -> Iterator[Feed]:
         """Every part's batches, padding cut."""
         for feed, cut in self.parts:
-            yield from map(cut, iter_batches(feed, self.batch_size))
+            yield from map(cut, iter_batches(feed, self.batch_size, self.axes))
 
     def activation_bytes(self, taps: Sequence[_Tap]) -> dict[str, int]:
         """Bytes per batch of each exposed tensor, the most any part needs (one run on its longest sample, or
@@ -441,8 +454,9 @@ class _Runner:
         out: dict[str, int] = {}
         for feed, cut in self.parts:
             with ort_failures(f"calibration on {self.source}"):
-                values = sess.run(names, cut({k: v[-probe:] for k, v in feed.items()}))
-            rows = min(self.batch_size, sample_count(feed))
+                n = sample_count(feed, self.axes)
+                values = sess.run(names, cut(slice_batch(feed, self.axes, max(0, n - probe), n)))
+            rows = min(self.batch_size, n)
             for name, v in zip(names, values):
                 out[name] = max(out.get(name, 0), int(v.nbytes) * rows // probe)
         return out

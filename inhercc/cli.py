@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import signal
@@ -78,6 +79,10 @@ class OneLineErrors(click.Group):
             _fail("aborted")
         except KeyboardInterrupt:
             _fail("interrupted")
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            _fail(f"file name too long: {str(e.filename)[:80]}…")
         if isinstance(rv, int) and rv:
             sys.exit(rv)
         sys.exit(0)
@@ -219,7 +224,8 @@ def distill_options(epochs_help: str) -> Callable[[Any], Any]:
             "--loss",
             "losses",
             multiple=True,
-            help="OUTPUT=KIND[:WEIGHT], KIND kd|embedding|none (default: kd for logits, else embedding).",
+            help="OUTPUT=KIND[:WEIGHT], KIND kd|probs|embedding|none (default by the output's kind: kd for logits, "
+            "probs for probabilities, else embedding).",
         ),
         click.option(
             "--feature-loss",
@@ -295,7 +301,7 @@ def calibration_options(f: Any) -> Any:
     return f
 
 
-def distill_config(options: dict[str, Any], seed: int) -> Any:
+def distill_config(options: dict[str, Any], seed: int, output_kinds: dict[str, str] | None = None) -> Any:
     """A DistillConfig from the parsed distillation options (which are popped from ``options``)."""
     from inhercc.distill import DistillConfig
     from inhercc.losses import parse_loss_overrides
@@ -307,7 +313,7 @@ def distill_config(options: dict[str, Any], seed: int) -> Any:
         raise InherccError("--checkpoint-every: a checkpoint option, only used with --checkpoint")
     values["losses"] = parse_loss_overrides(values["losses"])
     values["patience"] = values["patience"] or None
-    return DistillConfig(seed=seed, **values)
+    return DistillConfig(seed=seed, output_kinds=output_kinds or {}, **values)
 
 
 @cli.command()
@@ -347,6 +353,11 @@ def distill_config(options: dict[str, Any], seed: int) -> Any:
 )
 @click.option("--include", multiple=True, help="Only layers whose node name matches this regex (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip layers whose node name matches this regex (repeatable).")
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Leave layers whose weight holds NaN / Inf dense instead of refusing the model.",
+)
 @click.option(
     "--data",
     type=click.Path(path_type=str),
@@ -396,6 +407,13 @@ def distill_config(options: dict[str, Any], seed: int) -> Any:
     help="Fit each layer to the teacher's outputs from the student's own (already compressed) inputs, stage "
     "by stage: better fidelity, one pass over the calibration samples per stage.",
 )
+@click.option(
+    "--output-kind",
+    "output_kinds",
+    multiple=True,
+    help="OUTPUT=KIND, KIND logits|probs|embedding|values: what an output is, when the graph does not say "
+    "(top-1 agreement and KD for logits; default: from the graph, then the name, else values).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Also print the per-layer table.")
 @distill_options(
     "Distil for this many epochs after compressing (compress distils only when --epochs or --steps is given)."
@@ -430,6 +448,8 @@ def compress(
     allocation: str | None,
     sensitivity: bool,
     sequential: bool,
+    output_kinds: tuple[str, ...],
+    allow_nonfinite: bool,
     verbose: bool,
     **options: Any,
 ) -> None:
@@ -438,6 +458,7 @@ def compress(
     from inhercc.data import parse_shapes
     from inhercc.latency import default_rank_multiple
     from inhercc.pipeline import compress_file
+    from inhercc.verify import parse_output_kinds
 
     training = options["epochs"] is not None or options["steps"] is not None
     threads = options["threads"]  # also the --latency-aware timing threads
@@ -478,6 +499,8 @@ def compress(
         calib_batch_size=calib_batch_size,
         allocation="sensitivity" if sensitivity else allocation,
         sequential=sequential,
+        output_kinds=parse_output_kinds(output_kinds),
+        allow_nonfinite=allow_nonfinite,
         progress=progress,
         log=lambda m: click.echo(f"· {m}", err=True) if verbose else None,
     )
@@ -505,7 +528,7 @@ def summary_table(rep: dict[str, Any]) -> str:
         for metric, value in fid.items():
             b = before.get(name, {}).get(metric)
             shown = f"{value:.4f}" if b is None else f"{b:.4f} → {value:.4f}"
-            rows.append([f"{name} {metric}", "1" if metric != "rel_l2" else "0", shown, ""])
+            rows.append([_fidelity_label(rep, name, metric), "1" if metric != "rel_l2" else "0", shown, ""])
     n_fact = sum(1 for r in rep["layers"] if r["rank"] is not None)
     out = format_table(["", "teacher", "student", "ratio"], rows, align="lrrr")
     out += f"\n{n_fact}/{len(rep['layers'])} layers factorized (init {rep.get('init', 'svd')})"
@@ -513,12 +536,19 @@ def summary_table(rep: dict[str, Any]) -> str:
         out += "; fidelity on synthetic inputs (pass --data for real ones)"
     if rep["flops"].get("symbolic_dims_counted_as_1"):
         out += f"; FLOPs count dims {', '.join(rep['flops']['symbolic_dims_counted_as_1'])} as 1"
+    out += "".join(f"\n{name}: not scored, {why}" for name, why in rep.get("fidelity_skipped", {}).items())
     if "training" in rep:
         out += "\n" + training_line(rep)
     for name, fid in rep.get("fidelity_verify_data", {}).items():
         scores = ", ".join(f"{metric} {value:.4f}" for metric, value in fid.items())
         out += f"\n{name} on --verify-data after distillation: {scores}"
     return out
+
+
+def _fidelity_label(rep: dict[str, Any], name: str, metric: str) -> str:
+    """``sentence_embedding cosine (embedding)``: an output, a metric and the output's kind (as scored)."""
+    kind = rep.get("output_kinds", {}).get(name)
+    return f"{name} {metric} ({kind})" if kind else f"{name} {metric}"
 
 
 def training_line(rep: dict[str, Any]) -> str:
@@ -534,7 +564,7 @@ def training_line(rep: dict[str, Any]) -> str:
 
 def layer_table(rows: list[dict[str, Any]]) -> str:
     return format_table(
-        ["layer", "op", "shape", "rank", "params before", "params after", "reason"],
+        ["layer", "op", "shape", "rank", "params before", "params after", "reason / note"],
         [
             [
                 r["name"],
@@ -543,7 +573,7 @@ def layer_table(rows: list[dict[str, Any]]) -> str:
                 r["rank"],
                 r["params_before"],
                 r["params_after"],
-                r["reason"] or "",
+                r["reason"] or r.get("note") or "",
             ]
             for r in rows
         ],
@@ -563,6 +593,7 @@ def _ratio_str(a: float, b: float) -> str:
 @click.option("--rank-multiple", type=int, default=8, show_default=True, callback=_rank)
 @click.option("--data", type=click.Path(path_type=str), help="Calibration samples: show whitened (output) spectra.")
 @calibration_options
+@click.option("--shape", "shapes", multiple=True, help="Input shape FLOPs are counted at, e.g. input_ids=1x128.")
 @click.option("-q", "--quiet", is_flag=True, help="No calibration progress bar.")
 @click.pass_context
 def inspect(
@@ -575,10 +606,12 @@ def inspect(
     data: str | None,
     calib_samples: int,
     calib_batch_size: int,
+    shapes: tuple[str, ...],
     quiet: bool,
 ) -> None:
     """Per-layer table: weight shape, params, FLOPs, ranks keeping 90/99 % energy (of the weights, or of the
     layer outputs with --data), why not compressible."""
+    from inhercc.data import parse_shapes
     from inhercc.pipeline import inspect_model
 
     _refuse_calibration_without_data(ctx, data)
@@ -591,6 +624,7 @@ def inspect(
         calib_samples=calib_samples,
         calib_batch_size=calib_batch_size,
         progress=not quiet and not as_json,
+        shapes=parse_shapes(shapes),
     )
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -751,6 +785,13 @@ def bench(
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str), help="Write a JSON report.")
 @click.option("--external-data", is_flag=True, default=None, help="Store weights in <output>.data (auto above 2 GB).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Validation split and shuffling.")
+@click.option(
+    "--output-kind",
+    "output_kinds",
+    multiple=True,
+    help="OUTPUT=KIND, KIND logits|probs|embedding|values: what an output is, when the graph does not say "
+    "(top-1 agreement and KD for logits; default: from the graph, then the name, else values).",
+)
 @distill_options("Distil for this many epochs [default: 3, unless --steps is given].")
 def finetune(
     student: str,
@@ -761,11 +802,13 @@ def finetune(
     report_path: str | None,
     external_data: bool | None,
     seed: int,
+    output_kinds: tuple[str, ...],
     **options: Any,
 ) -> None:
     """Distil STUDENT (e.g. compressed earlier, or from a hand-edited plan) from --teacher on --data."""
     from inhercc.data import parse_shapes
     from inhercc.distill import finetune_file
+    from inhercc.verify import parse_output_kinds
 
     result = finetune_file(
         student,
@@ -774,7 +817,7 @@ def finetune(
         data,
         report_path=report_path,
         external_data=external_data,
-        config=distill_config(options, seed),
+        config=distill_config(options, seed, parse_output_kinds(output_kinds)),
         shapes=parse_shapes(shapes),
     )
     rep = result.report
@@ -782,8 +825,10 @@ def finetune(
     for name, fid in rep.get("fidelity", {}).items():
         for metric, value in fid.items():
             b = rep.get("fidelity_before", {}).get(name, {}).get(metric)
-            rows.append([f"{name} {metric}", "-" if b is None else f"{b:.4f}", f"{value:.4f}"])
+            rows.append([_fidelity_label(rep, name, metric), "-" if b is None else f"{b:.4f}", f"{value:.4f}"])
     click.echo(format_table(["", "before", "after"], rows, align="lrr"))
+    for name, why in rep.get("fidelity_skipped", {}).items():
+        click.echo(f"{name}: not scored, {why}")
     click.echo(training_line(rep))
     click.echo(f"student written to {output}")
 

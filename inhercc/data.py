@@ -3,9 +3,11 @@ from any source (file, folder of shards, iterable, ORT ``CalibrationDataReader``
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +40,179 @@ def input_specs(model: ModelProto) -> list[InputSpec]:
             continue
         t = vi.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else np.dtype(np.float32)
-        dims: tuple[Dim, ...] = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-        )
-        specs.append(InputSpec(vi.name, dtype, dims))
+        specs.append(InputSpec(vi.name, dtype, tuple(_dim(d) for d in t.shape.dim)))
     return specs
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
+    """A dim as a number, a symbol, or None when unknown (no value, ``-1`` as paddle2onnx writes it, or the
+    anonymous symbol ``?``)."""
+    if d.HasField("dim_value"):
+        return int(d.dim_value) if d.dim_value > 0 else None
+    return d.dim_param if d.dim_param and d.dim_param != "?" else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batch axes: which axis of each graph input and output holds the samples (not always axis 0)
+
+
+Axes = dict[str, int | None]
+_BATCH_NAME = re.compile(r"batch|^(n|b|bs|N|B)$", re.IGNORECASE)
+
+
+def _fixed(d: object) -> bool:
+    return isinstance(d, (int, np.integer)) and int(d) > 0
+
+
+def _value_dims(values: Iterable[onnx.ValueInfoProto], skip: set[str]) -> dict[str, tuple[Dim, ...] | None]:
+    """``name → dims`` of graph values (None: rank unknown), leaving out the names in ``skip``."""
+    out: dict[str, tuple[Dim, ...] | None] = {}
+    for vi in values:
+        if vi.name in skip:
+            continue
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+            out[vi.name] = None
+            continue
+        out[vi.name] = tuple(_dim(d) for d in t.shape.dim)
+    return out
+
+
+def _batch_symbol(shaped: Mapping[str, tuple[Dim, ...]], outputs: Iterable[tuple[Dim, ...]]) -> str | None:
+    """The dim symbol that is the batch: named like one first, then the leading dim of the most inputs, then
+    the symbol in the most inputs, then in the most outputs."""
+    symbols = {d for dims in shaped.values() for d in dims if isinstance(d, str)}
+    if not symbols:
+        return None
+
+    def score(sym: str) -> tuple[int, int, int, int]:
+        return (
+            bool(_BATCH_NAME.search(sym)),
+            sum(dims[0] == sym for dims in shaped.values()),
+            sum(sym in dims for dims in shaped.values()),
+            sum(sym in dims for dims in outputs),
+        )
+
+    return max(sorted(symbols), key=score)
+
+
+def _fixed_batch_value(shaped: Mapping[str, tuple[Dim, ...]]) -> int:
+    """For inputs whose leading dims are all numbers: the batch size, the leading dim of the most inputs
+    (ties: the number found in the most inputs; ``[1, 512]`` beside a state ``[2, 1, 128]`` → 1)."""
+    leading = [int(dims[0]) for dims in shaped.values()]  # type: ignore[arg-type]
+
+    def score(v: int) -> tuple[int, int]:
+        return leading.count(v), sum(v in dims for dims in shaped.values())
+
+    return max(sorted(set(leading)), key=score)
+
+
+def batch_axes_of(
+    inputs: Mapping[str, Sequence[Dim] | None], outputs: Mapping[str, Sequence[Dim] | None] | None = None
+) -> Axes:
+    """The batch axis of every named input and output (None: no batch axis — a scalar, or a tensor shared
+    by all samples), from their dims (numbers, symbols, None for unknown; ``None`` for an unknown rank).
+
+    Rules: when some input leads with a dynamic dim, the batch is the dim symbol named like a batch, else
+    the one leading the most inputs (an LSTM state ``[2, batch, 128]`` beside ``x [batch, 512]`` has it at
+    axis 1); a tensor without that symbol takes its first dynamic dim that is not another shared symbol,
+    else none. When every input leads with a number (a model exported at a fixed batch), the batch is the
+    number leading the most inputs, found at the first axis holding it. Unknown ranks get axis 0."""
+    outs = dict(outputs or {})
+    ins = {k: (None if v is None else tuple(v)) for k, v in inputs.items()}
+    shaped = {k: v for k, v in ins.items() if v}
+    if not shaped:
+        return {k: None for k in list(ins) + list(outs)}
+    if all(_fixed(v[0]) for v in shaped.values()):
+        value = _fixed_batch_value(shaped)
+
+        def axis(dims: tuple[Dim, ...]) -> int | None:
+            return next((i for i, d in enumerate(dims) if _fixed(d) and int(d) == value), None)  # type: ignore[arg-type]
+
+    else:
+        out_dims = [tuple(v) for v in outs.values() if v]
+        symbol = _batch_symbol(shaped, out_dims)
+        others = {d for v in shaped.values() if symbol in v for d in v if isinstance(d, str) and d != symbol}
+
+        def axis(dims: tuple[Dim, ...]) -> int | None:
+            if symbol is not None and symbol in dims:
+                return dims.index(symbol)
+            return next((i for i, d in enumerate(dims) if not _fixed(d) and d not in others), None)
+
+    result: Axes = {k: 0 if v is None else (axis(v) if v else None) for k, v in ins.items()}
+    for k, v in outs.items():
+        twin = _state_twin(k, v, ins)
+        result[k] = result[twin] if twin is not None else 0 if v is None else (axis(tuple(v)) if v else None)
+    return result
+
+
+_STATE_SUFFIX = re.compile(r"(_?(out|new|next|n|\d+))$", re.IGNORECASE)
+
+
+def _state_twin(name: str, dims: Sequence[Dim] | None, inputs: Mapping[str, tuple[Dim, ...] | None]) -> str | None:
+    """The input an output of unknown dims is the next value of (a recurrent state: ``stateN`` of ``state``,
+    ``hn`` of ``h0``), by name and rank; it has that input's batch axis."""
+    if dims is None or any(_fixed(d) or isinstance(d, str) for d in dims):
+        return None
+    stem = _STATE_SUFFIX.sub("", name)
+    return next(
+        (k for k, v in inputs.items() if v and len(v) == len(dims) and stem and _STATE_SUFFIX.sub("", k) == stem), None
+    )
+
+
+def batch_axes(model: ModelProto) -> Axes:
+    """:func:`batch_axes_of` every graph input (initializers excepted) and graph output of ``model``."""
+    inits = {t.name for t in model.graph.initializer}
+    return batch_axes_of(_value_dims(model.graph.input, inits), _value_dims(model.graph.output, set()))
+
+
+def batch_size_of(inputs: Mapping[str, Sequence[Dim] | None], axes: Mapping[str, int | None]) -> int | None:
+    """The batch size fixed by the inputs' dims at their batch axes, None when dynamic (or no input has one)."""
+    fixed = set()
+    for k, dims in inputs.items():
+        a = axes.get(k)
+        if a is not None and dims is not None and _fixed(dims[a]):
+            fixed.add(int(dims[a]))  # type: ignore[arg-type]
+    if len(fixed) > 1:
+        raise InherccError(f"the model fixes different batch sizes {sorted(fixed)} on its inputs; cannot feed samples")
+    return fixed.pop() if fixed else None
+
+
+def batch_count(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> int:
+    """Samples in a feed dict: the size of the first array's batch axis (axis 0 when ``axes`` does not name
+    the array); arrays without a batch axis are skipped; 0 when none has one."""
+    for k, v in feeds.items():
+        a = 0 if axes is None else axes.get(k, 0)
+        if a is not None and np.ndim(v) > a:
+            return int(np.shape(v)[a])
+    return 0
+
+
+def slice_batch(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None], start: int, stop: int) -> Feed:
+    """Samples ``start:stop`` of every array along its batch axis (axis 0 when ``axes`` does not name it);
+    arrays without a batch axis (None) are passed whole, as every batch needs them."""
+    out: Feed = {}
+    for k, v in feeds.items():
+        a = axes.get(k, 0)
+        if a is None or np.ndim(v) <= a:
+            out[k] = v
+        else:
+            index = [slice(None)] * np.ndim(v)
+            index[a] = slice(start, stop)
+            out[k] = v[tuple(index)]
+    return out
+
+
+def concat_batches(parts: Sequence[np.ndarray], axis: int | None, name: str = "output") -> np.ndarray:
+    """One array from per-batch parts, joined along ``axis``; with no batch axis the first part (every batch
+    gives the same). Parts that differ off the batch axis are an :class:`InherccError` naming ``name``."""
+    if axis is None or len(parts) == 1 or np.ndim(parts[0]) <= axis:
+        return parts[0]
+    try:
+        return np.concatenate(parts, axis=axis)
+    except ValueError as e:
+        shapes = sorted({tuple(np.shape(p)) for p in parts})
+        raise InherccError(f"{name} has different shapes in different batches {shapes}; cannot join them") from e
 
 
 _SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*(\d+(?:\s*[x,]\s*\d+)*)\s*$")
@@ -62,12 +232,112 @@ def parse_shapes(items: Iterable[str]) -> dict[str, list[int]]:
     return shapes
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Dynamic dims: given by the user, else chosen by kind (batch, sequence, spatial, audio, other)
+
+# Sizes tried for each kind of dynamic dim, first choice first (the next ones when ONNX Runtime rejects it):
+# sequences 128 (capped at the model's position table), spatial dims 224 (a multiple of 32, as strided and
+# downsampling graphs need), audio 16000 samples (one second at 16 kHz; 512: a streaming VAD's chunk),
+# anything else 64.
+DIM_SIZES: dict[str, tuple[int, ...]] = {
+    "sequence": (128, 64, 32, 16),
+    "spatial": (224, 320, 256, 512, 64, 32),
+    "audio": (16000, 512, 8000, 32000, 1024, 256, 4000),
+    "channels": (3, 1, 4),
+    "other": (64, 32, 16, 128, 8, 1),
+}
+KIND_ORDER = ("batch", "sequence", "spatial", "audio", "channels", "other")
+_SEQUENCE_NAME = re.compile(r"seq|length|len\b|_len|token|time|frame|word|text", re.IGNORECASE)
+_SPATIAL_NAME = re.compile(r"height|width|^[hw]$", re.IGNORECASE)
+_AUDIO_NAME = re.compile(r"audio|wav|speech|pcm|signal|sample", re.IGNORECASE)
+_POSITION_NAME = re.compile(r"position|pos_emb|pos_embed", re.IGNORECASE)
+_RATE_NAME = re.compile(r"^sr$|sample_?rate|sampling_?rate|^rate$", re.IGNORECASE)
+_COUNT_NAME = re.compile(r"len|count|^n_|num", re.IGNORECASE)
+_CHANNEL_COUNTS = (1, 3, 4)
+
+
+def shape_text(shapes: Mapping[str, Sequence[int]]) -> str:
+    """``{"ids": [1, 128]}`` → ``ids=1x128`` (the ``--shape`` syntax; scalars, which take none, left out)."""
+    return " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items() if len(v))
+
+
+def _dim_kind(spec: InputSpec, axis: int, tables: Mapping[str, int]) -> str:
+    """What a dynamic, non-batch dim of an input most likely is, by the input's rank and dtype (4-D: an image,
+    NCHW or NHWC by where a channel count 1/3/4 is fixed; integer and bool inputs and masks: token ids; 2-D
+    floats and ``[batch, 1 or 2, samples]``: audio samples), else by its symbol's name (sequence, height /
+    width), else 3-D floats: a sequence."""
+    d, rank = spec.shape[axis], len(spec.shape)
+    symbol = d if isinstance(d, str) else ""
+    if rank == 4:
+        nhwc = spec.shape[3] in _CHANNEL_COUNTS and spec.shape[1] not in _CHANNEL_COUNTS
+        return "channels" if axis == (3 if nhwc else 1) else "spatial"
+    if spec.name in tables or not np.issubdtype(spec.dtype, np.floating) or "mask" in spec.name.lower():
+        return "sequence"
+    if rank == 2 and axis == 1:
+        return "audio"
+    if rank == 3 and axis == 2 and _fixed(spec.shape[1]) and int(spec.shape[1]) <= 2:  # type: ignore[arg-type]
+        return "audio"
+    if _SEQUENCE_NAME.search(symbol) or rank == 3:
+        return "sequence"
+    if _SPATIAL_NAME.search(symbol):
+        return "spatial"
+    return "audio" if _AUDIO_NAME.search(spec.name) else "other"
+
+
+def dim_kinds(model: ModelProto) -> dict[tuple[str, int], str]:
+    """``(input, axis) → kind`` for every dynamic dim of the graph inputs (see :data:`DIM_SIZES`); a dim
+    symbol shared by several inputs gets one kind (the first in :data:`KIND_ORDER` any of them has)."""
+    specs = input_specs(model)
+    axes = batch_axes(model)
+    tables = gather_table_sizes(model)
+    kinds: dict[tuple[str, int], str] = {}
+    by_symbol: dict[str, str] = {}
+    for spec in specs:
+        for i, d in enumerate(spec.shape):
+            if _fixed(d):
+                continue
+            kind = "batch" if i == axes.get(spec.name) else _dim_kind(spec, i, tables)
+            kinds[(spec.name, i)] = kind
+            if isinstance(d, str):
+                by_symbol[d] = min(by_symbol.get(d, kind), kind, key=KIND_ORDER.index)
+    shape_of = {s.name: s.shape for s in specs}
+    return {k: by_symbol.get(shape_of[k[0]][k[1]], v) for k, v in kinds.items()}  # type: ignore[arg-type]
+
+
+def position_limit(model: ModelProto) -> int | None:
+    """The longest sequence the model's position table covers (rows of a float initializer named like a
+    position embedding: ``[N, d]`` or ``[1, N, d]``), None when it has none."""
+    sizes = []
+    for t in model.graph.initializer:
+        if not _POSITION_NAME.search(t.name) or t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        dims = list(t.dims)
+        if len(dims) == 2 or (len(dims) == 3 and dims[0] == 1):
+            sizes.append(int(dims[-2]))
+    return min(sizes) if sizes else None
+
+
+def dim_size(kind: str, attempt: int = 0, limit: int | None = None) -> int:
+    """The ``attempt``-th size tried for a dim of ``kind`` (the last once they run out); sequences at most
+    ``limit``."""
+    sizes = DIM_SIZES[kind]
+    size = sizes[min(attempt, len(sizes) - 1)]
+    return min(size, limit) if kind == "sequence" and limit else size
+
+
 def resolve_shapes(
-    specs: list[InputSpec], shapes: Mapping[str, list[int]] | None = None, batch: int | None = None
+    specs: list[InputSpec],
+    shapes: Mapping[str, list[int]] | None = None,
+    batch: int | None = None,
+    *,
+    model: ModelProto | None = None,
+    attempt: int = 0,
 ) -> dict[str, list[int]]:
     """Concrete shapes for every input: given ``--shape`` values first; symbolic dims shared with a given
-    shape (same ``dim_param``) follow it; a leading unknown dim is the batch (``batch``, default 1);
-    any other unknown dim is an error naming the input and the dim."""
+    shape (same ``dim_param``) follow it. With ``model``, every other dynamic dim is chosen by its kind
+    (:func:`dim_kinds`): the batch axis takes ``batch`` (default 1), the others the ``attempt``-th size of
+    :data:`DIM_SIZES`. Without it, a leading unknown dim is the batch and any other is an error naming the
+    input and the dim."""
     shapes = dict(shapes or {})
     unknown = set(shapes) - {s.name for s in specs}
     if unknown:
@@ -85,6 +355,8 @@ def resolve_shapes(
                     raise InherccError(f"--shape {spec.name}: dim {d} is fixed in the model, got {v}")
                 if isinstance(d, str):
                     symbols.setdefault(d, v)
+    kinds = dim_kinds(model) if model is not None else {}
+    limit = position_limit(model) if model is not None else None
     out: dict[str, list[int]] = {}
     for spec in specs:
         if spec.name in shapes:
@@ -92,10 +364,13 @@ def resolve_shapes(
             continue
         dims = []
         for i, d in enumerate(spec.shape):
+            kind = kinds.get((spec.name, i))
             if isinstance(d, int) and d > 0:
                 dims.append(d)
             elif isinstance(d, str) and d in symbols:
                 dims.append(symbols[d])
+            elif kind is not None:
+                dims.append(batch or 1 if kind == "batch" else dim_size(kind, attempt, limit))
             elif i == 0:
                 dims.append(batch or 1)
             else:
@@ -107,16 +382,185 @@ def resolve_shapes(
     return out
 
 
+def default_shapes(
+    model: ModelProto, batch: int = 1, given: Mapping[str, list[int]] | None = None, attempt: int = 0
+) -> tuple[dict[str, list[int]], str]:
+    """``(shapes, note)``: concrete shapes of every input (:func:`resolve_shapes` with the model's defaults)
+    and, when some dim other than the batch was chosen here, a one-line note saying which sizes were used
+    (empty otherwise)."""
+    specs = input_specs(model)
+    shapes = resolve_shapes(specs, given, batch, model=model, attempt=attempt)
+    given = given or {}
+    kinds = dim_kinds(model)
+    symbols = {d for s in specs if s.name in given for d in s.shape if isinstance(d, str)}
+    chosen: dict[str, int] = {}
+    named: dict[str, list[int]] = {}
+    for (name, axis), kind in kinds.items():
+        d = next(s.shape[axis] for s in specs if s.name == name)
+        if kind == "batch" or name in given or d in symbols:
+            continue
+        chosen.setdefault(kind, shapes[name][axis])
+        named[name] = shapes[name]
+    if not chosen:
+        return shapes, ""
+    sizes = ", ".join(f"{k}: {v}" for k, v in sorted(chosen.items(), key=lambda kv: KIND_ORDER.index(kv[0])))
+    return shapes, f"dynamic dims chosen: {shape_text(named)} ({sizes}); pass --shape to choose other sizes"
+
+
+def with_batch(model: ModelProto, shapes: Mapping[str, list[int]], batch: int) -> dict[str, list[int]]:
+    """``shapes`` with ``batch`` samples: every input's batch axis set to ``batch`` where the model leaves it
+    dynamic (a fixed batch dim keeps its size)."""
+    axes = batch_axes(model)
+    dims = {s.name: s.shape for s in input_specs(model)}
+    out = {}
+    for name, shape in shapes.items():
+        shape = list(shape)
+        a = axes.get(name)
+        if a is not None and a < len(shape) and not _fixed(dims.get(name, (None,) * len(shape))[a]):
+            shape[a] = batch
+        out[name] = shape
+    return out
+
+
+def confirmed_shapes(
+    model: ModelProto, batch: int = 1, given: Mapping[str, list[int]] | None = None
+) -> tuple[dict[str, list[int]], str]:
+    """:func:`default_shapes`, checked by one ONNX Runtime run on synthetic inputs of those shapes; when ONNX
+    Runtime rejects them, the next sizes of :data:`DIM_SIZES` are tried, and an error naming ``--shape``
+    follows when none runs. A model ONNX Runtime cannot load keeps the first choice (unchecked)."""
+    from inhercc.runtime import make_session, ort_message, ort_run_errors
+
+    shapes, note = default_shapes(model, batch, given)
+    if not note:
+        return shapes, note
+    try:
+        sess = make_session(model)
+    except InherccError:
+        return shapes, note
+    tried: list[dict[str, list[int]]] = []
+    error = ""
+    for attempt in range(max(len(v) for v in DIM_SIZES.values())):
+        shapes, note = default_shapes(model, batch, given, attempt)
+        if shapes in tried:
+            continue
+        tried.append(shapes)
+        try:
+            sess.run(None, synthetic_feeds(model, shapes, seed=0))
+            return shapes, note
+        except ort_run_errors() as e:
+            error = ort_message(e)
+    raise InherccError(
+        f"ONNX Runtime rejects every input size tried ({'; '.join(shape_text(s) for s in tried)}): {error}; "
+        "pass --shape NAME=DIMS with sizes the model accepts"
+    )
+
+
+_VALUE_PRESERVING = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand")
+
+
+def _index_uses(model: ModelProto) -> Iterator[tuple[str, onnx.NodeProto, int]]:
+    """``(graph input, node, operand)`` for every node operand that carries an integer graph input's values —
+    the input itself or its copy through value-preserving ops (``Cast``, ``Reshape``, ``Unsqueeze`` …)."""
+    inits = {t.name for t in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in set(node.input):
+            consumers.setdefault(i, []).append(node)
+    for spec in input_specs(model):
+        if spec.name in inits or np.issubdtype(spec.dtype, np.floating):
+            continue
+        todo, carried = [spec.name], {spec.name}
+        while todo:
+            value = todo.pop()
+            for node in consumers.get(value, []):
+                for k, i in enumerate(node.input):
+                    if i == value:
+                        yield spec.name, node, k
+                if node.op_type in _VALUE_PRESERVING and node.input[0] == value:
+                    todo.extend(o for o in node.output if o not in carried)
+                    carried.update(node.output)
+
+
 def gather_table_sizes(model: ModelProto) -> dict[str, int]:
-    """For integer graph inputs used as ``Gather`` indices into a constant table: the table size."""
+    """For integer graph inputs used as ``Gather`` indices into a constant table (directly, or through
+    ``Cast``/``Reshape``/``Unsqueeze``/``Squeeze``/``Flatten``/``Expand``): the table size."""
     inits = {t.name: t for t in model.graph.initializer}
     sizes: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in inits:
+    for name, node, k in _index_uses(model):
+        if node.op_type == "Gather" and k == 1 and node.input[0] in inits:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
             n = int(inits[node.input[0]].dims[axis])
-            sizes[node.input[1]] = min(sizes.get(node.input[1], n), n)
+            sizes[name] = min(sizes.get(name, n), n)
     return sizes
+
+
+def index_ranges(model: ModelProto) -> dict[str, int]:
+    """For integer graph inputs that index something: how many values they take — a ``Gather`` table's size,
+    a ``OneHot``'s constant depth, or ``n`` for an ``Equal`` against a constant ``0 … n-1`` (a one-hot written
+    out, as jax2tf does)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    ranges = gather_table_sizes(model)
+    for name, node, k in _index_uses(model):
+        if node.op_type == "OneHot" and k == 0:
+            other = node.input[1]
+        elif node.op_type == "Equal":
+            other = node.input[1 - k]
+        else:
+            continue
+        if other not in inits:
+            continue
+        values = numpy_helper.to_array(inits[other]).ravel()
+        if node.op_type == "OneHot" and values.size == 1:
+            n = int(values[0])
+        elif node.op_type == "Equal" and values.size > 1 and np.array_equal(values, np.arange(values.size)):
+            n = int(values.size)
+        else:
+            continue
+        ranges[name] = min(ranges.get(name, n), n)
+    return ranges
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def synthetic_bytes(model: ModelProto, shapes: Mapping[str, Sequence[int]]) -> tuple[int, int]:
+    """``(bytes of the synthetic inputs, bytes of the largest temporary drawn to make one)`` at ``shapes``
+    (counted in Python integers: no overflow for absurd shapes)."""
+    total = biggest = 0
+    for spec in input_specs(model):
+        count = math.prod(int(d) for d in shapes.get(spec.name, [1]))
+        total += count * np.dtype(spec.dtype).itemsize
+        biggest = max(biggest, count * 8)
+    return total, biggest
+
+
+def check_memory(need: int, what: str, free: int | None) -> None:
+    """A one-line error when ``need`` bytes exceed ``free`` (``what`` says what needs them)."""
+    if free is not None and need > free:
+        raise InherccError(
+            f"{what} need {need / 2**30:.1f} GiB of memory, only {free / 2**30:.1f} GiB is available; "
+            "use a smaller shape"
+        )
+
+
+def check_synthetic_memory(model: ModelProto, shapes: Mapping[str, Sequence[int]]) -> None:
+    """A one-line error when synthetic inputs of ``shapes`` would not fit in the memory available."""
+    total, biggest = synthetic_bytes(model, shapes)
+    check_memory(total + biggest, f"synthetic inputs {shape_text(shapes)}", available_memory())
 
 
 def synthetic_feeds(
@@ -126,26 +570,56 @@ def synthetic_feeds(
     batch: int | None = None,
     seed: int = 0,
 ) -> Feed:
-    """One batch of synthetic inputs: floats ~ N(0, 1); integer inputs feeding a ``Gather`` → ids below the
-    table size; inputs whose name contains "mask" → ones; other integers → zeros; bools → True."""
+    """One batch of synthetic inputs, each of its dtype in a plausible range; dynamic dims not in ``shapes``
+    are chosen by :func:`resolve_shapes` (``batch`` samples). Refused with one line, before allocating, when
+    they would not fit in memory. See :func:`synthetic_input` for the values."""
     rng = np.random.default_rng(seed)
     specs = input_specs(model)
-    concrete = resolve_shapes(specs, shapes, batch)
-    tables = gather_table_sizes(model)
-    feeds: Feed = {}
-    for spec in specs:
-        shape = concrete[spec.name]
-        if "mask" in spec.name.lower():
-            feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
-        elif np.issubdtype(spec.dtype, np.floating):
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype == np.bool_:
-            feeds[spec.name] = np.ones(shape, dtype=np.bool_)
-        elif spec.name in tables:
-            feeds[spec.name] = rng.integers(0, tables[spec.name], size=shape).astype(spec.dtype)
-        else:
-            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
-    return feeds
+    concrete = resolve_shapes(specs, shapes, batch, model=model)
+    check_synthetic_memory(model, concrete)
+    tables = index_ranges(model)
+    kinds = dim_kinds(model)
+    seq = [concrete[n][i] for (n, i), k in kinds.items() if k == "sequence"]
+    audio = {n for (n, _), k in kinds.items() if k == "audio"}
+    return {
+        s.name: synthetic_input(s, concrete[s.name], rng, tables.get(s.name), s.name in audio, max(seq, default=1))
+        for s in specs
+    }
+
+
+def synthetic_input(
+    spec: InputSpec, shape: list[int], rng: np.random.Generator, rows: int | None, audio: bool, length: int
+) -> np.ndarray:
+    """Values for one input: masks → ones; a sample rate (``sr``, ``sample_rate``) → 16000; other scalars →
+    ``length`` for a count, else 1; floats ~ N(0, 1), audio in [-1, 1]; bools → True; indices into ``rows``
+    values (a ``Gather`` table, a one-hot) → uniform below it (position ids → 0, 1, 2 …); other bytes (uint8 /
+    int8, or named ``byte``) → uniform over their range (0 … 255); counts and lengths → ``length`` (the
+    longest sequence dim); other integers → 0."""
+    name, dtype = spec.name.lower(), spec.dtype
+    if "mask" in name:
+        return np.ones(shape, dtype=dtype)
+    if _RATE_NAME.search(name):
+        return np.full(shape, 16000, dtype=dtype)
+    if not shape:
+        return np.full(shape, length if _COUNT_NAME.search(name) else 1, dtype=dtype)
+    if np.issubdtype(dtype, np.floating):
+        if audio:
+            return rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
+        return rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
+    if dtype == np.bool_:
+        return np.ones(shape, dtype=np.bool_)
+    if rows is not None:
+        if "position" in name and shape:
+            return np.broadcast_to(np.arange(shape[-1]) % rows, shape).astype(dtype)
+        return rng.integers(0, rows, size=shape).astype(dtype)
+    if np.dtype(dtype).itemsize == 1:
+        info = np.iinfo(dtype)
+        return rng.integers(int(info.min), int(info.max) + 1, size=shape).astype(dtype)
+    if "byte" in name:
+        return rng.integers(0, 256, size=shape).astype(dtype)
+    if _COUNT_NAME.search(name):
+        return np.full(shape, length, dtype=dtype)
+    return np.zeros(shape, dtype=dtype)
 
 
 def warn_synthetic(purpose: str) -> None:
@@ -233,13 +707,16 @@ def check_feeds(
     missing = [s.name for s in specs if s.name not in feeds]
     if missing:
         raise InherccError(f"{source} lacks model input(s) {', '.join(missing)} (has: {', '.join(sorted(feeds))})")
+    axes = batch_axes(model)
+    tables = gather_table_sizes(model) if check_finite else {}
     counts = set()
     for spec in specs:
         a = feeds[spec.name]
+        axis = axes.get(spec.name)
         if spec.shape and a.ndim != len(spec.shape):
             raise InherccError(f"{source}: {spec.name} has {a.ndim} dims, the model expects {len(spec.shape)}")
         for i, (d, v) in enumerate(zip(spec.shape, a.shape)):
-            if i > 0 and isinstance(d, int) and d > 0 and d != v:
+            if i != axis and isinstance(d, int) and d > 0 and d != v:
                 raise InherccError(f"{source}: {spec.name} has shape {list(a.shape)}, the model expects dim {i} = {d}")
         if np.issubdtype(spec.dtype, np.floating) != np.issubdtype(a.dtype, np.floating) or (
             spec.dtype == np.bool_
@@ -247,9 +724,13 @@ def check_feeds(
             raise InherccError(f"{source}: {spec.name} is {a.dtype}, the model expects {spec.dtype}")
         if check_finite and np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
             raise InherccError(f"{source}: {spec.name} contains NaN or Inf")
-        if a.shape[0] == 0:
+        if check_finite and spec.name in tables and np.issubdtype(a.dtype, np.integer) and a.size:
+            check_ids(a, tables[spec.name], f"{source}: {spec.name}")
+        if axis is None or a.ndim <= axis:
+            continue
+        if a.shape[axis] == 0:
             raise InherccError(f"{source}: {spec.name} has no samples")
-        counts.add(a.shape[0])
+        counts.add(a.shape[axis])
     if LABELS_KEY in feeds:
         labels = feeds[LABELS_KEY]
         if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
@@ -263,21 +744,52 @@ def check_feeds(
         raise InherccError(f"{source}: inputs have different sample counts {sorted(counts)}")
 
 
+def check_ids(ids: np.ndarray, rows: int, what: str) -> None:
+    """Indices into an embedding table of ``rows`` rows must lie in ``[-rows, rows)`` (as ``Gather`` takes
+    them): else a one-line error, before ONNX Runtime meets them mid-run."""
+    high, low = int(ids.max()), int(ids.min())
+    if high >= rows:
+        raise InherccError(f"{what} holds ids up to {high}, the embedding table has {rows} rows")
+    if low < -rows:
+        raise InherccError(f"{what} holds ids down to {low}, the embedding table has {rows} rows")
+
+
 def cast_feeds(feeds: Mapping[str, np.ndarray], model: ModelProto) -> Feed:
     """Model inputs only, cast to the exact dtypes the model declares (int32 ids → int64, …)."""
     return {s.name: np.asarray(feeds[s.name]).astype(s.dtype, copy=False) for s in input_specs(model)}
 
 
-def sample_count(feeds: Mapping[str, np.ndarray]) -> int:
-    """Samples in a feed dict (the first axis of its arrays)."""
-    return len(next(iter(feeds.values())))
+def sample_count(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> int:
+    """Samples in a feed dict (along each array's batch axis, :func:`batch_axes`; axis 0 without ``axes``)."""
+    return batch_count(feeds, axes)
 
 
-def iter_batches(feeds: Mapping[str, np.ndarray], batch_size: int) -> Iterator[Feed]:
-    """Consecutive slices of ``batch_size`` samples (the last may be smaller)."""
-    n = sample_count(feeds)
+def iter_batches(
+    feeds: Mapping[str, np.ndarray], batch_size: int, axes: Mapping[str, int | None] | None = None
+) -> Iterator[Feed]:
+    """Consecutive slices of ``batch_size`` samples (the last may be smaller), along each array's batch axis
+    (axis 0 without ``axes``; arrays without one come whole with every batch)."""
+    axes = axes or {}
+    n = sample_count(feeds, axes)
     for i in range(0, n, batch_size):
-        yield {k: v[i : i + batch_size] for k, v in feeds.items()}
+        yield slice_batch(feeds, axes, i, i + batch_size)
+
+
+def take_samples(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None], rows: np.ndarray) -> Feed:
+    """The given sample rows of every array, along its batch axis (axis 0 when ``axes`` does not name it;
+    arrays without one whole)."""
+    out: Feed = {}
+    for k, v in feeds.items():
+        a = axes.get(k, 0)
+        out[k] = v if a is None or np.ndim(v) <= a else np.take(v, rows, axis=a)
+    return out
+
+
+def join_samples(parts: Sequence[Mapping[str, np.ndarray]], axes: Mapping[str, int | None]) -> Feed:
+    """Feed dicts joined sample-wise, each array along its batch axis (:func:`concat_batches`)."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    return {k: concat_batches([p[k] for p in parts], axes.get(k, 0), k) for k in parts[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,12 +811,19 @@ class Shard:
     checked: bool = False
 
 
-def feed_signature(feeds: Mapping[str, np.ndarray]) -> Signature:
-    return tuple(sorted((k, tuple(int(d) for d in v.shape[1:]), np.dtype(v.dtype).str) for k, v in feeds.items()))
+def feed_signature(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> Signature:
+    """Per-sample shape (the batch axis left out: axis 0 without ``axes``) and dtype of every array."""
+    axes = axes or {}
+
+    def per_sample(k: str, v: np.ndarray) -> tuple[int, ...]:
+        a = axes.get(k, 0)
+        return tuple(int(d) for i, d in enumerate(v.shape) if i != a)
+
+    return tuple(sorted((k, per_sample(k, v), np.dtype(v.dtype).str) for k, v in feeds.items()))
 
 
-def _in_memory(feeds: Feed, source: str) -> Shard:
-    return Shard(sample_count(feeds), feed_signature(feeds), lambda: feeds, source)
+def _in_memory(feeds: Feed, source: str, axes: Mapping[str, int | None] | None = None) -> Shard:
+    return Shard(sample_count(feeds, axes), feed_signature(feeds, axes), lambda: feeds, source)
 
 
 class Samples:
@@ -315,6 +834,7 @@ class Samples:
         if not shards or sum(s.size for s in shards) == 0:
             raise InherccError(f"{source} holds no samples")
         self.shards, self.model, self.source, self.synthetic = shards, model, source, synthetic
+        self.axes = batch_axes(model)
         self.offsets = np.cumsum([0] + [s.size for s in shards])
         has = [any(k == LABELS_KEY for k, _, _ in s.signature) for s in shards]
         if any(has) and not all(has):
@@ -331,7 +851,7 @@ class Samples:
         feeds = shard.load()
         if not shard.checked:
             check_feeds(feeds, self.model, shard.source)
-            if feed_signature(feeds) != shard.signature:
+            if feed_signature(feeds, self.axes) != shard.signature:
                 raise InherccError(f"{shard.source} changed while being read")
             shard.checked = True
         return feeds
@@ -376,15 +896,15 @@ class Samples:
                 rows = rows[rng.permutation(len(rows))]
             feeds = self.load(s)
             local = rows - self.offsets[s]
-            part = (rows, {k: np.asarray(v[local]) for k, v in feeds.items()})
+            part = (rows, take_samples(feeds, self.axes, local))
             buf = pending.setdefault(self.shards[s].signature, [])
             buf.append(part)
             while sum(len(p[0]) for p in buf) >= batch_size:
-                yield _take(buf, batch_size)
+                yield _take(buf, batch_size, self.axes)
         for buf in pending.values():
             n = sum(len(p[0]) for p in buf)
             if n >= min_rows and n > 0:
-                yield _take(buf, n)
+                yield _take(buf, n, self.axes)
 
     def gather(self, indices: np.ndarray) -> Feed:
         """The given samples in one feed dict (for calibration and small held-out sets)."""
@@ -394,7 +914,7 @@ class Samples:
         return parts[0]
 
 
-def _take(buf: list[tuple[np.ndarray, Feed]], n: int) -> tuple[np.ndarray, Feed]:
+def _take(buf: list[tuple[np.ndarray, Feed]], n: int, axes: Mapping[str, int | None]) -> tuple[np.ndarray, Feed]:
     """The first ``n`` buffered samples (concatenated across parts); the rest stays in ``buf``."""
     idx: list[np.ndarray] = []
     feeds: list[Feed] = []
@@ -408,12 +928,12 @@ def _take(buf: list[tuple[np.ndarray, Feed]], n: int) -> tuple[np.ndarray, Feed]
             need -= len(rows)
         else:
             idx.append(rows[:need])
-            feeds.append({k: v[:need] for k, v in f.items()})
-            buf[0] = (rows[need:], {k: v[need:] for k, v in f.items()})
+            feeds.append(slice_batch(f, axes, 0, need))
+            buf[0] = (rows[need:], slice_batch(f, axes, need, len(rows)))
             need = 0
     if len(feeds) == 1:
         return idx[0], feeds[0]
-    return np.concatenate(idx), {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    return np.concatenate(idx), join_samples(feeds, axes)
 
 
 def split_indices(n: int, val_split: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -476,7 +996,8 @@ def _npz_shard(path: Path, model: ModelProto) -> Shard:
     def load() -> Feed:
         return _model_arrays(load_npz(path), model)
 
-    return Shard(sample_count(head), feed_signature(head), load, str(path))
+    axes = batch_axes(model)
+    return Shard(sample_count(head, axes), feed_signature(head, axes), load, str(path))
 
 
 def _npy_shard(files: list[Path], model: ModelProto, source: str) -> Shard:
@@ -488,7 +1009,8 @@ def _npy_shard(files: list[Path], model: ModelProto, source: str) -> Shard:
         except Exception as e:
             raise read_error(f, "npy", e) from e
     arrays = _checked_model_arrays(arrays, model, source, check_finite=False)
-    return Shard(sample_count(arrays), feed_signature(arrays), lambda: arrays, source)
+    axes = batch_axes(model)
+    return Shard(sample_count(arrays, axes), feed_signature(arrays, axes), lambda: arrays, source)
 
 
 def _folder_shards(folder: Path, model: ModelProto) -> list[Shard]:
@@ -511,6 +1033,7 @@ def _folder_shards(folder: Path, model: ModelProto) -> list[Shard]:
 def _iterable_shards(items: Iterable[Mapping[str, np.ndarray]], model: ModelProto, source: str) -> list[Shard]:
     """Feed dicts (each one sample or a batch) read once; consecutive ones of one signature are merged."""
     specs = input_specs(model)
+    axes = batch_axes(model)
     runs: list[list[Feed]] = []
     for i, item in enumerate(items):
         if not isinstance(item, Mapping):
@@ -520,18 +1043,21 @@ def _iterable_shards(items: Iterable[Mapping[str, np.ndarray]], model: ModelProt
         for spec in specs:
             a = given.get(spec.name)
             if a is not None and spec.shape and a.ndim == len(spec.shape) - 1:
-                given = {k: v[None] for k, v in given.items()}
+                given = {k: _with_batch_axis(v, axes.get(k, 0), k in axes) for k, v in given.items()}
                 break
         feeds = _checked_model_arrays(given, model, f"{source} item {i}")
-        if runs and feed_signature(runs[-1][-1]) == feed_signature(feeds):
+        if runs and feed_signature(runs[-1][-1], axes) == feed_signature(feeds, axes):
             runs[-1].append(feeds)
         else:
             runs.append([feeds])
-    shards = []
-    for run in runs:
-        merged = run[0] if len(run) == 1 else {k: np.concatenate([f[k] for f in run]) for k in run[0]}
-        shards.append(_in_memory(merged, source))
-    return shards
+    return [_in_memory(join_samples(run, axes), source, axes) for run in runs]
+
+
+def _with_batch_axis(v: np.ndarray, axis: int | None, model_input: bool) -> np.ndarray:
+    """One sample given without its batch axis, with it (inputs without a batch axis as they are)."""
+    if axis is None:
+        return v
+    return np.expand_dims(v, axis if model_input else 0)
 
 
 def open_samples(
@@ -556,16 +1082,17 @@ def open_samples(
     if data is None:
         warn_synthetic("distillation")
         feeds = synthetic_feeds(model, shapes, batch=synthetic, seed=seed)
-        return Samples([_in_memory(feeds, "synthetic inputs")], model, "synthetic inputs", synthetic=True)
+        shard = _in_memory(feeds, "synthetic inputs", batch_axes(model))
+        return Samples([shard], model, "synthetic inputs", synthetic=True)
     if isinstance(data, (str, Path)) or hasattr(data, "__fspath__"):
         path = Path(data)  # type: ignore[arg-type]
         if path.is_dir():
             return Samples(_folder_shards(path, model), model, str(path))
         feeds = _model_arrays(load_npz(path, model), model)
-        return Samples([_in_memory(feeds, str(path))], model, str(path))
+        return Samples([_in_memory(feeds, str(path), batch_axes(model))], model, str(path))
     if isinstance(data, Mapping):
         feeds = _checked_model_arrays({k: np.asarray(v) for k, v in data.items()}, model, "data")
-        return Samples([_in_memory(feeds, "data")], model, "data")
+        return Samples([_in_memory(feeds, "data", batch_axes(model))], model, "data")
     get_next = getattr(data, "get_next", None)
     if callable(get_next):
         return Samples(_iterable_shards(iter(get_next, None), model, "data reader"), model, "data reader")

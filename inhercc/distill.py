@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,11 +32,12 @@ import onnx
 import torch
 from onnx import ModelProto
 
-from inhercc.data import LABELS_KEY, Feed, Samples, cast_feeds, input_specs, open_samples, split_indices
+from inhercc.data import LABELS_KEY, Feed, Samples, batch_axes, cast_feeds, input_specs, open_samples, split_indices
 from inhercc.errors import InherccError
 from inhercc.losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DistillLoss
 from inhercc.model import FLOAT_TYPES, one_line
-from inhercc.verify import compare_output_parts, mean_cosine, output_fidelity
+from inhercc.runtime import DataWarning, model_fixed_batch
+from inhercc.verify import Scores, graph_output_kinds, mean_cosine
 
 FACTOR_PATTERN = re.compile(r"\.inherit_(in|out)(_\d+)?$")
 TRAIN_MODES = ("factors", "all")
@@ -60,8 +62,9 @@ _RESUME_KEYS = (
     "seed",
     "rebalance",
     "precision",
+    "output_kinds",
 )
-_RESUME_DEFAULTS = {"precision": "fp32", "features": "layers"}
+_RESUME_DEFAULTS: dict[str, Any] = {"precision": "fp32", "features": "layers", "output_kinds": {}}
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -79,6 +82,8 @@ class DistillConfig:
     temperature: float = DEFAULT_TEMPERATURE
     alpha: float = DEFAULT_ALPHA  # weight of the cross-entropy on ``_labels``
     losses: dict[str, tuple[str, float]] = field(default_factory=dict)  # {output: (kind, weight)} overrides
+    # {output: "logits" | "probs" | "embedding" | "values"}: what an output is, where the graph misleads
+    output_kinds: dict[str, str] = field(default_factory=dict)
     feature_loss: float = 0.0  # weight of the feature inheritance loss (0 = off)
     # what the feature loss compares: "layers" (each factorized layer's output), "norms" (the outputs of the
     # normalization nodes: each block's hidden state, as TinyBERT matches them), or a regex over tensor names
@@ -393,14 +398,28 @@ def feature_tensors(student: ModelProto, teacher: ModelProto, which: str = "laye
     return found
 
 
-def check_pair(student: ModelProto, teacher: ModelProto) -> None:
-    """Student and teacher must take the same inputs and give the same outputs."""
-    si, ti = [s.name for s in input_specs(student)], [s.name for s in input_specs(teacher)]
-    if sorted(si) != sorted(ti):
-        raise InherccError(f"student inputs {', '.join(si)} differ from teacher inputs {', '.join(ti)}")
+def _signature(specs: Iterable[Any]) -> str:
+    """``x float32 [batch, 64], mask int64 [batch, seq]``: what a model takes."""
+    return ", ".join(f"{s.name} {np.dtype(s.dtype).name} [{', '.join(str(d or '?') for d in s.shape)}]" for s in specs)
+
+
+def _compatible(a: Any, b: Any) -> bool:
+    """Two input specs take the same data: one dtype, one rank, equal dims where both fix them."""
+    fixed = [(x, y) for x, y in zip(a.shape, b.shape) if isinstance(x, int) and x > 0 and isinstance(y, int) and y > 0]
+    return a.dtype == b.dtype and len(a.shape) == len(b.shape) and all(x == y for x, y in fixed)
+
+
+def check_pair(student: ModelProto, teacher: ModelProto, files: str = "") -> None:
+    """Student and teacher must take the same inputs (names, dtypes, ranks, fixed dims) and give the same
+    outputs: one line naming both otherwise (``files``: where they come from, for the message)."""
+    s_specs, t_specs = {s.name: s for s in input_specs(student)}, {s.name: s for s in input_specs(teacher)}
+    where = f" ({files})" if files else ""
+    if set(s_specs) != set(t_specs) or not all(_compatible(s_specs[n], t_specs[n]) for n in s_specs):
+        ours, theirs = _signature(s_specs.values()), _signature(t_specs.values())
+        raise InherccError(f"student inputs {ours} differ from teacher inputs {theirs}{where}")
     so, to = [o.name for o in student.graph.output], [o.name for o in teacher.graph.output]
     if so != to:
-        raise InherccError(f"student outputs {', '.join(so)} differ from teacher outputs {', '.join(to)}")
+        raise InherccError(f"student outputs {', '.join(so)} differ from teacher outputs {', '.join(to)}{where}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -422,12 +441,17 @@ class Teacher:
         train_samples: int,
         threads: int | None = None,
         spin: bool = True,
+        output_kinds: Mapping[str, str] | None = None,
     ) -> None:
-        from inhercc.calibrate import with_outputs
+        from inhercc.calibrate import mask_input, with_outputs
         from inhercc.runtime import make_session
 
         self.model = model
         self.outputs = [o.name for o in model.graph.output]
+        self.kinds = graph_output_kinds(model, output_kinds)
+        self.axes = batch_axes(model)
+        self.fixed = model_fixed_batch(model)  # runs take exactly this many samples
+        self.mask_name = mask_input(model)
         self.features = list(features)
         exposed, _ = with_outputs(model, self.outputs + self.features)
         options = [{"device_id": str(device_id)}] if provider == "cuda" else None
@@ -454,6 +478,8 @@ class Teacher:
         rows: list[tuple[np.ndarray, ...] | None] = [self._cache.get(int(i)) for i in idx]
         rows = [r if r is not None and len(r) >= width else None for r in rows]
         miss = [j for j, r in enumerate(rows) if r is None]
+        if miss and self.fixed:
+            miss = list(range(len(idx)))  # a fixed batch dim runs whole batches only
         if miss:
             sub = feeds if len(miss) == len(idx) else {k: v[miss] for k, v in feeds.items()}
             values = self.run(sub, features)
@@ -472,6 +498,20 @@ class Teacher:
                 return values[:n_out], values[n_out:width]
         stacked = [np.stack([r[k] for r in rows]) for k in range(width)]  # type: ignore[index]
         return stacked[:n_out], stacked[n_out:]
+
+    def scores(self) -> Scores:
+        """Empty fidelity sums for every output (its kind and batch axis known)."""
+        return Scores(self.kinds, self.axes)
+
+    def mask(self, feeds: Feed) -> np.ndarray | None:
+        """The batch's attention mask (padding left out of token-level scores), None without one."""
+        return feeds.get(self.mask_name) if self.mask_name else None
+
+    def batches(self, samples: Samples, indices: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, Feed]]:
+        """Unshuffled batches of ``indices`` for scoring: with a fixed batch dim, whole batches only."""
+        return (
+            samples.batches(indices, batch_size, min_rows=batch_size if self.fixed else 1) if len(indices) else iter(())
+        )
 
     @property
     def caching(self) -> bool:
@@ -579,16 +619,57 @@ def _checkpoint_folder(folder: Path) -> None:
         raise InherccError(f"cannot create checkpoint folder {folder}: {e.strerror or one_line(e)}") from e
 
 
-def check_dynamic_batch(model: ModelProto) -> None:
-    """Distillation batches, probes and scores with any number of samples: a fixed batch dim is refused."""
-    from inhercc.runtime import model_fixed_batch
+def fixed_batch_config(cfg: DistillConfig, fixed: int | None) -> DistillConfig:
+    """``cfg`` with the batch size a model's fixed batch dim imposes (a warning when it differs): training,
+    validation and scoring then run in batches of exactly that size."""
+    if not fixed or cfg.batch_size == fixed:
+        return cfg
+    warnings.warn(
+        f"the model's batch dim is fixed at {fixed}: distilling in batches of {fixed}, not {cfg.batch_size}",
+        DataWarning,
+        stacklevel=3,
+    )
+    return replace(cfg, batch_size=fixed)
 
-    fixed = model_fixed_batch(model)
-    if fixed:
-        raise InherccError(
-            f"fine-tuning (--epochs/--steps) needs a dynamic batch dim; the model fixes it at {fixed} "
-            "(re-export it with a dynamic batch axis, or compress without --epochs/--steps)"
+
+def fixed_batch_synthetic(
+    model: ModelProto, shapes: Mapping[str, list[int]] | None, count: int, fixed: int, seed: int
+) -> Samples:
+    """About ``count`` synthetic samples for a model whose inputs fix the batch (one draw gives ``fixed``)."""
+    from inhercc.data import synthetic_feeds, warn_synthetic
+
+    warn_synthetic("distillation")
+    draws = [synthetic_feeds(model, shapes, seed=seed + i) for i in range(max(1, math.ceil(count / fixed)))]
+    samples = open_samples(draws, model)
+    samples.synthetic = True
+    return samples
+
+
+def fixed_batch_split(
+    samples: Samples, train_idx: np.ndarray, val_idx: np.ndarray, fixed: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """With a fixed batch size: a validation split too small for one whole batch goes back to training
+    (with a warning); samples beyond whole batches are left out of validation and scoring, and each epoch
+    leaves out as many training samples, with a warning (:class:`~inhercc.runtime.DataWarning`)."""
+    if not fixed:
+        return train_idx, val_idx
+    if len(val_idx) and not samples.count_batches(val_idx, fixed, min_rows=fixed):
+        warnings.warn(
+            f"the validation split ({len(val_idx)} samples) is smaller than the model's fixed batch of {fixed}: "
+            "no validation, the last weights are kept",
+            DataWarning,
+            stacklevel=3,
         )
+        train_idx, val_idx = np.sort(np.concatenate([train_idx, val_idx])), val_idx[:0]
+    for idx, what in ((train_idx, "training samples (other ones each epoch)"), (val_idx, "validation samples")):
+        left = len(idx) - samples.count_batches(idx, fixed, min_rows=fixed) * fixed
+        if left:
+            warnings.warn(
+                f"the model's batch dim is fixed at {fixed}, so {left} of {len(idx)} {what} are left out",
+                DataWarning,
+                stacklevel=3,
+            )
+    return train_idx, val_idx
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -692,10 +773,16 @@ def distill(
     cfg.check()
     student_model = as_model(student)
     teacher_model = as_model(teacher)
-    check_pair(student_model, teacher_model)
-    check_dynamic_batch(teacher_model)
-    samples = open_samples(data, teacher_model, shapes=shapes, synthetic=cfg.synthetic_samples, seed=cfg.seed)
+    check_pair(student_model, teacher_model, _files(student, teacher))
+    graph_output_kinds(teacher_model, cfg.output_kinds)  # unknown outputs or kinds: an error before any work
+    fixed = model_fixed_batch(teacher_model)
+    cfg = fixed_batch_config(cfg, fixed)
+    if data is None and fixed:
+        samples = fixed_batch_synthetic(teacher_model, shapes, cfg.synthetic_samples, fixed, cfg.seed)
+    else:
+        samples = open_samples(data, teacher_model, shapes=shapes, synthetic=cfg.synthetic_samples, seed=cfg.seed)
     train_idx, val_idx = split_indices(len(samples), cfg.val_split, cfg.seed)
+    train_idx, val_idx = fixed_batch_split(samples, train_idx, val_idx, fixed)
 
     device = resolve_device(cfg.device)
     procs = init_processes(device.type)
@@ -734,7 +821,7 @@ def _train(
             (log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
 
     features = feature_tensors(student_model, teacher_model, cfg.features) if cfg.feature_loss > 0 else []
-    mask_name = mask_input(student_model)  # padding positions are left out of the feature loss
+    mask_name = mask_input(student_model)  # padding positions: out of the feature and token-level output losses
     trainable_names = select_trainable(student_model, cfg.train)
     torch.manual_seed(cfg.seed)
     module = OnnxModule(student_model, extra_outputs=features).to(device)
@@ -759,19 +846,20 @@ def _train(
         len(train_idx),
         cfg.threads,
         spin=not (prefetch and provider == "cpu"),  # spinning ORT workers would slow torch's beside them
+        output_kinds=cfg.output_kinds,
     )
     n_out = len(teacher.outputs)
 
     global_batch = cfg.batch_size * procs.world
-    per_epoch = samples.count_batches(train_idx, global_batch, min_rows=procs.world)
+    min_rows = global_batch if teacher.fixed else procs.world  # a fixed batch dim takes whole batches only
+    per_epoch = samples.count_batches(train_idx, global_batch, min_rows=min_rows)
     if per_epoch == 0:
-        raise InherccError(f"{len(train_idx)} training sample(s) are too few for {procs.world} process(es)")
+        raise InherccError(_too_few(len(train_idx), procs.world, teacher.fixed))
     total = cfg.steps or per_epoch * (cfg.epochs or DEFAULT_EPOCHS)
     epochs = math.ceil(total / per_epoch)
 
-    # The loss: kinds chosen from the teacher's outputs on one sample.
-    probe_idx = train_idx[:1]
-    probe = next(samples.batches(probe_idx, 1))[1]
+    # The loss: kinds chosen from the graph (and the user's overrides), checked on the teacher's outputs.
+    probe = next(teacher.batches(samples, train_idx, teacher.fixed or 1))[1]
     probe_out = teacher.run(probe, features=bool(features))
     not_float = [f for f, v in zip(features, probe_out[n_out:]) if not np.issubdtype(v.dtype, np.floating)]
     if not_float:
@@ -784,6 +872,7 @@ def _train(
         alpha=cfg.alpha,
         labels=samples.labels,
         feature_weight=cfg.feature_loss,
+        kinds=teacher.kinds,
     )
 
     model: torch.nn.Module = module
@@ -805,39 +894,22 @@ def _train(
         return torch.as_tensor(np.asarray(feeds[LABELS_KEY])).to(device) if samples.labels else None
 
     def validate() -> dict[str, Any] | None:
-        """Mean cosine (and top-1 agreement for logits) per output over this rank's share of the held-out
-        samples, summed over ranks; plus the validation loss."""
+        """Fidelity per output pooled over this rank's share of the held-out samples, summed over ranks;
+        the mean cosine as the score; plus the validation loss."""
         if not len(val_idx):
             return None
-        mine = val_idx[procs.rank :: procs.world]
-        sums: dict[tuple[str, str], float] = {}
-        loss_sum, count = 0.0, 0
+        scores, loss_sum, count = teacher.scores(), 0.0, 0
         with torch.no_grad():
-            for idx, feeds in samples.batches(mine, cfg.batch_size) if len(mine) else ():
+            for idx, feeds in teacher.batches(samples, val_idx[procs.rank :: procs.world], cfg.batch_size):
                 t_out, _ = teacher(idx, feeds, features=False, train=False)
                 s_out, _ = forward(feeds)
                 loss, _ = loss_fn(s_out, [torch.from_numpy(t).to(device) for t in t_out], labels_of(feeds))
-                loss_sum += float(loss) * len(idx)
-                count += len(idx)
-                for name, t, s in zip(teacher.outputs, t_out, s_out):
-                    if np.issubdtype(t.dtype, np.floating):
-                        for metric, v in output_fidelity(t, s.detach().float().cpu().numpy(), name).items():
-                            if metric != "rel_l2":
-                                sums[(name, metric)] = sums.get((name, metric), 0.0) + v * len(idx)
-        keys = sorted({(n, m) for n in teacher.outputs for m in ("cosine", "top1_agreement")})
-        vec = torch.tensor([sums.get(k, 0.0) for k in keys] + [loss_sum, count], dtype=torch.float64)
-        present = torch.tensor([1.0 if k in sums else 0.0 for k in keys], dtype=torch.float64)
-        if procs.world > 1:
-            vec, present = vec.to(device), present.to(device)
-            torch.distributed.all_reduce(vec)
-            torch.distributed.all_reduce(present)
-            vec, present = vec.cpu(), present.cpu()
-        n = float(vec[-1])
-        fid: dict[str, dict[str, float]] = {}
-        for k, v, p in zip(keys, vec[:-2].tolist(), present.tolist()):
-            if p:
-                fid.setdefault(k[0], {})[k[1]] = v / n
-        return {"fidelity": fid, "score": mean_cosine(fid), "loss": float(vec[-2]) / n}
+                loss_sum, count = loss_sum + float(loss) * len(idx), count + len(idx)
+                scores.add(t_out, [s.detach().cpu().numpy() for s in s_out], teacher.mask(feeds))
+        vec = _sum_over_processes(scores.vector() + [loss_sum, count], procs, device)
+        scores.load(vec[:-2])
+        fid = scores.fidelity()
+        return {"fidelity": fid, "score": mean_cosine(fid), "loss": vec[-2] / max(vec[-1], 1.0)}
 
     # Fidelity before training, in ONNX Runtime on the held-out samples (rank 0).
     eval_idx, eval_inputs = (val_idx, "validation split") if len(val_idx) else (train_idx, "training samples")
@@ -846,9 +918,8 @@ def _train(
     report: dict[str, Any] = {}
     if procs.main:
         say(f"fidelity before training, on the {eval_inputs} ({len(eval_idx)} samples)")
-        report["fidelity_before"] = onnx_fidelity(
-            teacher, student_model, samples, eval_idx, cfg.batch_size, cfg.threads
-        )
+        before = onnx_fidelity(teacher, student_model, samples, eval_idx, cfg.batch_size, cfg.threads)
+        report["fidelity_before"] = before.fidelity()
     report["fidelity_inputs"] = f"{eval_inputs} ({len(eval_idx)} samples)"
 
     state: dict[str, Any] = {
@@ -939,7 +1010,7 @@ def _train(
         epoch = state["epoch"]
         label = f"{epoch + 1}/{epochs}"
         rng = np.random.default_rng([cfg.seed, epoch])
-        batches = samples.batches(train_idx, global_batch, rng, min_rows=procs.world)
+        batches = samples.batches(train_idx, global_batch, rng, min_rows=min_rows)
         # resumed inside this epoch: the batches before state["batch"] were trained on already
         for b, feeds, t_out, t_feat in _with_teacher(teacher, batches, bool(features), procs, state["batch"], prefetch):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
@@ -952,7 +1023,7 @@ def _train(
                 labels_of(feeds),
                 s_feat,
                 [torch.from_numpy(t).to(device) for t in t_feat],
-                torch.as_tensor(np.asarray(feeds[mask_name])).to(device) if mask_name and features else None,
+                torch.as_tensor(np.asarray(feeds[mask_name])).to(device) if mask_name else None,
             )
             if not torch.isfinite(loss):
                 raise InherccError(f"the loss became {float(loss)} at step {state['step'] + 1}; lower --lr")
@@ -991,7 +1062,7 @@ def _train(
                 p.copy_(best_params[name].to(p.device, p.dtype))
     trained = module.write_back(student_model)
     if procs.main:
-        report["fidelity"] = onnx_fidelity(teacher, trained, samples, eval_idx, cfg.batch_size, cfg.threads)
+        report.update(onnx_fidelity(teacher, trained, samples, eval_idx, cfg.batch_size, cfg.threads).report())
     report["training"] = {
         "epochs": state["epoch"],
         "steps": state["step"],
@@ -1034,20 +1105,40 @@ def onnx_fidelity(
     indices: np.ndarray,
     batch_size: int,
     threads: int | None = None,
-) -> dict[str, dict[str, float]]:
-    """Teacher vs student in ONNX Runtime on the given samples (the exported student, not the torch one)."""
+) -> Scores:
+    """Teacher vs student in ONNX Runtime on the given samples (the exported student, not the torch one),
+    pooled batch by batch (batches may differ in shape: length buckets)."""
     from inhercc.runtime import make_session, ort_failures
 
     sess = make_session(student, threads=threads)
-    names = teacher.outputs
-    t_parts: list[list[np.ndarray]] = []
-    s_parts: list[list[np.ndarray]] = []
-    for idx, feeds in samples.batches(indices, batch_size):
+    scores = teacher.scores()
+    for idx, feeds in teacher.batches(samples, indices, batch_size):
         t_out, _ = teacher(idx, feeds, features=False, train=False)
-        t_parts.append(t_out)
         with ort_failures("fidelity of the student"):
-            s_parts.append(list(sess.run(names, cast_feeds(feeds, student))))
-    return compare_output_parts(names, t_parts, s_parts)  # batches may differ in shape (length buckets)
+            scores.add(t_out, sess.run(teacher.outputs, cast_feeds(feeds, student)), teacher.mask(feeds))
+    return scores
+
+
+def _sum_over_processes(values: list[float], procs: Processes, device: torch.device) -> list[float]:
+    """``values`` summed over the processes of a data-parallel run (as they are in a single process)."""
+    if procs.world == 1:
+        return values
+    vec = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(vec)
+    return vec.cpu().tolist()
+
+
+def _too_few(n: int, world: int, fixed: int | None) -> str:
+    """Why ``n`` training samples make no batch."""
+    if fixed:
+        return f"{n} training sample(s) are too few for the model's fixed batch of {fixed} (× {world} process(es))"
+    return f"{n} training sample(s) are too few for {world} process(es)"
+
+
+def _files(student: ModelProto | str | os.PathLike[str], teacher: ModelProto | str | os.PathLike[str]) -> str:
+    """``student a.onnx, teacher b.onnx`` for the models given as paths ("" when neither is)."""
+    named = [(w, m) for w, m in (("student", student), ("teacher", teacher)) if not isinstance(m, ModelProto)]
+    return ", ".join(f"{w} {os.fspath(m)}" for w, m in named)
 
 
 def finetune_file(

@@ -17,11 +17,13 @@ import onnx
 from onnx import ModelProto, NodeProto, numpy_helper
 
 from inhercc import linalg
-from inhercc.model import FLOAT_TYPES
+from inhercc.errors import InherccError
+from inhercc.model import FLOAT_TYPES, GraphScope, graph_scopes
 
 FACTORIZABLE_OPS = ("MatMul", "Gemm", "Conv")
 DEFAULT_MIN_PARAMS = 4096
 DEFAULT_MIN_SAVING = 0.10
+SUBGRAPH_NOTE = "plain SVD: activations inside a subgraph cannot be tapped"
 
 Dim = int | str | None
 
@@ -47,6 +49,8 @@ class Layer:
     weight: np.ndarray | None = field(default=None, repr=False)
     scale: float = 1.0  # Gemm alpha folded into the weight
     transposed: bool = False  # the stored weight is [in, out] (MatMul, Gemm transB=0)
+    subgraph: str | None = None  # where a layer inside an If / Loop / Scan body lives ("If_12/then_branch")
+    note: str | None = None  # how a factorized layer was initialized when not as the others (SUBGRAPH_NOTE)
 
     @property
     def compressible(self) -> bool:
@@ -95,14 +99,17 @@ class Layer:
 
 
 def tensor_shapes(model: ModelProto) -> dict[str, list[Dim]]:
-    """Known shapes of every named tensor (graph inputs/outputs, value_info, initializers)."""
+    """Known shapes of every named tensor (graph inputs/outputs, value_info, initializers), subgraphs included
+    (a name a body redefines takes the main graph's shape)."""
     shapes: dict[str, list[Dim]] = {}
-    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
+    for scope in reversed(graph_scopes(model)):
+        g = scope.graph
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in t.shape.dim]
+        for init in g.initializer:
+            shapes[init.name] = list(init.dims)
     return shapes
 
 
@@ -153,10 +160,11 @@ def _count(dims: list[Dim], k: Dim) -> tuple[int, tuple[str, ...]]:
 
 def count_flops(model: ModelProto) -> tuple[int, tuple[str, ...]]:
     """FLOPs per sample of all MatMul/Gemm/Conv/ConvTranspose nodes (the ones that dominate), from inferred
-    shapes; returns the total and the symbolic dims that were counted as 1."""
+    shapes; returns the total and the symbolic dims that were counted as 1. A node inside an If / Loop / Scan
+    body counts once (every branch, one iteration)."""
     shapes = tensor_shapes(model)
     total, symbolic = 0, set()
-    for node in model.graph.node:
+    for node in (n for scope in graph_scopes(model) for n in scope.graph.node):
         if node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
             f = node_flops(node, shapes)
             if f is not None:
@@ -174,40 +182,113 @@ def find_layers(
     rank_multiple: int = 1,
     min_saving: float = DEFAULT_MIN_SAVING,
     load_weights: bool = True,
+    allow_nonfinite: bool = True,
 ) -> list[Layer]:
-    """Every MatMul/Gemm/Conv node, in graph order, as a :class:`Layer`; ``reason`` says why a layer is not
-    compressible (weight not constant, unsupported attribute, integer weight, too small, no saving at any
-    rank that is a multiple of ``rank_multiple``, excluded by pattern, weight shared with other nodes)."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    graph_inputs = {i.name for i in graph.input}
+    """Every MatMul/Gemm/Conv node, in graph order — the main graph's, then those inside If / Loop / Scan
+    bodies at any depth (``Layer.subgraph`` says where) — as a :class:`Layer`; ``reason`` says why a layer is
+    not compressible (weight not constant, unsupported attribute, integer weight, too small, no saving at any
+    rank that is a multiple of ``rank_multiple``, excluded by pattern, weight shared with other nodes, NaN /
+    Inf in the weight), prefixed by the subgraph it lives in. ``include`` / ``exclude`` patterns are searched
+    in the node name and in ``<subgraph>/<node name>``. A NaN / Inf in a weight that would be factorized is an
+    error unless ``allow_nonfinite`` (then the layer stays dense)."""
+    scopes = graph_scopes(model)
     shapes = tensor_shapes(model)
-    uses = Counter(name for node in graph.node for name in node.input)
-    includes = _patterns(include)
-    excludes = _patterns(exclude)
+    uses = Counter(name for scope in scopes for node in scope.graph.node for name in node.input)
+    lookup = _WeightLookup(scopes)
+    checks = _Checks(
+        {i.name for i in model.graph.input}, uses, _patterns(include), _patterns(exclude), min_params, rank_multiple
+    )
     layers: list[Layer] = []
-    for node in graph.node:
-        if node.op_type not in FACTORIZABLE_OPS or node.domain not in ("", "ai.onnx"):
-            continue
-        if len(node.input) < 2:
-            continue
-        w_name = node.input[1]
-        init = inits.get(w_name)
-        if init is None:
-            if node.op_type == "MatMul" and w_name not in shapes:
+    for scope in scopes:
+        for node in scope.graph.node:
+            if node.op_type not in FACTORIZABLE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
                 continue
-            layer = Layer(node.name, node.op_type, w_name, tuple(_int_dims(shapes.get(w_name))), np.dtype(np.float32))
-            layer.reason = "weight is not a constant (computed at run time)"
-            if node.op_type == "MatMul":
-                continue  # activation × activation (attention scores): not a weight-carrying layer
-            layers.append(layer)
-            continue
-        layer = _describe(node, init, shapes, load_weights)
-        layer.reason = layer.reason or _check(
-            node, init, layer, graph_inputs, uses, includes, excludes, min_params, rank_multiple, min_saving
-        )
-        layers.append(layer)
+            layer = _find_layer(node, scope, lookup, shapes, checks, min_saving, load_weights, allow_nonfinite)
+            if layer is not None:
+                layers.append(layer)
     return layers
+
+
+@dataclass
+class _Checks:
+    """What :func:`_check` compares a layer against (the options of :func:`find_layers`)."""
+
+    graph_inputs: set[str]
+    uses: Counter[str]
+    includes: list[re.Pattern[str]]
+    excludes: list[re.Pattern[str]]
+    min_params: int
+    rank_multiple: int
+
+
+class _WeightLookup:
+    """Resolves a node input to the initializer it names, scope by scope from the innermost graph outward
+    (a body input or a node output of the same name shadows an outer initializer)."""
+
+    def __init__(self, scopes: list[GraphScope]) -> None:
+        self.inits = {id(s.graph): {t.name: t for t in s.graph.initializer} for s in scopes}
+        self.runtime = {
+            id(s.graph): {i.name for i in s.graph.input} | {o for n in s.graph.node for o in n.output} for s in scopes
+        }
+
+    def __call__(self, name: str, scope: GraphScope) -> onnx.TensorProto | None:
+        for g in reversed((*scope.outer, scope.graph)):
+            init = self.inits[id(g)].get(name)
+            if init is not None:
+                return init
+            if name in self.runtime[id(g)]:
+                return None
+        return None
+
+
+def _find_layer(
+    node: NodeProto,
+    scope: GraphScope,
+    lookup: _WeightLookup,
+    shapes: dict[str, list[Dim]],
+    checks: _Checks,
+    min_saving: float,
+    load: bool,
+    allow_nonfinite: bool,
+) -> Layer | None:
+    """The layer of one node (None for a MatMul of two activations)."""
+    w_name = node.input[1]
+    init = lookup(w_name, scope)
+    if init is None:
+        if node.op_type == "MatMul":
+            return None  # activation × activation (attention scores): not a weight-carrying layer
+        layer = Layer(node.name, node.op_type, w_name, tuple(_int_dims(shapes.get(w_name))), np.dtype(np.float32))
+        layer.reason = "weight is not a constant (computed at run time)"
+    else:
+        layer = _describe(node, init, shapes, load)
+        layer.reason = _check(node, init, layer, checks, scope.path, min_saving)
+        if layer.reason is None:
+            layer.reason = _nonfinite(layer, init, allow_nonfinite)
+    if scope.path:
+        layer.subgraph = scope.path
+        if layer.reason:
+            layer.reason = f"inside {scope.where}: {layer.reason}"
+    return layer
+
+
+def _nonfinite(layer: Layer, init: onnx.TensorProto, allow: bool) -> str | None:
+    """Why a weight with NaN / Inf values stays dense (``allow``), or None when it has none; an error otherwise."""
+    w = layer.weight if layer.weight is not None else numpy_helper.to_array(init)
+    if w.dtype.kind != "f":  # bfloat16 arrives as a non-numpy float type
+        w = w.astype(np.float32)
+    finite = np.isfinite(w)
+    if finite.all():
+        return None
+    nan = int(np.isnan(w).sum())
+    inf = int(w.size - finite.sum()) - nan
+    counts = [f"{what} ({n} value{'s' if n > 1 else ''})" for what, n in (("NaN", nan), ("Inf", inf)) if n]
+    what = " and ".join(counts)
+    if allow:
+        return f"weight contains {what}"
+    raise InherccError(
+        f"weight '{layer.weight_name}' of layer '{layer.name}' contains {what}; "
+        "pass allow_nonfinite=True / --allow-nonfinite to compress anyway"
+    )
 
 
 def _describe(node: NodeProto, init: onnx.TensorProto, shapes: dict[str, list[Dim]], load: bool) -> Layer:
@@ -242,24 +323,15 @@ def _describe(node: NodeProto, init: onnx.TensorProto, shapes: dict[str, list[Di
 
 
 def _check(
-    node: NodeProto,
-    init: onnx.TensorProto,
-    layer: Layer,
-    graph_inputs: set[str],
-    uses: Counter[str],
-    includes: list[re.Pattern[str]],
-    excludes: list[re.Pattern[str]],
-    min_params: int,
-    rank_multiple: int,
-    min_saving: float,
+    node: NodeProto, init: onnx.TensorProto, layer: Layer, checks: _Checks, path: str, min_saving: float
 ) -> str | None:
-    """Why this layer cannot be compressed, or None."""
+    """Why this layer cannot be compressed, or None. ``path``: the subgraph the node lives in ("" at top)."""
     if init.data_type not in FLOAT_TYPES:
         return f"integer/quantized weight ({onnx.helper.tensor_dtype_to_string(init.data_type)})"
-    if init.name in graph_inputs:
+    if init.name in checks.graph_inputs:
         return "weight is a graph input (overridable at run time), not a constant"
-    if uses[init.name] > 1:
-        return f"weight shared by {uses[init.name]} uses (tied weights)"
+    if checks.uses[init.name] > 1:
+        return f"weight shared by {checks.uses[init.name]} uses (tied weights)"
     dims = layer.weight_shape
     if node.op_type in ("MatMul", "Gemm") and len(dims) != 2:
         return f"weight is {len(dims)}-D, expected 2-D"
@@ -270,13 +342,14 @@ def _check(
             return f"{len(dims) - 2}-D convolution is not supported (1-D and 2-D are)"
         if layer.out_features == 0:
             return f"output channels {dims[0]} not divisible by group={layer.groups}"
-    if includes and not any(p.search(node.name) for p in includes):
+    names = [node.name, f"{path}/{node.name}"] if path else [node.name]
+    if checks.includes and not any(p.search(n) for p in checks.includes for n in names):
         return "excluded by pattern (not matched by --include)"
-    if any(p.search(node.name) for p in excludes):
+    if any(p.search(n) for p in checks.excludes for n in names):
         return "excluded by pattern (--exclude)"
-    if layer.weight_params < min_params:
-        return f"too small ({layer.weight_params} params < {min_params})"
-    step = max(1, rank_multiple)
+    if layer.weight_params < checks.min_params:
+        return f"too small ({layer.weight_params} params < {checks.min_params})"
+    step = max(1, checks.rank_multiple)
     smallest = min(step, layer.full_rank) * layer.groups
     if layer.factor_params(smallest) > (1.0 - min_saving) * layer.weight_params:
         return (
@@ -295,8 +368,6 @@ def _patterns(p: str | Iterable[str] | None) -> list[re.Pattern[str]]:
         try:
             out.append(re.compile(item))
         except re.error as e:
-            from inhercc.errors import InherccError
-
             raise InherccError(f"bad regular expression {item!r}: {e}") from e
     return out
 

@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from inhercc.errors import InherccError
 from inhercc.verify import NOT_LOGITS
 
-LOSS_KINDS = ("kd", "embedding", "none")
+LOSS_KINDS = ("kd", "probs", "embedding", "none")
+# the loss of each output kind (inhercc.verify.graph_output_kinds): KD with a temperature for logits only
+LOSS_OF_KIND = {"logits": "kd", "probs": "probs", "embedding": "embedding", "values": "embedding", "integer": "none"}
 DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.3
 _EPS = 1e-12
+_PROB_EPS = 1e-7
 
 
 def output_kind(name: str, shape: Sequence[int]) -> str:
@@ -73,9 +76,27 @@ def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
     return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
 
 
-def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Relative MSE + (1 − cosine): the magnitude and the direction of an embedding."""
-    return relative_mse(student, teacher) + cosine_distance(student, teacher)
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Relative MSE + (1 − cosine): the magnitude and the direction of an embedding. ``weight`` (a token
+    mask broadcast to the tensors): padding positions left out of both."""
+    if weight is None:
+        return relative_mse(student, teacher) + cosine_distance(student, teacher)
+    w = weight.to(student.dtype)
+    return relative_mse(student, teacher, weight) + cosine_distance(student * w, teacher * w)
+
+
+def probs_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL divergence of probabilities, without a temperature (they went through their softmax or sigmoid
+    already): over the last axis when the teacher's rows sum to 1 (softmax), else per element between
+    Bernoulli distributions (sigmoid)."""
+    s, t = student.float(), teacher.float().clamp(0.0, 1.0)
+
+    def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # p·log(p/q), 0 where p = 0
+        return p * (torch.log(p.clamp_min(_PROB_EPS)) - torch.log(q.clamp(_PROB_EPS, 1.0)))
+
+    if t.ndim >= 2 and t.shape[-1] > 1 and bool(torch.allclose(t.sum(-1), torch.ones((), device=t.device), atol=1e-3)):
+        return kl(t, s).sum(-1).mean()
+    return (kl(t, s) + kl(1 - t, 1 - s)).mean()
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, output: str = "logits") -> torch.Tensor:
@@ -127,9 +148,9 @@ def parse_loss_overrides(items: Sequence[str]) -> dict[str, tuple[str, float]]:
 
 class DistillLoss:
     """The training objective: ``Σ_o w_o·L_o`` over graph outputs (``kd``: T²·KL at temperature T;
-    ``embedding``: relative MSE + 1 − cosine); with labels, the first ``kd`` output's term becomes
-    ``(1 − α)·KD + α·CE``; with ``feature_weight > 0``, plus ``feature_weight`` × the mean relative MSE
-    between each factorized layer's output and the teacher's at the same tensor."""
+    ``probs``: KL without temperature; ``embedding``: relative MSE + 1 − cosine); with labels, the first
+    ``kd`` output's term becomes ``(1 − α)·KD + α·CE``; with ``feature_weight > 0``, plus ``feature_weight``
+    × the mean relative MSE between each factorized layer's output and the teacher's at the same tensor."""
 
     def __init__(
         self,
@@ -167,10 +188,12 @@ class DistillLoss:
         cls,
         examples: Mapping[str, np.ndarray],
         overrides: Mapping[str, tuple[str, float]] | None = None,
+        kinds: Mapping[str, str] | None = None,
         **kwargs: object,
     ) -> DistillLoss:
-        """The default loss per output (by :func:`output_kind`; ``none`` for non-float outputs), judged on
-        ``examples`` (the teacher's outputs for a batch), with ``overrides`` ``{name: (kind, weight)}``."""
+        """The default loss per output — by its kind (``kinds``, :func:`inhercc.verify.graph_output_kinds`:
+        :data:`LOSS_OF_KIND`) when given, else by :func:`output_kind` on ``examples`` (the teacher's outputs
+        for a batch); ``none`` for non-float outputs —, with ``overrides`` ``{name: (kind, weight)}``."""
         overrides = dict(overrides or {})
         unknown = set(overrides) - set(examples)
         if unknown:
@@ -180,7 +203,8 @@ class DistillLoss:
         outputs = []
         for name, value in examples.items():
             is_float = np.issubdtype(value.dtype, np.floating)
-            kind, weight = overrides.get(name, (output_kind(name, value.shape) if is_float else "none", 1.0))
+            default = LOSS_OF_KIND[kinds[name]] if kinds and name in kinds else output_kind(name, value.shape)
+            kind, weight = overrides.get(name, (default if is_float else "none", 1.0))
             if kind != "none" and not is_float:
                 raise InherccError(f"output {name} is {value.dtype}: only float outputs can be distilled")
             outputs.append(OutputLoss(name, kind, weight))
@@ -209,8 +233,10 @@ class DistillLoss:
                     ce = ce_loss(s, labels, spec.name)
                     parts["ce"] = float(ce.detach())
                     term = (1.0 - self.alpha) * term + self.alpha * ce
-            else:
-                term = embedding_loss(s, t)
+            elif spec.kind == "probs":
+                term = probs_loss(s, t)
+            else:  # token-level outputs: padding positions left out
+                term = embedding_loss(s, t, token_weight(t.shape, mask) if t.ndim >= 3 else None)
             parts[spec.name] = float(term.detach())
             total = total + spec.weight * term
         if self.feature_weight > 0 and student_features:

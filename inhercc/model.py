@@ -7,11 +7,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import ModelProto, TensorProto, numpy_helper
+from onnx import GraphProto, ModelProto, TensorProto, numpy_helper
 
 from inhercc.errors import InherccError
 
@@ -19,6 +20,9 @@ MIN_OPSET = 13
 TWO_GB = 2**31
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
+
+TEMP_PREFIX = ".inhercc-"  # temp files and folders beside an output: short, whatever the output's name
+TEMP_MARGIN = 32  # bytes the temp folder adds to an output's path ("/.inhercc-XXXXXXXX" and ".data")
 
 # metadata key marking value_info that prepare_model inferred (the model as given had none)
 INFERRED_SHAPES_KEY = "inhercc.inferred_value_info"
@@ -28,9 +32,9 @@ def load_model(path: str | os.PathLike[str], *, infer_shapes: bool = True) -> Mo
     """Read an ONNX file (with its external data), upgrade opset < 13, name unnamed nodes, move weight
     ``Constant`` nodes into initializers and run shape inference. The file itself is never modified."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.exists(path):  # os.path: False for a name too long, where Path.exists raises
         raise InherccError(f"no such file: {path}")
-    if path.is_dir():
+    if os.path.isdir(path):
         raise InherccError(f"{path} is a directory, not an ONNX file")
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -67,9 +71,10 @@ def shapes_were_inferred(model: ModelProto) -> bool:
 
 def drop_inferred_shapes(model: ModelProto) -> None:
     """Remove the shapes :func:`prepare_model` inferred (and their marker), in place: files are written the
-    way they came (inferred shapes change which fusions ONNX Runtime applies)."""
+    way they came (inferred shapes change which fusions ONNX Runtime applies). Subgraph shapes go too."""
     if shapes_were_inferred(model):
-        del model.graph.value_info[:]
+        for scope in graph_scopes(model):
+            del scope.graph.value_info[:]
     keep = [p for p in model.metadata_props if p.key != INFERRED_SHAPES_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
@@ -98,21 +103,81 @@ def upgrade_opset(model: ModelProto, source: str = "model") -> ModelProto:
     return converted
 
 
+@dataclass(frozen=True)
+class GraphScope:
+    """One graph of a model: the main graph (``path`` "") or an If / Loop / Scan body, at any depth.
+    ``path`` is where it lives ("If_12/then_branch", nested "Loop_0/body/If_1/else_branch"); ``where`` says it
+    in words ("If 'If_12' then_branch"); ``outer`` are the enclosing graphs, main graph first."""
+
+    path: str
+    where: str
+    graph: GraphProto
+    outer: tuple[GraphProto, ...] = ()
+
+
+def node_subgraphs(node: onnx.NodeProto) -> list[tuple[str, GraphProto]]:
+    """``(attribute name, body)`` of every subgraph a node holds (If branches, Loop / Scan bodies)."""
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append((a.name, a.g))
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend((f"{a.name}[{i}]", g) for i, g in enumerate(a.graphs))
+    return out
+
+
+def subgraph_path(path: str, node_name: str, attr: str) -> str:
+    """Where the body ``attr`` of node ``node_name`` in the graph at ``path`` lives; a node name that already
+    starts with its graph's path (as :func:`name_nodes` names them) is not repeated."""
+    local = node_name[len(path) + 1 :] if path and node_name.startswith(path + "/") else node_name
+    return f"{path}/{local}/{attr}" if path else f"{local}/{attr}"
+
+
+def graph_scopes(model: ModelProto) -> list[GraphScope]:
+    """The main graph, then every subgraph depth-first in node order (parents before their bodies)."""
+    scopes = [GraphScope("", "", model.graph)]
+    i = 0
+    while i < len(scopes):
+        scope = scopes[i]
+        inner = []
+        for node in scope.graph.node:
+            for attr, body in node_subgraphs(node):
+                path = subgraph_path(scope.path, node.name, attr)
+                where = f"{scope.where} / " if scope.where else ""
+                inner.append(
+                    GraphScope(path, f"{where}{node.op_type} '{node.name}' {attr}", body, (*scope.outer, scope.graph))
+                )
+        scopes[i + 1 : i + 1] = inner
+        i += 1
+    return scopes
+
+
 def name_nodes(model: ModelProto) -> None:
-    """Give every unnamed node a unique, stable name (``<op>_<index>``), so plans and reports can refer to it."""
-    used = {n.name for n in model.graph.node if n.name}
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in used:
-                name += "_"
-            node.name = name
-            used.add(name)
+    """Give every node a unique, stable name, so plans and reports can refer to it: unnamed nodes of the main
+    graph become ``<op>_<index>``, those of a subgraph ``<subgraph path>/<op>_<index>``; a name already taken
+    (two If branches exported alike) gets its subgraph path in front (or ``_`` behind in the main graph)."""
+    explicit = {n.name for s in graph_scopes(model) for n in s.graph.node if n.name}
+    taken: set[str] = set()
+    stack = [("", model.graph)]
+    while stack:
+        path, graph = stack.pop(0)
+        for i, node in enumerate(graph.node):
+            if not node.name or node.name in taken:
+                base = node.name or f"{node.op_type}_{i}"
+                name = f"{path}/{base}" if path else base
+                while name in taken or (name in explicit and name != node.name):
+                    name += "_"
+                node.name = name
+            taken.add(node.name)
+            stack.extend((subgraph_path(path, node.name, attr), body) for attr, body in node_subgraphs(node))
 
 
 def constants_to_initializers(model: ModelProto) -> int:
-    """Replace top-level ``Constant`` nodes holding a tensor (``value`` or ``value_float(s)``/``value_int(s)``)
-    by initializers of the same name. Returns how many were moved."""
+    """Replace ``Constant`` nodes holding a tensor (``value`` or ``value_float(s)``/``value_int(s)``) by
+    initializers of the same name. In If / Loop / Scan bodies the float ones (weights), and the bodies' own
+    float initializers, move to the main graph's initializers, read from the body as outer-scope values:
+    every weight is then a main-graph initializer (what calibration, sensitivity and the torch runtime
+    feed and train); a name that another graph uses too is made unique. Returns how many were moved."""
     graph = model.graph
     keep = []
     moved = 0
@@ -129,7 +194,103 @@ def constants_to_initializers(model: ModelProto) -> int:
     if moved:
         del graph.node[:]
         graph.node.extend(keep)
+    return moved + _hoist_subgraph_weights(model)
+
+
+def _hoist_subgraph_weights(model: ModelProto) -> int:
+    """Move the float Constants and float initializers of every subgraph to the main graph (see
+    :func:`constants_to_initializers`); a body output or a body input's default value stays where it is.
+    Bodies are edited innermost first: rewriting a body's node list copies the bodies nested in it."""
+    scopes = graph_scopes(model)
+    mentions = {s.path: _mentioned(s.graph) for s in scopes}
+    moved = 0
+    for scope in reversed(scopes[1:]):
+        body = scope.graph
+        fixed = {o.name for o in body.output} | {i.name for i in body.input}
+        tensors: list[TensorProto] = []
+        keep_nodes = []
+        for node in body.node:
+            is_const = node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in fixed
+            tensor = _constant_tensor(node) if is_const else None
+            if tensor is None or tensor.data_type not in FLOAT_TYPES:
+                keep_nodes.append(node)
+                continue
+            tensor.name = node.output[0]
+            tensors.append(tensor)
+        keep_inits = [t for t in body.initializer if t.data_type not in FLOAT_TYPES or t.name in fixed]
+        tensors += [t for t in body.initializer if t.data_type in FLOAT_TYPES and t.name not in fixed]
+        if not tensors:
+            continue
+        names = {t.name for t in tensors}
+        keep_vi = [v for v in body.value_info if v.name not in names]
+        for field, kept in ((body.node, keep_nodes), (body.initializer, keep_inits), (body.value_info, keep_vi)):
+            if len(kept) < len(field):
+                del field[:]
+                field.extend(kept)
+        for t in tensors:
+            t.name = _hoisted_name(scope, t.name, mentions)
+            model.graph.initializer.append(t)
+            mentions[""].add(t.name)
+        moved += len(tensors)
     return moved
+
+
+def _mentioned(graph: GraphProto) -> set[str]:
+    """Every value name a graph itself (not its bodies) defines or reads."""
+    names = {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
+    names |= {t.name for t in graph.initializer}
+    for n in graph.node:
+        names.update(n.input)
+        names.update(n.output)
+    names.discard("")
+    return names
+
+
+def _hoisted_name(scope: GraphScope, name: str, mentions: dict[str, set[str]]) -> str:
+    """The main-graph name of a tensor hoisted out of ``scope``: its own when no graph outside the scope's
+    subtree mentions it and no body inside redefines it, else ``<path>/<name>`` (made unique), renamed in the
+    body and below. ``mentions``: the value names of every graph by path, kept up to date."""
+    inside = {p for p in mentions if p == scope.path or p.startswith(scope.path + "/")}
+    outside = any(name in names for p, names in mentions.items() if p not in inside)
+    if not outside and not _redefined_below(scope.graph, name):
+        return name
+    everything = set().union(*mentions.values())
+    new = f"{scope.path}/{name}"
+    while new in everything:
+        new += "_"
+    _rename_reads(scope.graph, name, new)
+    for p in inside:
+        mentions[p].discard(name)
+    mentions[scope.path].add(new)
+    return new
+
+
+def _redefined_below(graph: GraphProto, name: str) -> bool:
+    """Whether a body nested (at any depth) in ``graph`` defines a value called ``name``."""
+    for node in graph.node:
+        for _, body in node_subgraphs(node):
+            if name in _defined(body) or _redefined_below(body, name):
+                return True
+    return False
+
+
+def _defined(graph: GraphProto) -> set[str]:
+    """Value names a graph defines itself (inputs, initializers, node outputs)."""
+    return (
+        {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    )
+
+
+def _rename_reads(graph: GraphProto, old: str, new: str) -> None:
+    """Rename every read of ``old`` in ``graph`` and in the bodies below it, except in a body that defines
+    its own ``old`` (which shadows ours there)."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for _, body in node_subgraphs(node):
+            if old not in _defined(body):
+                _rename_reads(body, old, new)
 
 
 def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
@@ -196,7 +357,21 @@ def infer_model_shapes(model: ModelProto) -> ModelProto:
     for o in model.graph.output:
         if o.name in by_name and not o.type.tensor_type.HasField("shape"):
             o.type.CopyFrom(by_name[o.name].type)
+    _copy_subgraph_shapes(inferred, model)
     return model
+
+
+def _copy_subgraph_shapes(inferred: ModelProto, model: ModelProto) -> None:
+    """Give the subgraphs of ``model`` the shapes inferred in ``inferred`` (the same graph structure), as the
+    main graph gets its own: FLOP counts of layers inside If / Loop / Scan bodies need them."""
+    pairs = list(zip(graph_scopes(inferred)[1:], graph_scopes(model)[1:]))
+    if any(a.path != b.path for a, b in pairs):
+        return
+    for source, target in pairs:
+        if source.graph.value_info:
+            known = {i.name for i in target.graph.input} | {t.name for t in target.graph.initializer}
+            del target.graph.value_info[:]
+            target.graph.value_info.extend(v for v in source.graph.value_info if v.name not in known)
 
 
 def initializer_map(model: ModelProto) -> dict[str, TensorProto]:
@@ -239,7 +414,7 @@ def file_size(path: str | os.PathLike[str]) -> int:
 def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
     """The external data files referenced by an ONNX file."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.isfile(path):
         return []
     return [path.parent / n for n in file_facts(path)[0]]
 
@@ -255,9 +430,39 @@ def _not_writable(folder: Path) -> str | None:
     return None
 
 
+def limits(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(NAME_MAX, PATH_MAX)`` of the file system a path would be created on (its nearest existing folder)."""
+    folder = Path(os.path.abspath(path)).parent
+    while not os.path.isdir(folder) and folder != folder.parent:  # os.path: False, not ENAMETOOLONG
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX"), os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 255, 4096
+
+
+def check_name_length(output: str | os.PathLike[str]) -> None:
+    """Refuse an output with a file or folder name over NAME_MAX, or a path (with the temp folder the atomic
+    writer puts beside it) over PATH_MAX, before any work: the write would fail after it."""
+    name_max, path_max = limits(output)
+    full = os.path.abspath(output)
+    for part in Path(full).parts:
+        if len(os.fsencode(part)) > name_max:
+            raise InherccError(
+                f"output name is too long ({len(os.fsencode(part))} bytes; the file system allows {name_max}): "
+                f"{part[:40]}…"
+            )
+    if len(os.fsencode(full)) + TEMP_MARGIN > path_max:
+        raise InherccError(
+            f"output path is too long ({len(os.fsencode(full))} bytes; at most {path_max - TEMP_MARGIN} here)"
+        )
+
+
 def check_output_path(output: str | os.PathLike[str], inputs: list[str | os.PathLike[str]] = ()) -> Path:
-    """Refuse to write over an input (or its external data) and check that the folder is writable."""
+    """Refuse to write over an input (or its external data), a name or path too long for the file system,
+    and a folder that is missing or not writable."""
     out = Path(output)
+    check_name_length(out)
     protected = set()
     for p in inputs:
         p = Path(p)
@@ -336,7 +541,10 @@ def check_paths(
 
 def check_checkpoint_folder(folder: str | os.PathLike[str]) -> None:
     """A --checkpoint folder that can be made (or is there) and written into, checked without creating it."""
+    from inhercc.distill import CHECKPOINT_FILE
+
     path = Path(folder)
+    check_name_length(path / CHECKPOINT_FILE)
     if path.is_symlink() and not path.exists():
         raise InherccError(f"--checkpoint {folder} is a broken link")
     if path.exists() and not path.is_dir():
@@ -359,10 +567,12 @@ def save_model(model: ModelProto, path: str | os.PathLike[str], *, external_data
     check_output_path(path)
     if external_data is None:
         external_data = model.ByteSize() >= TWO_GB - (1 << 24)
-    tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    data_name = path.name + ".data"
+    if external_data and len(os.fsencode(data_name)) > limits(path)[0]:
+        raise InherccError(f"output name is too long for its external data file ({data_name[:40]}…); shorten it")
+    tmpdir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=path.parent if str(path.parent) else ".")
     try:
-        tmp_model = Path(tmpdir) / path.name
-        data_name = path.name + ".data"
+        tmp_model = Path(tmpdir) / "model.onnx"
         to_save = ModelProto()
         to_save.CopyFrom(model)
         drop_inferred_shapes(to_save)

@@ -20,19 +20,34 @@ from inhercc.calibrate import DEFAULT_SAMPLES as DEFAULT_CALIB_SAMPLES
 from inhercc.data import (
     Feed,
     Samples,
+    batch_axes,
     check_feeds,
+    check_synthetic_memory,
+    confirmed_shapes,
+    default_shapes,
     input_specs,
     load_npz,
     open_samples,
     resolve_shapes,
     sample_count,
+    slice_batch,
     split_indices,
     synthetic_feeds,
     warn_synthetic,
+    with_batch,
 )
-from inhercc.distill import DistillConfig, check_dynamic_batch, is_main_process
+from inhercc.distill import DistillConfig, is_main_process
 from inhercc.errors import InherccError
-from inhercc.layers import DEFAULT_MIN_PARAMS, DEFAULT_MIN_SAVING, Layer, count_flops, find_layers
+from inhercc.layers import (
+    DEFAULT_MIN_PARAMS,
+    DEFAULT_MIN_SAVING,
+    SUBGRAPH_NOTE,
+    Layer,
+    count_flops,
+    find_layers,
+    node_flops,
+    tensor_shapes,
+)
 from inhercc.model import (
     check_paths,
     drop_inferred_shapes,
@@ -52,7 +67,7 @@ from inhercc.passes import FactorizeConv, FactorizeGemm, FactorizeMatMul, run_pa
 from inhercc.passes.base import FactorSource
 from inhercc.plan import RankPlan, apply_plan, plan_energy, plan_proportional, plan_ratio, plan_uniform
 from inhercc.runtime import check_provider, model_fixed_batch
-from inhercc.verify import fidelity
+from inhercc.verify import graph_output_kinds, score_models
 
 INITS = ("svd", "whitened", "random")
 ALLOCATIONS = ("greedy", "uniform", "sensitivity")
@@ -234,7 +249,7 @@ def with_fixed_inputs(
     """A weight-less :func:`~inhercc.model.shape_skeleton` of the model with every graph input's dims fixed
     (``resolve_shapes``) and shapes re-inferred — for FLOP counts and layer input shapes."""
     fixed = shape_skeleton(model)
-    concrete = resolve_shapes(input_specs(fixed), shapes, batch)
+    concrete = resolve_shapes(input_specs(fixed), shapes, batch, model=model)  # the defaults of the real inputs
     for vi in fixed.graph.input:
         if vi.name in concrete:
             dims = vi.type.tensor_type.shape.dim
@@ -253,10 +268,11 @@ def fixed_shape_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None)
     return count_flops(with_fixed_inputs(model, shapes))
 
 
-def split_holdout(feeds: Feed, samples: int) -> tuple[Feed, Feed]:
-    """``(head, tail)``: the last ``samples`` samples are held out for verification when at least as many
-    remain for calibration; otherwise both are the whole set (too little data to split; a warning says so)."""
-    n = sample_count(feeds)
+def split_holdout(feeds: Feed, samples: int, axes: Mapping[str, int | None] | None = None) -> tuple[Feed, Feed]:
+    """``(head, tail)``: the last ``samples`` samples (along each input's batch axis, ``axes``) are held out
+    for verification when at least as many remain for calibration; otherwise both are the whole set (too
+    little data to split; a warning says so)."""
+    n = sample_count(feeds, axes)
     if n < 2 * samples:
         warnings.warn(
             f"only {n} calibration samples, fewer than twice --verify-samples {samples}: the fidelity check "
@@ -264,7 +280,7 @@ def split_holdout(feeds: Feed, samples: int) -> tuple[Feed, Feed]:
             stacklevel=2,
         )
         return feeds, feeds
-    return {k: v[: n - samples] for k, v in feeds.items()}, {k: v[n - samples :] for k, v in feeds.items()}
+    return slice_batch(feeds, axes or {}, 0, n - samples), slice_batch(feeds, axes or {}, n - samples, n)
 
 
 def skip_reason(layers: Sequence[Layer]) -> str:
@@ -303,6 +319,7 @@ def compress(
     exclude: str | Iterable[str] | None = None,
     min_params: int = DEFAULT_MIN_PARAMS,
     min_saving: float = DEFAULT_MIN_SAVING,
+    allow_nonfinite: bool = False,
     data: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | str | os.PathLike[str] | None = None,
     verify_data: Mapping[str, np.ndarray] | str | os.PathLike[str] | None = None,
     shapes: Mapping[str, list[int]] | None = None,
@@ -323,6 +340,7 @@ def compress(
     threads: int | None = None,
     latency_timer: Callable[[Layer, int, Any], tuple[float, float]] | None = None,
     log: Callable[[str], None] | None = None,
+    output_kinds: Mapping[str, str] | None = None,
 ) -> CompressResult:
     """Compress a teacher (path or ModelProto) into a student with SVD-initialized factor chains.
 
@@ -340,7 +358,8 @@ def compress(
     on the outputs, :mod:`inhercc.sensitivity`), 'greedy' (over the spectra alone; the default without
     data) or 'uniform' (every layer keeps ``ratio`` of its weights). ``sequential`` fits each layer to the
     teacher's outputs from the student's own inputs, stage by stage (slower, better). ``progress`` draws
-    bars on stderr.
+    bars on stderr. A NaN / Inf in a weight that would be factorized is an error, unless ``allow_nonfinite``
+    (that layer then stays dense, with the reason).
 
     Exactly one of ``ratio`` (default 0.5), ``rank``, ``energy`` or ``plan``. Returns the student model,
     the plan and a report with params, FLOPs, size and fidelity (teacher vs student in ONNX Runtime on
@@ -355,12 +374,16 @@ def compress(
     teacher_value_info = has_value_info(teacher)
     model = as_model(teacher)
     training = distill is not None or epochs is not None or steps is not None
+    chosen: tuple[dict[str, list[int]] | None, dict[str, Any]] | None = None
+    graph_output_kinds(model, output_kinds)  # unknown outputs or kinds: an error before any work
     if training:
-        check_dynamic_batch(model)  # before calibration: distillation would refuse it after
         options = {k: v for k, v in (("epochs", epochs), ("steps", steps)) if v is not None}
+        options |= {"output_kinds": dict(output_kinds)} if output_kinds else {}
         config = replace(distill or DistillConfig(), **options)
         config.check()
-        samples = open_samples(data, model, shapes=shapes, synthetic=config.synthetic_samples, seed=config.seed)
+        chosen = choose_shapes(model, shapes, []) if data is None else None  # synthetic: sizes chosen now
+        synthetic = shapes or (with_batch(model, chosen[0], config.synthetic_samples) if chosen and chosen[0] else None)
+        samples = open_samples(data, model, shapes=synthetic, synthetic=config.synthetic_samples, seed=config.seed)
         train_idx, _ = split_indices(len(samples), config.val_split, config.seed)
         calibration = [] if samples.synthetic else calibration_parts(samples, train_idx)
         held_out = as_parts(verify_data, model)  # scored after training, besides the validation split
@@ -369,13 +392,12 @@ def compress(
         held_out = as_parts(verify_data, model)
         if calibration and not held_out and verify:  # held out of the largest part
             i = max(range(len(calibration)), key=lambda j: sample_count(calibration[j]))
-            calibration[i], held = split_holdout(calibration[i], verify_samples)
+            calibration[i], held = split_holdout(calibration[i], verify_samples, batch_axes(model))
             held_out = [held]
     feeds = calibration[0] if calibration else None
     data_source = data_label(data, "calibration data")
     verify_source = data_label(verify_data) if verify_data is not None else f"{data_source} (held-out samples)"
-    if shapes:
-        resolve_shapes(input_specs(model), shapes)  # fail fast on bad --shape
+    work_shapes, report_shapes = chosen or choose_shapes(model, shapes, held_out or calibration)
     layers = find_layers(
         model,
         include=include,
@@ -383,6 +405,7 @@ def compress(
         min_params=min_params,
         rank_multiple=rank_multiple,
         min_saving=min_saving,
+        allow_nonfinite=allow_nonfinite,
     )
     if not any(layer.compressible for layer in layers):
         found = (
@@ -409,6 +432,9 @@ def compress(
         )
         timings["calibrate"] = round(time.perf_counter() - t_calib, 3)
     factorizer = Factorizer(init, split, grams, seed)
+    if init == "whitened":  # calibration cannot tap a body's activations: those layers take plain SVD
+        for layer in layers:
+            layer.note = SUBGRAPH_NOTE if layer.subgraph and layer.compressible else layer.note
     spectrum = "whitened" if init == "whitened" else "weight"
     needs_spectra = plan is None and rank is None
     spectra = factorizer.spectra(layers) if needs_spectra else {}
@@ -430,7 +456,7 @@ def compress(
         measured = measure_sensitivity(
             model,
             layers,
-            sensitivity_feeds(calibration, calib_samples),  # every sample shape
+            sensitivity_feeds(calibration, calib_samples, axes=batch_axes(model)),  # every sample shape
             factorizer,
             spectra,
             ratio=DEFAULT_RATIO if ratio is None else ratio,
@@ -466,7 +492,7 @@ def compress(
             layers,
             rank_plan,
             provider=provider,
-            shapes=shapes or sample_shapes(feeds, model),
+            shapes=work_shapes or sample_shapes(feeds, model),
             timer=latency_timer,
             threads=threads,
             spectra=spectra,
@@ -500,8 +526,9 @@ def compress(
     factorizer.release()
     t_rewrite = time.perf_counter() - t0
     largest = max(held_out, key=sample_count) if held_out else None
-    report = build_report(model, student, layers, rank_plan, shapes or sample_shapes(largest, model))
+    report = build_report(model, student, layers, rank_plan, work_shapes or sample_shapes(largest, model))
     report["init"] = init
+    report["shapes"] = report_shapes
     if training:
         from inhercc.distill import distill as run_distill
 
@@ -510,13 +537,20 @@ def compress(
         student = tuned.model
         report.update(tuned.report)
         if held_out and verify:
-            report["fidelity_verify_data"] = fidelity(
-                model, student, verification_feeds(model, held_out, None, 0, 0), source=verify_source
+            scores = score_models(
+                model,
+                student,
+                verification_feeds(model, held_out, None, 0, 0),
+                source=verify_source,
+                output_kinds=output_kinds,
             )
+            report.update(scores.report("fidelity_verify_data"))
     elif verify:
         say("verifying in ONNX Runtime")
-        vfeeds = verification_feeds(model, held_out, shapes, verify_samples, seed)
-        report["fidelity"] = fidelity(model, student, vfeeds, source=verify_source if held_out else "synthetic inputs")
+        vshapes = shapes or (with_batch(model, work_shapes, verify_samples) if work_shapes else None)
+        vfeeds = verification_feeds(model, held_out, vshapes, verify_samples, seed)
+        source = verify_source if held_out else "synthetic inputs"
+        report.update(score_models(model, student, vfeeds, source=source, output_kinds=output_kinds).report())
         report["fidelity_inputs"] = "data" if held_out else "synthetic"
     report["time_s"] = {**timings, "rewrite": round(t_rewrite, 3), "total": round(time.perf_counter() - t0, 3)}
     if not teacher_value_info:
@@ -568,12 +602,40 @@ def sequential_source(
 
 
 def sample_shapes(feeds: Feed | None, model: ModelProto) -> dict[str, list[int]] | None:
-    """Input shapes of one sample of real data (batch 1, or the model's batch size when it fixes one), so
-    FLOPs are counted at the data's sizes."""
+    """Input shapes of one sample of real data (batch 1, or the model's batch size when it fixes one, on
+    each input's batch axis), so FLOPs are counted at the data's sizes."""
     if feeds is None:
         return None
     batch = model_fixed_batch(model) or 1
-    return {s.name: [batch, *feeds[s.name].shape[1:]] for s in input_specs(model) if s.name in feeds}
+    axes = batch_axes(model)
+    out = {}
+    for s in input_specs(model):
+        if s.name in feeds:
+            shape, axis = list(np.shape(feeds[s.name])), axes.get(s.name)
+            if axis is not None and axis < len(shape):
+                shape[axis] = batch
+            out[s.name] = shape
+    return out
+
+
+def choose_shapes(
+    model: ModelProto, shapes: Mapping[str, list[int]] | None, parts: Sequence[Feed]
+) -> tuple[dict[str, list[int]] | None, dict[str, Any]]:
+    """The input shapes FLOPs are counted at and synthetic inputs take (None: the data's), and the report's
+    record of them: the given ones (completed: a bad one fails here, before any work), the data's (one
+    sample), else sizes chosen for the dynamic dims (:func:`inhercc.data.confirmed_shapes`, said in one
+    warning)."""
+    if shapes:
+        values = resolve_shapes(input_specs(model), shapes, model=model)
+        if not parts:
+            check_synthetic_memory(model, values)  # before any work: synthetic inputs of these shapes follow
+        return values, {"values": values, "chosen": "given"}
+    if parts:
+        return None, {"values": sample_shapes(max(parts, key=sample_count), model), "chosen": "data"}
+    values, note = confirmed_shapes(model)
+    if note:
+        warnings.warn(note, stacklevel=3)
+    return values, {"values": values, "chosen": "default"}
 
 
 def build_report(
@@ -586,9 +648,11 @@ def build_report(
     """Params / FLOPs / size of both models and the per-layer table."""
     ft, sym = fixed_shape_flops(teacher, shapes)
     fs, _ = fixed_shape_flops(student, shapes)
+    flops_at = layer_flops(teacher, shapes)
     rows = []
     for layer in layers:
         r = plan.rank(layer.name)
+        layer = replace(layer, flops=flops_at.get(layer.name, layer.flops))  # at the report's input sizes
         after = layer.factor_params(r) + layer.bias_params if r is not None else layer.params
         rows.append(
             {
@@ -601,6 +665,8 @@ def build_report(
                 "flops_before": layer.flops,
                 "flops_after": layer.factor_flops(r) if r is not None else layer.flops,
                 "reason": None if r is not None else plan.reasons.get(layer.name, layer.reason),
+                "note": layer.note if r is not None else None,
+                "subgraph": layer.subgraph,
             }
         )
     return {
@@ -659,11 +725,13 @@ def inspect_model(
     calib_samples: int | None = DEFAULT_CALIB_SAMPLES,
     calib_batch_size: int = DEFAULT_CALIB_BATCH_SIZE,
     progress: bool = False,
+    shapes: Mapping[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """Per-layer table (name, op, weight shape, params, FLOPs, the ranks keeping 90 % / 99 % of the
     spectral energy — of the weights, or of the layer outputs when ``grams`` are given or calibrated on
     the first ``calib_samples`` of ``data`` — and the reason for every layer that cannot be compressed)
-    with totals."""
+    with totals. FLOPs are per sample at ``shapes``, else at the data's shapes, else at sizes chosen for the
+    dynamic dims (:func:`inhercc.data.default_shapes`, said in one warning)."""
     from inhercc.plan import rank_keeping
 
     m = as_model(model)
@@ -682,6 +750,8 @@ def inspect_model(
             source=data_label(data),
         )
     factorizer = Factorizer("whitened" if grams is not None else "svd", grams=grams)
+    values, record = inspect_shapes(m, shapes, feeds)
+    flops_at = layer_flops(m, values)
     rows = []
     for layer in layers:
         row: dict[str, Any] = {
@@ -689,20 +759,22 @@ def inspect_model(
             "op": layer.op,
             "shape": layer.shape,
             "params": layer.params,
-            "flops": layer.flops,
+            "flops": flops_at.get(layer.name, layer.flops),
             "full_rank": layer.full_rank * layer.groups,
             "rank90": None,
             "rank99": None,
             "reason": layer.reason,
+            "subgraph": layer.subgraph,
         }
         if layer.weight is not None and layer.out_features and layer.in_features:
             s = factorizer.spectrum(layer)
             row["rank90"] = rank_keeping(s, 0.90) * layer.groups
             row["rank99"] = rank_keeping(s, 0.99) * layer.groups
         rows.append(row)
-    total_flops, symbolic = count_flops(m)
+    total_flops, symbolic = fixed_shape_flops(m, values)
     return {
         "spectrum": "whitened" if grams is not None else "weight",
+        "shapes": record,
         "layers": rows,
         "totals": {
             "layers": len(layers),
@@ -713,3 +785,31 @@ def inspect_model(
             "symbolic_dims_counted_as_1": list(symbolic),
         },
     }
+
+
+def inspect_shapes(
+    model: ModelProto, shapes: Mapping[str, list[int]] | None, parts: Sequence[Feed]
+) -> tuple[dict[str, list[int]] | None, dict[str, Any]]:
+    """:func:`choose_shapes` without an ONNX Runtime run (inspect only counts): the sizes chosen for dynamic
+    dims are :func:`inhercc.data.default_shapes`' first guess."""
+    if shapes or parts:
+        return choose_shapes(model, shapes, parts)
+    values, note = default_shapes(model)
+    if note:
+        warnings.warn(note, stacklevel=3)
+    return values, {"values": values, "chosen": "default"}
+
+
+def layer_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None) -> dict[str, int]:
+    """FLOPs per sample of every MatMul/Gemm/Conv node (by name) with the inputs fixed at ``shapes``; empty
+    without shapes (the layers' own counts, symbolic dims as 1, stand)."""
+    if not shapes:
+        return {}
+    fixed = with_fixed_inputs(model, shapes)
+    known = tensor_shapes(fixed)
+    out = {}
+    for node in fixed.graph.node:
+        f = node_flops(node, known) if node.op_type in ("MatMul", "Gemm", "Conv") else None
+        if f is not None:
+            out[node.name] = f[0]
+    return out

@@ -68,7 +68,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write a file via a temp file in the same folder and a rename (no partial file on failure)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    from inhercc.model import TEMP_PREFIX
+
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent or ".")  # short: any legal name fits
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -292,27 +292,28 @@ def ort_message(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fixed batch dimensions: a graph input whose first dim is a number takes exactly that many samples a run
+# Fixed batch dimensions: a graph input whose batch dim is a number takes exactly that many samples a run
 
 
 class DataWarning(UserWarning):
     """Something about the user's data worth a note (e.g. samples left out for a fixed batch size)."""
 
 
-def fixed_batch(shapes: Iterable[Sequence[Any]], source: str = "the model") -> int | None:
-    """The batch size a model's inputs fix (their common first dim when it is a number), None when the
-    first dims are dynamic. Inputs fixing different first dims cannot share samples: an error."""
-    fixed = {int(s[0]) for s in shapes if len(s) and isinstance(s[0], (int, np.integer)) and s[0] > 0}
-    if len(fixed) > 1:
-        raise InherccError(f"{source} fixes different batch sizes {sorted(fixed)} on its inputs; cannot feed samples")
-    return fixed.pop() if fixed else None
+def fixed_batch(shapes: Iterable[Sequence[Any]] | Mapping[str, Sequence[Any]]) -> int | None:
+    """The batch size a model's input shapes fix (the number at every input's batch axis,
+    :func:`inhercc.data.batch_axes_of`), None when the batch dim is dynamic. A state input ``[2, batch, 128]``
+    beside ``x [batch, 512]`` fixes nothing; ``[4, 512]`` with ``[2, 4, 128]`` fixes 4."""
+    from inhercc.data import batch_axes_of, batch_size_of
+
+    named = dict(shapes) if isinstance(shapes, Mapping) else {str(i): s for i, s in enumerate(shapes)}
+    return batch_size_of(named, batch_axes_of(named))
 
 
 def model_fixed_batch(model: ModelProto) -> int | None:
     """:func:`fixed_batch` of a model's graph inputs."""
     from inhercc.data import input_specs
 
-    return fixed_batch([s.shape for s in input_specs(model)])
+    return fixed_batch({s.name: s.shape for s in input_specs(model)})
 
 
 def batch_size_for(model: ModelProto, batch_size: int) -> int:
@@ -322,15 +323,18 @@ def batch_size_for(model: ModelProto, batch_size: int) -> int:
 
 def full_batches(model: ModelProto, feeds: Mapping[str, np.ndarray], source: str = "data") -> dict[str, np.ndarray]:
     """``feeds`` cut to a whole number of the model's fixed batch size (all of them when its batch dim is
-    dynamic). The rest — fewer samples than one batch — is left out with a :class:`DataWarning` (as
-    TensorRT's calibrators do; padding would put made-up samples into Grams and fidelities); fewer samples
-    than one batch in all is an error naming the fixed dim."""
+    dynamic), along each input's batch axis. The rest — fewer samples than one batch — is left out with a
+    :class:`DataWarning` (as TensorRT's calibrators do; padding would put made-up samples into Grams and
+    fidelities); fewer samples than one batch in all is an error naming the fixed dim."""
+    from inhercc.data import batch_axes, batch_count, slice_batch
+
     fixed = model_fixed_batch(model)
-    n = len(next(iter(feeds.values()), ()))
+    axes = batch_axes(model)
+    n = batch_count(feeds, axes)
     if not fixed or n % fixed == 0:
         return dict(feeds)
     keep = n - n % fixed
-    first = next(iter(feeds))
+    first = next((k for k in feeds if axes.get(k, 0) is not None), next(iter(feeds)))
     if keep == 0:
         raise InherccError(
             f"{source} has {n} sample(s), but the model's batch dim is fixed at {fixed} (input {first}): "
@@ -341,7 +345,14 @@ def full_batches(model: ModelProto, feeds: Mapping[str, np.ndarray], source: str
         DataWarning,
         stacklevel=2,
     )
-    return {k: v[:keep] for k, v in feeds.items()}
+    return slice_batch(feeds, axes, 0, keep)
+
+
+def session_batch_axes(sess: Any) -> dict[str, int | None]:
+    """:func:`inhercc.data.batch_axes_of` a session's inputs and outputs."""
+    from inhercc.data import batch_axes_of
+
+    return batch_axes_of({i.name: i.shape for i in sess.get_inputs()}, {o.name: o.shape for o in sess.get_outputs()})
 
 
 _ORT_TYPES = {
@@ -375,14 +386,17 @@ def session_feeds(sess: Any, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nd
 def run_session(
     sess: Any, feeds: Mapping[str, np.ndarray], batch_size: int | None = None, what: str = "running the model"
 ) -> list[np.ndarray]:
-    """Run a session on feeds (optionally in batches, concatenated along axis 0); returns all outputs.
-    Feeds are cast to the session's input dtypes; a model with a fixed batch dim runs in batches of exactly
-    that size (the sample count must be a multiple: see :func:`full_batches`); ONNX Runtime's failures
-    become one-line :class:`InherccError`\\ s naming ``what`` was run."""
+    """Run a session on feeds (optionally in batches); returns all outputs. Batches are cut along each input's
+    batch axis (:func:`session_batch_axes`; inputs without one go whole into every batch) and the outputs
+    joined along theirs. Feeds are cast to the session's input dtypes; a model with a fixed batch dim runs in
+    batches of exactly that size (the sample count must be a multiple: see :func:`full_batches`); ONNX
+    Runtime's failures become one-line :class:`InherccError`\\ s naming ``what`` was run."""
+    from inhercc.data import batch_count, concat_batches, slice_batch
+
     feed = session_feeds(sess, feeds)
-    names = list(feed)
-    n = len(feed[names[0]]) if names and np.ndim(feed[names[0]]) else 0
-    fixed = fixed_batch([i.shape for i in sess.get_inputs()])
+    axes = session_batch_axes(sess)
+    n = batch_count(feed, axes)
+    fixed = fixed_batch({i.name: i.shape for i in sess.get_inputs()})
     if fixed:
         if n % fixed:
             raise InherccError(f"{what}: {n} sample(s) are not a multiple of the model's fixed batch size {fixed}")
@@ -392,5 +406,6 @@ def run_session(
             return list(sess.run(None, feed))
         parts: list[list[np.ndarray]] = []
         for i in range(0, n, batch_size):
-            parts.append(sess.run(None, {k: v[i : i + batch_size] for k, v in feed.items()}))
-    return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(parts[0]))]
+            parts.append(sess.run(None, slice_batch(feed, axes, i, i + batch_size)))
+    names = [o.name for o in sess.get_outputs()]
+    return [concat_batches([p[j] for p in parts], axes.get(name, 0), name) for j, name in enumerate(names)]

@@ -17,13 +17,13 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
-from inhercc.calibrate import Parts, Progress, feed_parts, quotas, split_quota, trimmed_parts
-from inhercc.data import Feed, iter_batches, sample_count
+from inhercc.calibrate import Parts, Progress, feed_parts, mask_input, quotas, split_quota, trimmed_parts
+from inhercc.data import Axes, Feed, batch_axes, iter_batches, sample_count, slice_batch
 from inhercc.errors import InherccError
 from inhercc.layers import Layer
 from inhercc.plan import keep_ratio_rank, spectrum_energy
 from inhercc.runtime import batch_size_for, make_session, ort_failures
-from inhercc.verify import pooled_squared_error
+from inhercc.verify import INTEGER, Scores, name_kind
 
 DEFAULT_SAMPLES = 32
 DEFAULT_PROBES = (0.5, 1.0)  # ranks probed, as multiples of the layer's rank under uniform ``ratio``
@@ -59,15 +59,21 @@ def weights_as_inputs(model: ModelProto, layers: Sequence[Layer]) -> ModelProto:
     return out
 
 
-def relative_output_error(teacher: Sequence[Sequence[np.ndarray]], student: Sequence[Sequence[np.ndarray]]) -> float:
+def relative_output_error(
+    teacher: Sequence[Sequence[np.ndarray]],
+    student: Sequence[Sequence[np.ndarray]],
+    masks: Sequence[np.ndarray | None] | None = None,
+) -> float:
     """Mean over float outputs of ``‖s − t‖² / ‖t‖²`` (for L2-normalized embeddings ≈ 2·(1 − cosine)), the
-    norms summed over the data's parts (``teacher[part][output]``)."""
-    errs = []
-    for j, t0 in enumerate(teacher[0]):
-        if not np.issubdtype(np.asarray(t0).dtype, np.floating):
-            continue
-        num, den = pooled_squared_error([p[j] for p in teacher], [p[j] for p in student])
-        errs.append(num / max(den, 1e-30))
+    norms summed over the batches (``teacher[batch][output]``, shapes free to differ between batches;
+    ``masks``: each batch's attention mask, whose padding positions are left out of token-level outputs).
+    Outputs whose teacher and student shapes differ are left out."""
+    if not teacher:
+        return 0.0
+    scores = Scores({str(j): name_kind("", np.asarray(t).dtype) for j, t in enumerate(teacher[0])})
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        scores.add(t, s, masks[i] if masks else None)
+    errs = [o.relative_error for o in scores.outputs.values() if o.kind != INTEGER and not o.skipped]
     return float(np.mean(errs)) if errs else 0.0
 
 
@@ -78,25 +84,34 @@ def _run(
     batch_size: int,
     cut: Callable[[Feed], Feed],
     what: str = "the sensitivity measurement",
-) -> list[np.ndarray]:
-    """All outputs over ``feed`` in batches (padding cut), the weights fed whole with every batch."""
+    axes: Axes | None = None,
+) -> list[list[np.ndarray]]:
+    """All outputs of every batch of ``feed`` (padding cut), the weights fed whole with every batch; batches
+    are kept apart (outputs cut to different lengths do not join)."""
     with ort_failures(what):
-        parts = [sess.run(None, {**cut(batch), **weights}) for batch in iter_batches(feed, batch_size)]
-    return [np.concatenate([p[j] for p in parts], axis=0) for j in range(len(parts[0]))]
+        return [sess.run(None, {**cut(batch), **weights}) for batch in iter_batches(feed, batch_size, axes)]
+
+
+def _masks(feed: Feed, batch_size: int, cut: Callable[[Feed], Feed], mask: str | None, axes: Axes) -> list:
+    """The attention mask of every batch :func:`_run` runs (None without a mask input)."""
+    return [cut(batch).get(mask) if mask else None for batch in iter_batches(feed, batch_size, axes)]
 
 
 def sensitivity_feeds(
-    feeds: Mapping[str, np.ndarray] | Parts, calib_samples: int | None, samples: int = DEFAULT_SAMPLES
+    feeds: Mapping[str, np.ndarray] | Parts,
+    calib_samples: int | None,
+    samples: int = DEFAULT_SAMPLES,
+    axes: Axes | None = None,
 ) -> list[Feed]:
     """Samples for the measurement (``samples`` in all, from every part in proportion), held apart from the
     Gram samples when the data has enough (factors fit on the very samples they are judged on look better
     than they are), else the first ones."""
     parts = feed_parts(feeds)
-    sizes = [sample_count(p) for p in parts]
+    sizes = [sample_count(p, axes) for p in parts]
     spare = calib_samples is not None and sum(sizes) >= calib_samples + samples
     start = quotas(sizes, calib_samples) if spare else [0] * len(parts)
-    rest = [{k: v[s:] for k, v in p.items()} for p, s in zip(parts, start)]
-    return [{k: v[:n] for k, v in p.items()} for p, n in split_quota(rest, samples)]
+    rest = [slice_batch(p, axes or {}, s, n) for p, s, n in zip(parts, start, sizes)]
+    return [p if n is None else slice_batch(p, axes or {}, 0, n) for p, n in split_quota(rest, samples, axes)]
 
 
 def measure_sensitivity(
@@ -129,7 +144,9 @@ def measure_sensitivity(
     sess = make_session(open_model)
     inits = {t.name: t for t in model.graph.initializer}
     teacher_weights = {la.weight_name: numpy_helper.to_array(inits[la.weight_name]) for la in cands}
-    reference = [_run(sess, feed, teacher_weights, batch_size, cut, what) for feed, cut in chunks]
+    axes = batch_axes(model)
+    reference = [o for feed, cut in chunks for o in _run(sess, feed, teacher_weights, batch_size, cut, what, axes)]
+    masks = [m for feed, cut in chunks for m in _masks(feed, batch_size, cut, mask_input(model), axes)]
     bar = Progress(len(cands) * len(probes), "sensitivity", progress)
     result: dict[str, dict[str, object]] = {}
     try:
@@ -142,8 +159,8 @@ def measure_sensitivity(
                 a, b = factors(layer, r * layer.groups)
                 approx = stored_weight(layer, np.matmul(b, a))
                 weights = {**teacher_weights, layer.weight_name: approx}
-                out = [_run(sess, feed, weights, batch_size, cut, what) for feed, cut in chunks]
-                errors.append(relative_output_error(reference, out))
+                out = [o for feed, cut in chunks for o in _run(sess, feed, weights, batch_size, cut, what, axes)]
+                errors.append(relative_output_error(reference, out, masks))
                 bar.step()
             t = np.array([tail[r] for r in ranks])
             e = np.array(errors)

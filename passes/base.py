@@ -15,9 +15,10 @@ from typing import Protocol
 
 import numpy as np
 import onnx
-from onnx import ModelProto, NodeProto, numpy_helper
+from onnx import GraphProto, ModelProto, NodeProto, numpy_helper
 
 from inhercc.layers import Layer
+from inhercc.model import graph_scopes, node_subgraphs
 
 # (layer, total rank) -> (input_factor [g, r/g, in], output_factor [g, out, r/g]) in float64
 FactorSource = Callable[[Layer, int], tuple[np.ndarray, np.ndarray]]
@@ -68,7 +69,10 @@ def run_passes(model: ModelProto, passes: Iterable[Pass]) -> PassResult:
 
 class FactorizePass:
     """Shared driver: for every node of ``op_type`` with a planned rank, ask :meth:`rewrite` for the nodes
-    that replace it; then drop weights nothing uses any more. Subclasses implement :meth:`rewrite`."""
+    that replace it; then drop weights nothing uses any more. Subclasses implement :meth:`rewrite`.
+
+    Nodes inside If / Loop / Scan bodies (any depth) are rewritten in place in their body; their factor
+    initializers, like all others, go to the main graph, which every body reads as its outer scope."""
 
     op_type: str = ""
 
@@ -78,8 +82,21 @@ class FactorizePass:
         self.factors = factors
 
     def __call__(self, model: ModelProto) -> PassResult:
-        graph = model.graph
         names = GraphNames(model)
+        factors: list[onnx.TensorProto] = []
+        notes: list[list[str]] = []
+        # innermost bodies first: rebuilding a graph's node list copies the bodies its nodes hold
+        for scope in reversed(graph_scopes(model)):
+            notes.insert(0, self._rewrite_graph(scope.graph, names, factors))
+        if not factors:
+            return PassResult(model, False, [])
+        model.graph.initializer.extend(factors)  # the main graph: every body can read them (outer scope)
+        remove_unused_initializers(model)
+        return PassResult(model, True, [note for graph_notes in notes for note in graph_notes])
+
+    def _rewrite_graph(self, graph: GraphProto, names: GraphNames, factors: list[onnx.TensorProto]) -> list[str]:
+        """Replace the planned nodes of one graph (not its bodies) by their chains, in place; the factor
+        initializers are appended to ``factors``. Returns one note per rewrite."""
         new_nodes: list[NodeProto] = []
         notes: list[str] = []
         for node in graph.node:
@@ -93,14 +110,12 @@ class FactorizePass:
             for n in replacement:
                 n.metadata_props.extend(node.metadata_props)
             new_nodes.extend(replacement)
-            graph.initializer.extend(tensors)
+            factors.extend(tensors)
             notes.append(f"{node.name}: {self.op_type} {list(layer.weight_shape)} -> rank {rank}")
-        if not notes:
-            return PassResult(model, False, [])
-        del graph.node[:]
-        graph.node.extend(new_nodes)
-        remove_unused_initializers(model)
-        return PassResult(model, True, notes)
+        if notes:
+            del graph.node[:]
+            graph.node.extend(new_nodes)
+        return notes
 
     def rewrite(
         self, node: NodeProto, layer: Layer, input_factor: np.ndarray, output_factor: np.ndarray, names: GraphNames
@@ -109,15 +124,17 @@ class FactorizePass:
 
 
 class GraphNames:
-    """Hands out tensor/node names not yet used in the graph."""
+    """Hands out tensor/node names not yet used anywhere in the model (its subgraphs included)."""
 
     def __init__(self, model: ModelProto) -> None:
-        g = model.graph
-        self.used = {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
-        for n in g.node:
-            self.used.update(n.input)
-            self.used.update(n.output)
-            self.used.add(n.name)
+        self.used: set[str] = set()
+        for scope in graph_scopes(model):
+            g = scope.graph
+            self.used |= {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+            for n in g.node:
+                self.used.update(n.input)
+                self.used.update(n.output)
+                self.used.add(n.name)
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -190,25 +207,32 @@ def copy_attributes(node: NodeProto, skip: Iterable[str] = ()) -> dict[str, obje
 
 
 def remove_unused_initializers(model: ModelProto) -> int:
-    """Drop initializers no node (or subgraph) reads and that are not graph outputs."""
-    used: set[str] = {o.name for o in model.graph.output}
-    stack = [model.graph]
-    while stack:
-        g = stack.pop()
-        for n in g.node:
-            used.update(n.input)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    stack.append(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(a.graphs)
-    keep = [t for t in model.graph.initializer if t.name in used]
-    removed = len(model.graph.initializer) - len(keep)
-    if removed:
-        dropped = {t.name for t in model.graph.initializer} - {t.name for t in keep}
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-        graph_inputs = [i for i in model.graph.input if i.name not in dropped]
-        del model.graph.input[:]
-        model.graph.input.extend(graph_inputs)
+    """Drop initializers nothing reads — in the main graph and in every If / Loop / Scan body: an initializer
+    of a graph is used when a node of that graph or of a body below it reads it, or it is a graph output (or,
+    in a body, a body input's default value). Dropped main-graph initializers leave the graph inputs too."""
+    removed = 0
+    for scope in reversed(graph_scopes(model)):
+        g = scope.graph
+        used = _reads(g) | {o.name for o in g.output} | ({i.name for i in g.input} if scope.path else set())
+        keep = [t for t in g.initializer if t.name in used]
+        if len(keep) == len(g.initializer):
+            continue
+        dropped = {t.name for t in g.initializer} - {t.name for t in keep}
+        removed += len(dropped)
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        if not scope.path:
+            graph_inputs = [i for i in g.input if i.name not in dropped]
+            del g.input[:]
+            g.input.extend(graph_inputs)
     return removed
+
+
+def _reads(graph: GraphProto) -> set[str]:
+    """Every name the nodes of ``graph`` and of the bodies below it read."""
+    names: set[str] = set()
+    for n in graph.node:
+        names.update(n.input)
+        for _, body in node_subgraphs(n):
+            names |= _reads(body)
+    return names

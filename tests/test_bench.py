@@ -260,7 +260,7 @@ def check_schema(result: dict) -> None:
         assert set(m) == {"label", "path", "precision", "params", "size_bytes", "flops_per_sample"}
         assert isinstance(m["params"], int) and isinstance(m["size_bytes"], int)
     for run in result["runs"]:
-        assert set(run) == {"shapes", "requested", "batch", "rounds", "flops_per_sample", "results"}
+        assert set(run) == {"shapes", "requested", "shapes_chosen", "batch", "rounds", "flops_per_sample", "results"}
         for row in run["results"]:
             assert set(row) == RESULT_ROW_KEYS
             assert set(row["latency_ms"]) == {"p50", "p90", "p99", "mean", "std", "min", "max", "n"}

@@ -120,9 +120,9 @@ CASES = {
     "output = input": (lambda tp, t: ["compress", t, "-o", t], "would overwrite the input"),
     "output dir missing": (lambda tp, t: ["compress", t, "-o", tp / "no" / "s.onnx"], "does not exist"),
     "output dir unwritable": (lambda tp, t: ["compress", t, "-o", "/proc/self/s.onnx"], "is not writable"),
-    "dynamic dims": (
-        lambda tp, t: ["compress", _dynamic(tp), "-o", tp / "s.onnx", "--rank", "8"],
-        "cannot resolve dim 1 (S) of input x",
+    "shape of the wrong rank": (
+        lambda tp, t: ["compress", _dynamic(tp), "-o", tp / "s.onnx", "--rank", "8", "--shape", "x=2x5"],
+        "--shape x has 2 dims, the input has 3",
     ),
     "bad shape": (lambda tp, t: ["compress", t, "-o", tp / "s.onnx", "--shape", "x=1xfoo"], "bad --shape"),
     "two modes": (lambda tp, t: ["compress", t, "-o", tp / "s.onnx", "--ratio", "0.5", "--rank", "8"], "choose one of"),

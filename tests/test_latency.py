@@ -184,10 +184,11 @@ def test_micro_models_are_the_node_and_the_chain_the_passes_emit() -> None:
         assert yd.shape == yc.shape
 
 
-def test_unknown_dynamic_dims_ask_for_shape() -> None:
+def test_dynamic_dims_without_shapes_are_timed_at_the_default_sizes() -> None:
     model = three_layer_mlp()
-    with pytest.raises(InherccError, match="pass --shape"):
-        latency_aware_plan(model, find_layers(model), RankPlan({"fc1": 64}), timer=FakeTimer(set()))
+    timer = FakeTimer(set())
+    latency_aware_plan(model, find_layers(model), RankPlan({"fc1": 64}), timer=timer)
+    assert timer.calls == [("fc1", 64, (1, 128, 64))]  # batch 1, sequence 128 (inhercc.data.DIM_SIZES)
 
 
 def test_real_cpu_timer_on_a_tiny_layer() -> None:

@@ -145,6 +145,7 @@ class NodeContext:
         opset: int,
         version: int,
         constant: Callable[[str], torch.Tensor | None],
+        subgraph: Callable[[str, onnx.GraphProto], Any] | None = None,
     ) -> None:
         self.node = node
         self.op_type = node.op_type
@@ -153,6 +154,7 @@ class NodeContext:
         self.inputs: list[str] = list(node.input)
         self.outputs: list[str] = list(node.output)
         self._constant = constant
+        self._subgraph = subgraph
         self._attrs: dict[str, AttributeProto] = {a.name: a for a in node.attribute}
         self._used: set[str] = set()
 
@@ -220,6 +222,17 @@ class NodeContext:
         if proto.type in (AttributeProto.INTS, AttributeProto.FLOATS):
             return list(value)
         return value
+
+    def subgraph(self, name: str) -> Any:
+        """Graph attribute `name` built as a nested plan of the module (see `inhercc.torchrt.module.Body`):
+        its `input_names`, `output_names` and `run(inputs, captured)`."""
+        self._used.add(name)
+        proto = self._attrs.get(name)
+        if proto is None or proto.type != AttributeProto.GRAPH:
+            raise Unsupported(f"missing graph attribute {name!r}")
+        if self._subgraph is None:
+            raise Unsupported("subgraphs cannot be built here")
+        return self._subgraph(name, proto.g)
 
     def ignore(self, *names: str) -> None:
         """Waive attributes that do not change the result (seeds, hints)."""

@@ -1,0 +1,145 @@
+"""Output kinds: a 2-D float output is not always logits. Kinds come from the graph (a Softmax/ArgMax
+around it, a normalization or a pooling making it), then from names, else ``values``; the user overrides
+them; top-1 agreement only for logits and probabilities, KD only for logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from inhercc import compress
+from inhercc.cli import cli
+from inhercc.errors import InherccError
+from inhercc.losses import DistillLoss, probs_loss
+from inhercc.verify import fidelity, graph_output_kinds, parse_output_kinds
+from tests.helpers import make_model
+
+RNG = np.random.default_rng(0)
+W = (RNG.standard_normal((64, 128)) / 8).astype(np.float32)
+
+
+def head(tail: list, out: str = "out", extra: dict | None = None):
+    """x [batch, 64] → MatMul (W 64×128) → ``h``, then the ``tail`` nodes making ``out``."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"), *tail]
+    return make_model(nodes, {"x": ["batch", 64]}, [out], {"w": W, **(extra or {})})
+
+
+def kinds(model) -> str:
+    return graph_output_kinds(model)[model.graph.output[0].name]
+
+
+def test_kinds_from_the_graph() -> None:
+    two = {"two": np.array([2.0], np.float32)}
+    assert kinds(head([helper.make_node("Softmax", ["h"], ["out"], axis=1)])) == "probs"
+    assert kinds(head([helper.make_node("Sigmoid", ["h"], ["out"])])) == "probs"
+    assert kinds(head([helper.make_node("LogSoftmax", ["h"], ["out"], axis=1)])) == "logits"
+    assert kinds(head([helper.make_node("LpNormalization", ["h"], ["out"], axis=1, p=2)])) == "embedding"
+    # x / ‖x‖ as torch's F.normalize exports it: ReduceL2 → Clip → Expand → Div
+    shape = {"shape": np.array([1, 128], np.int64)}
+    l2 = [
+        helper.make_node("ReduceL2", ["h"], ["n"], axes=[1], keepdims=1),
+        helper.make_node("Clip", ["n", "eps"], ["c"]),
+        helper.make_node("Expand", ["c", "shape"], ["e"]),
+        helper.make_node("Div", ["h", "e"], ["out"]),
+    ]
+    assert kinds(head(l2, extra={"eps": np.array(1e-12, np.float32), **shape})) == "embedding"
+    assert kinds(head([helper.make_node("Div", ["h", "two"], ["out"])], extra=two)) == "values"  # h / 2: no norm
+    # logits read by a softmax / argmax (the model also returns them), whatever their name
+    probs = head([helper.make_node("Identity", ["h"], ["out"]), helper.make_node("Softmax", ["out"], ["p"], axis=1)])
+    assert kinds(probs) == "logits"
+    ids = head([helper.make_node("Flatten", ["h"], ["out"]), helper.make_node("ArgMax", ["out"], ["i"], axis=1)])
+    assert kinds(ids) == "logits"
+
+
+def test_kinds_from_names_and_the_default() -> None:
+    def named(name: str) -> str:
+        return kinds(head([helper.make_node("Relu", ["h"], [name])], out=name))
+
+    assert named("logits") == "logits" and named("cls_scores") == "logits" and named("probs") == "probs"
+    for name in ("sentence_embedding", "pooler_output", "last_hidden_state", "features"):
+        assert named(name) == "embedding"
+    assert named("out") == "values" and named("output") == "values"
+    ids = head([helper.make_node("ArgMax", ["h"], ["out"], axis=1)])
+    ids.graph.output[0].type.tensor_type.elem_type = TensorProto.INT64
+    assert kinds(ids) == "integer"
+
+
+def test_top1_only_for_logits_and_the_user_overrides() -> None:
+    """An L2-normalized embedding named ``out`` was scored by top-1 agreement (the rule knew only names);
+    now it is an embedding, unless the user says otherwise."""
+    model = head([helper.make_node("LpNormalization", ["h"], ["out"], axis=1, p=2)])
+    x = RNG.standard_normal((64, 64)).astype(np.float32)
+    student = compress(model, rank=4, rank_multiple=1, verify=False).model
+    fid = fidelity(model, student, {"x": x})["out"]
+    assert set(fid) == {"cosine", "rel_l2"}
+    forced = fidelity(model, student, {"x": x}, output_kinds={"out": "logits"})["out"]
+    assert forced["cosine"] == fid["cosine"] and 0.0 <= forced["top1_agreement"] <= 1.0
+    res = compress(model, rank=4, rank_multiple=1, data={"x": x}, output_kinds={"out": "probs"})
+    assert res.report["output_kinds"] == {"out": "probs"} and "top1_agreement" in res.report["fidelity"]["out"]
+    with pytest.raises(InherccError, match="unknown output.*nope"):
+        compress(model, rank=4, output_kinds={"nope": "logits"})
+    with pytest.raises(InherccError, match="unknown kind 'class'"):
+        graph_output_kinds(model, {"out": "class"})
+    assert parse_output_kinds(["a=logits", " b = embedding"]) == {"a": "logits", "b": "embedding"}
+    for bad in ("a", "a=class", "=logits"):
+        with pytest.raises(InherccError, match="--output-kind"):
+            parse_output_kinds([bad])
+
+
+def test_cli_output_kind(tmp_path) -> None:
+    import onnx
+
+    model = head([helper.make_node("Relu", ["h"], ["out"])])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d.npz", x=RNG.standard_normal((40, 64)).astype(np.float32))
+    base = ["compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s.onnx"), "--rank", "8"]
+    data = ["--data", str(tmp_path / "d.npz")]
+    r = CliRunner().invoke(cli, base + data)
+    assert r.exit_code == 0 and "out cosine (values)" in r.output and "top1" not in r.output, r.output
+    r = CliRunner().invoke(cli, base + data + ["--output-kind", "out=logits"])
+    assert r.exit_code == 0 and "out top1_agreement (logits)" in r.output, r.output
+    r = CliRunner().invoke(cli, base + ["--output-kind", "out=class"])
+    assert r.exit_code == 2 and r.output.startswith("error: bad --output-kind 'out=class'"), r.output
+
+
+def test_losses_follow_the_kinds() -> None:
+    examples = {k: np.zeros((2, 5), np.float32) for k in ("a", "b", "c", "d")} | {"e": np.zeros(2, np.int64)}
+    kinds = {"a": "logits", "b": "probs", "c": "embedding", "d": "values", "e": "integer"}
+    loss = DistillLoss.for_outputs(examples, {"d": ("kd", 2.0)}, kinds=kinds)
+    assert [(o.kind, o.weight) for o in loss.outputs] == [
+        ("kd", 1.0),
+        ("probs", 1.0),
+        ("embedding", 1.0),
+        ("kd", 2.0),  # the user's --loss wins
+        ("none", 1.0),
+    ]
+    # probabilities: KL without a temperature, over the rows (softmax) or per element (sigmoid)
+    t = torch.softmax(torch.randn(3, 4), -1)
+    s = torch.softmax(torch.randn(3, 4), -1)
+    assert float(probs_loss(s, t)) == pytest.approx(float((t * (t / s).log()).sum(-1).mean()), rel=1e-5)
+    assert float(probs_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+    tb, sb = torch.tensor([[0.9, 0.2]]), torch.tensor([[0.6, 0.3]])
+    bern = tb * (tb / sb).log() + (1 - tb) * ((1 - tb) / (1 - sb)).log()
+    assert float(probs_loss(sb, tb)) == pytest.approx(float(bern.mean()), rel=1e-5)
+
+
+def test_cli_finetune_output_kind(tmp_path) -> None:
+    import onnx
+
+    model = head([helper.make_node("Relu", ["h"], ["out"])])
+    onnx.save(model, str(tmp_path / "t.onnx"))
+    onnx.save(compress(model, rank=8, verify=False).model, str(tmp_path / "s.onnx"))
+    np.savez(tmp_path / "d.npz", x=RNG.standard_normal((40, 64)).astype(np.float32))
+    args = ["finetune", str(tmp_path / "s.onnx"), "--teacher", str(tmp_path / "t.onnx"), "-o", str(tmp_path / "o.onnx")]
+    args += ["--data", str(tmp_path / "d.npz"), "--steps", "2", "-q", "--report", str(tmp_path / "r.json")]
+    r = CliRunner().invoke(cli, args + ["--output-kind", "out=logits"])
+    assert r.exit_code == 0 and "out top1_agreement (logits)" in r.output, r.output
+    import json
+
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["output_kinds"] == {"out": "logits"} and rep["training"]["losses"] == {"out": "kd"}
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and "out cosine (values)" in r.output and "top1" not in r.output, r.output
