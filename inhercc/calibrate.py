@@ -31,6 +31,7 @@ from inhercc.data import (
 )
 from inhercc.errors import InherccError
 from inhercc.layers import Layer
+from inhercc.model import implicit_inputs
 from inhercc.runtime import batch_size_for, full_batches, make_session, model_fixed_batch, ort_failures
 
 DEFAULT_SAMPLES = 256
@@ -353,7 +354,7 @@ def with_outputs(
         if needed.intersection(node.output):
             keep.append(node)
             needed.update(node.input)
-            needed.update(_subgraph_names(node))
+            needed.update(implicit_inputs(node))
             needed.difference_update(fed)
     del out.graph.node[:]
     out.graph.node.extend(reversed(keep))
@@ -371,7 +372,7 @@ def frontiers(model: ModelProto, stage_tensors: Sequence[Sequence[str]]) -> list
     producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     readers: dict[str, set[int]] = {}
     for i, node in enumerate(model.graph.node):
-        for name in list(node.input) + sorted(_subgraph_names(node)):
+        for name in list(node.input) + sorted(implicit_inputs(node)):
             readers.setdefault(name, set()).add(i)
     done: set[int] = set()
     out = []
@@ -383,22 +384,10 @@ def frontiers(model: ModelProto, stage_tensors: Sequence[Sequence[str]]) -> list
                 continue
             done.add(i)
             node = model.graph.node[i]
-            todo.extend(producer[t] for t in list(node.input) + sorted(_subgraph_names(node)) if t in producer)
+            todo.extend(producer[t] for t in list(node.input) + sorted(implicit_inputs(node)) if t in producer)
         computed = [o for i in sorted(done) for o in model.graph.node[i].output if o]
         out.append([t for t in computed if readers.get(t, set()) - done])
     return out
-
-
-def _subgraph_names(node: onnx.NodeProto) -> set[str]:
-    """Every tensor name a node's subgraphs (If/Loop/Scan bodies) read: outer-scope values they may use."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            for n in g.node:
-                names.update(n.input)
-                names.update(_subgraph_names(n))
-    return names
 
 
 def _groups(taps: list[_Tap], sizes: Mapping[str, int], budget: int) -> list[list[_Tap]]:
@@ -547,7 +536,7 @@ def stages(model: ModelProto, taps: Sequence[_Tap]) -> list[list[_Tap]]:
     deps: dict[str, int] = {}
     for node in model.graph.node:
         m = 0
-        for name in list(node.input) + sorted(_subgraph_names(node)):
+        for name in list(node.input) + sorted(implicit_inputs(node)):
             m |= deps.get(name, 0)
         m |= bit.get(node.name, 0)
         for out in node.output:

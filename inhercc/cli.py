@@ -202,6 +202,15 @@ _DISTILL_FIELDS = (
 )
 
 
+OUTPUT_KIND_OPTION = click.option(
+    "--output-kind",
+    "output_kinds",
+    multiple=True,
+    help="OUTPUT=KIND, KIND logits|probs|embedding|values: what an output is, when the graph does not say "
+    "(top-1 agreement and KD for logits; default: from the graph, then the name, else values).",
+)
+
+
 def distill_options(epochs_help: str) -> Callable[[Any], Any]:
     """The distillation options shared by ``compress`` and ``finetune`` (``--epochs`` says what it does in
     each)."""
@@ -407,13 +416,7 @@ def distill_config(options: dict[str, Any], seed: int, output_kinds: dict[str, s
     help="Fit each layer to the teacher's outputs from the student's own (already compressed) inputs, stage "
     "by stage: better fidelity, one pass over the calibration samples per stage.",
 )
-@click.option(
-    "--output-kind",
-    "output_kinds",
-    multiple=True,
-    help="OUTPUT=KIND, KIND logits|probs|embedding|values: what an output is, when the graph does not say "
-    "(top-1 agreement and KD for logits; default: from the graph, then the name, else values).",
-)
+@OUTPUT_KIND_OPTION
 @click.option("-v", "--verbose", is_flag=True, help="Also print the per-layer table.")
 @distill_options(
     "Distil for this many epochs after compressing (compress distils only when --epochs or --steps is given)."
@@ -785,13 +788,7 @@ def bench(
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str), help="Write a JSON report.")
 @click.option("--external-data", is_flag=True, default=None, help="Store weights in <output>.data (auto above 2 GB).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Validation split and shuffling.")
-@click.option(
-    "--output-kind",
-    "output_kinds",
-    multiple=True,
-    help="OUTPUT=KIND, KIND logits|probs|embedding|values: what an output is, when the graph does not say "
-    "(top-1 agreement and KD for logits; default: from the graph, then the name, else values).",
-)
+@OUTPUT_KIND_OPTION
 @distill_options("Distil for this many epochs [default: 3, unless --steps is given].")
 def finetune(
     student: str,

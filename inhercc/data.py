@@ -16,7 +16,7 @@ import onnx
 from onnx import ModelProto
 
 from inhercc.errors import InherccError
-from inhercc.model import one_line
+from inhercc.model import initializer_map, one_line
 
 Dim = int | str | None
 Feed = dict[str, np.ndarray]
@@ -178,9 +178,9 @@ def batch_size_of(inputs: Mapping[str, Sequence[Dim] | None], axes: Mapping[str,
     return fixed.pop() if fixed else None
 
 
-def batch_count(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> int:
-    """Samples in a feed dict: the size of the first array's batch axis (axis 0 when ``axes`` does not name
-    the array); arrays without a batch axis are skipped; 0 when none has one."""
+def sample_count(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> int:
+    """Samples in a feed dict: the size of the first array's batch axis (:func:`batch_axes`; axis 0 when
+    ``axes`` does not name the array); arrays without a batch axis are skipped; 0 when none has one."""
     for k, v in feeds.items():
         a = 0 if axes is None else axes.get(k, 0)
         if a is not None and np.ndim(v) > a:
@@ -246,7 +246,7 @@ DIM_SIZES: dict[str, tuple[int, ...]] = {
     "channels": (3, 1, 4),
     "other": (64, 32, 16, 128, 8, 1),
 }
-KIND_ORDER = ("batch", "sequence", "spatial", "audio", "channels", "other")
+KIND_ORDER = ("batch", "features", "sequence", "spatial", "audio", "channels", "other")  # features: read off a weight
 _SEQUENCE_NAME = re.compile(r"seq|length|len\b|_len|token|time|frame|word|text", re.IGNORECASE)
 _SPATIAL_NAME = re.compile(r"height|width|^[hw]$", re.IGNORECASE)
 _AUDIO_NAME = re.compile(r"audio|wav|speech|pcm|signal|sample", re.IGNORECASE)
@@ -284,19 +284,87 @@ def _dim_kind(spec: InputSpec, axis: int, tables: Mapping[str, int]) -> str:
     return "audio" if _AUDIO_NAME.search(spec.name) else "other"
 
 
+# Ops whose output has the shape of their first input (binary ones only with a constant that broadcasts into it)
+_SHAPE_KEEPING = frozenset(
+    "Cast Identity Dropout Relu LeakyRelu PRelu Elu Selu Gelu Sigmoid HardSigmoid HardSwish Tanh Softplus Abs Neg "
+    "Sqrt Exp Log Erf Clip BatchNormalization LayerNormalization InstanceNormalization".split()
+)
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
+
+
+def _weight_dim(node: onnx.NodeProto, rank: int, axis: int, inits: Mapping[str, onnx.TensorProto]) -> int | None:
+    """The size ``node`` needs at ``axis`` of its first operand (of rank ``rank``), read from its constant
+    weight: MatMul B's rows, Gemm B's inner dim (by ``transB``), Conv W's input channels × ``group``."""
+    if len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    w = [int(d) for d in inits[node.input[1]].dims]
+    attrs = {a.name: a.i for a in node.attribute}
+    if node.op_type == "MatMul" and len(w) >= 2 and rank >= 2 and axis == rank - 1:
+        return w[-2]
+    if node.op_type == "Gemm" and len(w) == 2 and rank == 2 and axis == (0 if attrs.get("transA") else 1):
+        return w[1 if attrs.get("transB") else 0]
+    if node.op_type == "Conv" and len(w) >= 3 and rank == len(w) and axis == 1:
+        return w[1] * attrs.get("group", 1)
+    return None
+
+
+def _keeps_shape(node: onnx.NodeProto, value: str, rank: int, inits: Mapping[str, onnx.TensorProto]) -> bool:
+    """Whether ``node`` passes ``value`` (its first operand) on with its shape unchanged."""
+    if node.input[0] != value:
+        return False
+    if node.op_type in _SHAPE_KEEPING:
+        return True
+    other = node.input[1:]
+    return node.op_type in _BROADCASTING and len(other) == 1 and other[0] in inits and len(inits[other[0]].dims) <= rank
+
+
+def weight_read_dims(model: ModelProto) -> dict[tuple[str, int], int]:
+    """``(input, axis) → size`` for dynamic dims of float graph inputs that the first weight they meet fixes
+    (through shape-keeping ops: casts, activations, norms, scaling by a constant): a tabular ``x [batch,
+    features]`` into a MatMul / Gemm reads ``features`` rows; ``[n, channels, …]`` into a Conv its channels."""
+    inits = initializer_map(model)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.input:
+            consumers.setdefault(node.input[0], []).append(node)
+    out: dict[tuple[str, int], int] = {}
+    for spec in input_specs(model):
+        if not np.issubdtype(spec.dtype, np.floating):
+            continue
+        rank = len(spec.shape)
+        for axis in (a for a, d in enumerate(spec.shape) if not _fixed(d)):
+            todo, seen = [spec.name], {spec.name}
+            while todo and (spec.name, axis) not in out:
+                value = todo.pop(0)
+                for node in consumers.get(value, []):
+                    size = _weight_dim(node, rank, axis, inits)
+                    if size:
+                        out[(spec.name, axis)] = size
+                        break
+                    if _keeps_shape(node, value, rank, inits) and node.output[0] not in seen:
+                        seen.add(node.output[0])
+                        todo.append(node.output[0])
+    return out
+
+
 def dim_kinds(model: ModelProto) -> dict[tuple[str, int], str]:
-    """``(input, axis) → kind`` for every dynamic dim of the graph inputs (see :data:`DIM_SIZES`); a dim
-    symbol shared by several inputs gets one kind (the first in :data:`KIND_ORDER` any of them has)."""
+    """``(input, axis) → kind`` for every dynamic dim of the graph inputs (see :data:`DIM_SIZES`; ``features``:
+    a size the first weight fixes, :func:`weight_read_dims`); a dim symbol shared by several inputs gets one
+    kind (the first in :data:`KIND_ORDER` any of them has)."""
     specs = input_specs(model)
     axes = batch_axes(model)
     tables = gather_table_sizes(model)
+    read = weight_read_dims(model)
     kinds: dict[tuple[str, int], str] = {}
     by_symbol: dict[str, str] = {}
     for spec in specs:
         for i, d in enumerate(spec.shape):
             if _fixed(d):
                 continue
-            kind = "batch" if i == axes.get(spec.name) else _dim_kind(spec, i, tables)
+            if i == axes.get(spec.name):
+                kind = "batch"
+            else:
+                kind = "features" if (spec.name, i) in read else _dim_kind(spec, i, tables)
             kinds[(spec.name, i)] = kind
             if isinstance(d, str):
                 by_symbol[d] = min(by_symbol.get(d, kind), kind, key=KIND_ORDER.index)
@@ -357,6 +425,11 @@ def resolve_shapes(
                     symbols.setdefault(d, v)
     kinds = dim_kinds(model) if model is not None else {}
     limit = position_limit(model) if model is not None else None
+    read = weight_read_dims(model) if model is not None else {}
+    shape_of = {s.name: s.shape for s in specs}
+    for (name, i), v in read.items():
+        if isinstance(shape_of[name][i], str) and kinds.get((name, i)) == "features":
+            symbols.setdefault(shape_of[name][i], v)  # type: ignore[arg-type]
     out: dict[str, list[int]] = {}
     for spec in specs:
         if spec.name in shapes:
@@ -369,6 +442,8 @@ def resolve_shapes(
                 dims.append(d)
             elif isinstance(d, str) and d in symbols:
                 dims.append(symbols[d])
+            elif kind == "features":
+                dims.append(read[(spec.name, i)])
             elif kind is not None:
                 dims.append(batch or 1 if kind == "batch" else dim_size(kind, attempt, limit))
             elif i == 0:
@@ -397,7 +472,7 @@ def default_shapes(
     named: dict[str, list[int]] = {}
     for (name, axis), kind in kinds.items():
         d = next(s.shape[axis] for s in specs if s.name == name)
-        if kind == "batch" or name in given or d in symbols:
+        if kind in ("batch", "features") or name in given or d in symbols:
             continue
         chosen.setdefault(kind, shapes[name][axis])
         named[name] = shapes[name]
@@ -757,11 +832,6 @@ def check_ids(ids: np.ndarray, rows: int, what: str) -> None:
 def cast_feeds(feeds: Mapping[str, np.ndarray], model: ModelProto) -> Feed:
     """Model inputs only, cast to the exact dtypes the model declares (int32 ids → int64, …)."""
     return {s.name: np.asarray(feeds[s.name]).astype(s.dtype, copy=False) for s in input_specs(model)}
-
-
-def sample_count(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> int:
-    """Samples in a feed dict (along each array's batch axis, :func:`batch_axes`; axis 0 without ``axes``)."""
-    return batch_count(feeds, axes)
 
 
 def iter_batches(

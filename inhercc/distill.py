@@ -32,12 +32,24 @@ import onnx
 import torch
 from onnx import ModelProto
 
-from inhercc.data import LABELS_KEY, Feed, Samples, batch_axes, cast_feeds, input_specs, open_samples, split_indices
+from inhercc.data import (
+    LABELS_KEY,
+    Axes,
+    Feed,
+    Samples,
+    batch_axes,
+    cast_feeds,
+    input_specs,
+    open_samples,
+    slice_batch,
+    split_indices,
+    take_samples,
+)
 from inhercc.errors import InherccError
 from inhercc.losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DistillLoss
 from inhercc.model import FLOAT_TYPES, one_line
 from inhercc.runtime import DataWarning, model_fixed_batch
-from inhercc.verify import Scores, graph_output_kinds, mean_cosine
+from inhercc.verify import Scores, graph_class_axes, graph_output_kinds, mean_cosine
 
 FACTOR_PATTERN = re.compile(r"\.inherit_(in|out)(_\d+)?$")
 TRAIN_MODES = ("factors", "all")
@@ -449,6 +461,7 @@ class Teacher:
         self.model = model
         self.outputs = [o.name for o in model.graph.output]
         self.kinds = graph_output_kinds(model, output_kinds)
+        self.class_axes = graph_class_axes(model)
         self.axes = batch_axes(model)
         self.fixed = model_fixed_batch(model)  # runs take exactly this many samples
         self.mask_name = mask_input(model)
@@ -474,34 +487,40 @@ class Teacher:
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Outputs and (when asked) feature tensors for the samples ``idx`` whose inputs are ``feeds``."""
         n_out = len(self.outputs)
-        width = n_out + (len(self.features) if features else 0)
+        names = self.outputs + (self.features if features else [])
         rows: list[tuple[np.ndarray, ...] | None] = [self._cache.get(int(i)) for i in idx]
-        rows = [r if r is not None and len(r) >= width else None for r in rows]
+        rows = [r if r is not None and len(r) >= len(names) else None for r in rows]
         miss = [j for j, r in enumerate(rows) if r is None]
         if miss and self.fixed:
             miss = list(range(len(idx)))  # a fixed batch dim runs whole batches only
         if miss:
-            sub = feeds if len(miss) == len(idx) else {k: v[miss] for k, v in feeds.items()}
+            sub = feeds if len(miss) == len(idx) else take_samples(feeds, self.axes, np.asarray(miss))
             values = self.run(sub, features)
-            if not all(v.ndim and v.shape[0] == len(miss) for v in values):  # not batch-major: no cache
-                values = values if len(miss) == len(idx) else self.run(feeds, features)
+            axes = [self._axis(n) for n in names]
+            if not all(a is not None and v.ndim > a and v.shape[a] == len(miss) for v, a in zip(values, axes)):
+                values = values if len(miss) == len(idx) else self.run(feeds, features)  # not per sample: no cache
                 return values[:n_out], values[n_out:]
             if train and self.cache_train is None:
                 per_sample = sum(v.nbytes for v in values) / len(miss)
                 self.cache_train = per_sample * self.train_samples <= DEFAULT_CACHE_BYTES
             keep = not train or self.cache_train
             for r, j in enumerate(miss):
-                rows[j] = tuple(v[r] for v in values)
+                rows[j] = tuple(np.take(v, r, axis=a) for v, a in zip(values, axes))
                 if keep:
                     self._cache[int(idx[j])] = rows[j]
             if len(miss) == len(idx):
-                return values[:n_out], values[n_out:width]
-        stacked = [np.stack([r[k] for r in rows]) for k in range(width)]  # type: ignore[index]
+                return values[:n_out], values[n_out:]
+        stacked = [np.stack([r[k] for r in rows], axis=self._axis(n)) for k, n in enumerate(names)]  # type: ignore[index]
         return stacked[:n_out], stacked[n_out:]
+
+    def _axis(self, name: str) -> int | None:
+        """The batch axis of an output (:func:`~inhercc.data.batch_axes`; None: shared by all samples) or of a
+        feature tensor (axis 0, as the layers of a batch-major model compute)."""
+        return self.axes.get(name, 0)
 
     def scores(self) -> Scores:
         """Empty fidelity sums for every output (its kind and batch axis known)."""
-        return Scores(self.kinds, self.axes)
+        return Scores(self.kinds, self.axes, self.class_axes)
 
     def mask(self, feeds: Feed) -> np.ndarray | None:
         """The batch's attention mask (padding left out of token-level scores), None without one."""
@@ -529,13 +548,13 @@ def _as_torch(feeds: Feed, model: ModelProto, device: torch.device) -> dict[str,
     return {k: from_numpy(v).to(device) for k, v in cast_feeds(feeds, model).items()}
 
 
-def _local(idx: np.ndarray, feeds: Feed, procs: Processes) -> tuple[np.ndarray, Feed]:
-    """This rank's contiguous slice of a global batch."""
+def _local(idx: np.ndarray, feeds: Feed, procs: Processes, axes: Axes) -> tuple[np.ndarray, Feed]:
+    """This rank's contiguous slice of a global batch (each input cut along its batch axis ``axes``)."""
     if procs.world == 1:
         return idx, feeds
     n = len(idx)
     lo, hi = n * procs.rank // procs.world, n * (procs.rank + 1) // procs.world
-    return idx[lo:hi], {k: v[lo:hi] for k, v in feeds.items()}
+    return idx[lo:hi], slice_batch(feeds, axes, lo, hi)
 
 
 Prefetched = tuple[int, Feed, list[np.ndarray], list[np.ndarray]]
@@ -552,7 +571,7 @@ def _with_teacher(
     """``(batch number, feeds, teacher outputs, teacher features)`` for this rank's slice of each batch
     from ``skip`` on. With ``ahead`` the teacher runs one batch ahead in a worker thread, so that ONNX Runtime
     works on the next batch while torch trains on this one; the results are the same either way."""
-    todo = ((b, *_local(idx, feeds, procs)) for b, (idx, feeds) in enumerate(batches) if b >= skip)
+    todo = ((b, *_local(idx, feeds, procs, teacher.axes)) for b, (idx, feeds) in enumerate(batches) if b >= skip)
     if not ahead:
         for b, idx, feeds in todo:
             yield b, feeds, *teacher(idx, feeds, features=features)

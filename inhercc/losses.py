@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from inhercc.errors import InherccError
-from inhercc.verify import NOT_LOGITS
+from inhercc.verify import name_kind, token_mask
 
 LOSS_KINDS = ("kd", "probs", "embedding", "none")
 # the loss of each output kind (inhercc.verify.graph_output_kinds): KD with a temperature for logits only
@@ -20,18 +20,6 @@ DEFAULT_TEMPERATURE = 4.0
 DEFAULT_ALPHA = 0.3
 _EPS = 1e-12
 _PROB_EPS = 1e-7
-
-
-def output_kind(name: str, shape: Sequence[int]) -> str:
-    """``kd`` for logits — an output named like ``logits``, or a 2-D ``[batch, classes > 1]`` output whose
-    name does not say embedding / hidden / pool / feature (the rule :func:`inhercc.verify.output_fidelity`
-    uses for top-1 agreement) —, ``embedding`` for every other float output."""
-    lower = name.lower()
-    if "logit" in lower:
-        return "kd"
-    if len(shape) == 2 and shape[1] > 1 and not any(k in lower for k in NOT_LOGITS):
-        return "kd"
-    return "embedding"
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE) -> torch.Tensor:
@@ -54,21 +42,6 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Ten
     return (w * (s - t) ** 2).sum() / ((w * t.pow(2)).sum() + _EPS)
 
 
-def token_weight(shape: Sequence[int], mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A ``[batch, seq]`` attention mask shaped to broadcast over a per-token tensor: ``[batch, seq, …]``
-    (hidden states), or ``[batch, heads, seq, seq]`` (attention probabilities: the query rows). None when the
-    tensor has no such token axis (or there is no mask)."""
-    if mask is None or len(shape) < 2:
-        return None
-    batch, seq = mask.shape
-    m = (mask != 0).float()
-    if tuple(shape[:2]) == (batch, seq):
-        return m.reshape(batch, seq, *([1] * (len(shape) - 2)))
-    if len(shape) == 4 and shape[0] == batch and shape[2] == shape[3] == seq:
-        return m.reshape(batch, 1, seq, 1)
-    return None
-
-
 def cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean over samples of ``1 − cos(s, t)`` between the flattened per-sample tensors."""
     s = student.float().reshape(student.shape[0], -1)
@@ -85,18 +58,25 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.T
     return relative_mse(student, teacher, weight) + cosine_distance(student * w, teacher * w)
 
 
-def probs_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def probs_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """KL divergence of probabilities, without a temperature (they went through their softmax or sigmoid
     already): over the last axis when the teacher's rows sum to 1 (softmax), else per element between
-    Bernoulli distributions (sigmoid)."""
+    Bernoulli distributions (sigmoid). ``weight`` (a token mask broadcast to the tensors,
+    :func:`~inhercc.verify.token_mask`): the mean over the positions it keeps, padding left out."""
     s, t = student.float(), teacher.float().clamp(0.0, 1.0)
 
     def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # p·log(p/q), 0 where p = 0
         return p * (torch.log(p.clamp_min(_PROB_EPS)) - torch.log(q.clamp(_PROB_EPS, 1.0)))
 
-    if t.ndim >= 2 and t.shape[-1] > 1 and bool(torch.allclose(t.sum(-1), torch.ones((), device=t.device), atol=1e-3)):
-        return kl(t, s).sum(-1).mean()
-    return (kl(t, s) + kl(1 - t, 1 - s)).mean()
+    rows = t.ndim >= 2 and t.shape[-1] > 1
+    if rows:
+        valid = t.sum(-1) if weight is None else t.sum(-1)[torch.broadcast_to(weight[..., 0], t.shape[:-1]) != 0]
+        rows = bool(torch.allclose(valid, torch.ones((), device=t.device), atol=1e-3))
+    per = kl(t, s).sum(-1, keepdim=True) if rows else kl(t, s) + kl(1 - t, 1 - s)
+    if weight is None:
+        return per.mean()
+    w = torch.broadcast_to(weight.to(per.dtype), per.shape)
+    return (w * per).sum() / w.sum().clamp_min(1.0)
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, output: str = "logits") -> torch.Tensor:
@@ -191,9 +171,10 @@ class DistillLoss:
         kinds: Mapping[str, str] | None = None,
         **kwargs: object,
     ) -> DistillLoss:
-        """The default loss per output — by its kind (``kinds``, :func:`inhercc.verify.graph_output_kinds`:
-        :data:`LOSS_OF_KIND`) when given, else by :func:`output_kind` on ``examples`` (the teacher's outputs
-        for a batch); ``none`` for non-float outputs —, with ``overrides`` ``{name: (kind, weight)}``."""
+        """The default loss per output — :data:`LOSS_OF_KIND` of its kind: ``kinds``
+        (:func:`inhercc.verify.graph_output_kinds`) when given, else judged by its name and dtype
+        (:func:`inhercc.verify.name_kind`, the rule the scores use); ``none`` for non-float outputs —, with
+        ``overrides`` ``{name: (kind, weight)}``. ``examples``: the teacher's outputs for a batch."""
         overrides = dict(overrides or {})
         unknown = set(overrides) - set(examples)
         if unknown:
@@ -203,7 +184,7 @@ class DistillLoss:
         outputs = []
         for name, value in examples.items():
             is_float = np.issubdtype(value.dtype, np.floating)
-            default = LOSS_OF_KIND[kinds[name]] if kinds and name in kinds else output_kind(name, value.shape)
+            default = LOSS_OF_KIND[kinds[name] if kinds and name in kinds else name_kind(name, value.dtype)]
             kind, weight = overrides.get(name, (default if is_float else "none", 1.0))
             if kind != "none" and not is_float:
                 raise InherccError(f"output {name} is {value.dtype}: only float outputs can be distilled")
@@ -233,15 +214,15 @@ class DistillLoss:
                     ce = ce_loss(s, labels, spec.name)
                     parts["ce"] = float(ce.detach())
                     term = (1.0 - self.alpha) * term + self.alpha * ce
-            elif spec.kind == "probs":
-                term = probs_loss(s, t)
-            else:  # token-level outputs: padding positions left out
-                term = embedding_loss(s, t, token_weight(t.shape, mask) if t.ndim >= 3 else None)
+            elif spec.kind == "probs":  # token-level outputs: padding positions left out
+                term = probs_loss(s, t, token_mask(t.shape, mask) if t.ndim >= 3 else None)
+            else:
+                term = embedding_loss(s, t, token_mask(t.shape, mask) if t.ndim >= 3 else None)
             parts[spec.name] = float(term.detach())
             total = total + spec.weight * term
         if self.feature_weight > 0 and student_features:
             feat = torch.stack(
-                [relative_mse(s, t, token_weight(t.shape, mask)) for s, t in zip(student_features, teacher_features)]
+                [relative_mse(s, t, token_mask(t.shape, mask)) for s, t in zip(student_features, teacher_features)]
             ).mean()
             parts["features"] = float(feat.detach())
             total = total + self.feature_weight * feat

@@ -126,6 +126,24 @@ def node_subgraphs(node: onnx.NodeProto) -> list[tuple[str, GraphProto]]:
     return out
 
 
+def body_reads(graph: GraphProto) -> set[str]:
+    """Names a body reads from its enclosing graphs: what its nodes (and the bodies below them) read, and its
+    outputs, less what it defines itself (inputs, initializers, node outputs: a body's own ``t`` shadows an
+    outer ``t``)."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        names |= implicit_inputs(node)
+    names.discard("")
+    return names - _defined(graph)
+
+
+def implicit_inputs(node: onnx.NodeProto) -> set[str]:
+    """Values of the enclosing graphs a node's bodies (If branches, Loop / Scan bodies) read: inputs the node
+    takes besides its own ``input`` list."""
+    return set().union(*(body_reads(body) for _, body in node_subgraphs(node)))
+
+
 def subgraph_path(path: str, node_name: str, attr: str) -> str:
     """Where the body ``attr`` of node ``node_name`` in the graph at ``path`` lives; a node name that already
     starts with its graph's path (as :func:`name_nodes` names them) is not repeated."""
@@ -174,8 +192,8 @@ def name_nodes(model: ModelProto) -> None:
 
 def constants_to_initializers(model: ModelProto) -> int:
     """Replace ``Constant`` nodes holding a tensor (``value`` or ``value_float(s)``/``value_int(s)``) by
-    initializers of the same name. In If / Loop / Scan bodies the float ones (weights), and the bodies' own
-    float initializers, move to the main graph's initializers, read from the body as outer-scope values:
+    initializers of the same name. In If / Loop / Scan bodies the weights (:func:`is_weight`: Constants and
+    the bodies' own initializers) move to the main graph's initializers, read from the body as outer-scope values:
     every weight is then a main-graph initializer (what calibration, sensitivity and the torch runtime
     feed and train); a name that another graph uses too is made unique. Returns how many were moved."""
     graph = model.graph
@@ -198,27 +216,28 @@ def constants_to_initializers(model: ModelProto) -> int:
 
 
 def _hoist_subgraph_weights(model: ModelProto) -> int:
-    """Move the float Constants and float initializers of every subgraph to the main graph (see
-    :func:`constants_to_initializers`); a body output or a body input's default value stays where it is.
-    Bodies are edited innermost first: rewriting a body's node list copies the bodies nested in it."""
+    """Move the weights of every subgraph (:func:`is_weight`: float Constants and initializers of two or more
+    elements that no node of the body reads as a static value) to the main graph (see
+    :func:`constants_to_initializers`); a body output or a body input's default value stays where it is, and
+    so do scalars (a Clip bound stays a constant, as in the torch runtime). Bodies are edited innermost
+    first: rewriting a body's node list copies the bodies nested in it."""
     scopes = graph_scopes(model)
     mentions = {s.path: _mentioned(s.graph) for s in scopes}
     moved = 0
     for scope in reversed(scopes[1:]):
         body = scope.graph
-        fixed = {o.name for o in body.output} | {i.name for i in body.input}
+        fixed = {o.name for o in body.output} | {i.name for i in body.input} | static_reads(body)
         tensors: list[TensorProto] = []
         keep_nodes = []
         for node in body.node:
-            is_const = node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in fixed
-            tensor = _constant_tensor(node) if is_const else None
-            if tensor is None or tensor.data_type not in FLOAT_TYPES:
+            tensor = weight_constant(node) if node.output and node.output[0] not in fixed else None
+            if tensor is None:
                 keep_nodes.append(node)
                 continue
             tensor.name = node.output[0]
             tensors.append(tensor)
-        keep_inits = [t for t in body.initializer if t.data_type not in FLOAT_TYPES or t.name in fixed]
-        tensors += [t for t in body.initializer if t.data_type in FLOAT_TYPES and t.name not in fixed]
+        keep_inits = [t for t in body.initializer if not is_weight(t) or t.name in fixed]
+        tensors += [t for t in body.initializer if is_weight(t) and t.name not in fixed]
         if not tensors:
             continue
         names = {t.name for t in tensors}
@@ -291,6 +310,37 @@ def _rename_reads(graph: GraphProto, old: str, new: str) -> None:
         for _, body in node_subgraphs(node):
             if old not in _defined(body):
                 _rename_reads(body, old, new)
+
+
+# Inputs the torch runtime reads as static (Python) values that may hold a float tensor: its shape (Shape,
+# Size), its type (CastLike), resize scales / roi. A float constant read there is no weight (its registry's
+# ``static_inputs`` hold these; tests/test_subgraphs.py checks they agree).
+STATIC_FLOAT_INPUTS: dict[str, tuple[int, ...]] = {
+    "Shape": (0,),
+    "Size": (0,),
+    "CastLike": (1,),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+}
+
+
+def is_weight(t: TensorProto) -> bool:
+    """Whether a tensor is a weight: floating point with two or more elements (0-d and one-element floats,
+    such as Clip bounds and scales, stay constants)."""
+    return t.data_type in FLOAT_TYPES and int(np.prod(t.dims, dtype=np.int64)) >= 2
+
+
+def weight_constant(node: onnx.NodeProto) -> TensorProto | None:
+    """The tensor of a Constant node that holds a weight (:func:`is_weight`), else None."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    t = _constant_tensor(node)
+    return t if t is not None and is_weight(t) else None
+
+
+def static_reads(graph: GraphProto) -> set[str]:
+    """Float values a graph's own nodes read as static values (:data:`STATIC_FLOAT_INPUTS`)."""
+    return {n.input[p] for n in graph.node for p in STATIC_FLOAT_INPUTS.get(n.op_type, ()) if p < len(n.input)} - {""}
 
 
 def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:

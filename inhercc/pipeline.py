@@ -391,8 +391,9 @@ def compress(
         calibration = as_parts(data, model)
         held_out = as_parts(verify_data, model)
         if calibration and not held_out and verify:  # held out of the largest part
-            i = max(range(len(calibration)), key=lambda j: sample_count(calibration[j]))
-            calibration[i], held = split_holdout(calibration[i], verify_samples, batch_axes(model))
+            axes = batch_axes(model)
+            i = max(range(len(calibration)), key=lambda j: sample_count(calibration[j], axes))
+            calibration[i], held = split_holdout(calibration[i], verify_samples, axes)
             held_out = [held]
     feeds = calibration[0] if calibration else None
     data_source = data_label(data, "calibration data")
@@ -525,7 +526,7 @@ def compress(
     student = rewrite(model, rank_plan, layers, factors)
     factorizer.release()
     t_rewrite = time.perf_counter() - t0
-    largest = max(held_out, key=sample_count) if held_out else None
+    largest = max(held_out, key=lambda f: sample_count(f, batch_axes(model))) if held_out else None
     report = build_report(model, student, layers, rank_plan, work_shapes or sample_shapes(largest, model))
     report["init"] = init
     report["shapes"] = report_shapes
@@ -631,7 +632,8 @@ def choose_shapes(
             check_synthetic_memory(model, values)  # before any work: synthetic inputs of these shapes follow
         return values, {"values": values, "chosen": "given"}
     if parts:
-        return None, {"values": sample_shapes(max(parts, key=sample_count), model), "chosen": "data"}
+        largest = max(parts, key=lambda f: sample_count(f, batch_axes(model)))
+        return None, {"values": sample_shapes(largest, model), "chosen": "data"}
     values, note = confirmed_shapes(model)
     if note:
         warnings.warn(note, stacklevel=3)

@@ -326,11 +326,11 @@ def full_batches(model: ModelProto, feeds: Mapping[str, np.ndarray], source: str
     dynamic), along each input's batch axis. The rest — fewer samples than one batch — is left out with a
     :class:`DataWarning` (as TensorRT's calibrators do; padding would put made-up samples into Grams and
     fidelities); fewer samples than one batch in all is an error naming the fixed dim."""
-    from inhercc.data import batch_axes, batch_count, slice_batch
+    from inhercc.data import batch_axes, sample_count, slice_batch
 
     fixed = model_fixed_batch(model)
     axes = batch_axes(model)
-    n = batch_count(feeds, axes)
+    n = sample_count(feeds, axes)
     if not fixed or n % fixed == 0:
         return dict(feeds)
     keep = n - n % fixed
@@ -391,11 +391,11 @@ def run_session(
     joined along theirs. Feeds are cast to the session's input dtypes; a model with a fixed batch dim runs in
     batches of exactly that size (the sample count must be a multiple: see :func:`full_batches`); ONNX
     Runtime's failures become one-line :class:`InherccError`\\ s naming ``what`` was run."""
-    from inhercc.data import batch_count, concat_batches, slice_batch
+    from inhercc.data import concat_batches, sample_count, slice_batch
 
     feed = session_feeds(sess, feeds)
     axes = session_batch_axes(sess)
-    n = batch_count(feed, axes)
+    n = sample_count(feed, axes)
     fixed = fixed_batch({i.name: i.shape for i in sess.get_inputs()})
     if fixed:
         if n % fixed:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx
 from onnx import ModelProto
 
-from inhercc.data import Feed, batch_axes, batch_count, slice_batch
+from inhercc.data import Feed, batch_axes, sample_count, slice_batch
 from inhercc.errors import InherccError
 from inhercc.runtime import batch_size_for, full_batches, make_session, run_session
 
+MaskT = TypeVar("MaskT")  # a numpy array or a torch tensor
 OUTPUT_KINDS = ("logits", "probs", "embedding", "values")
 INTEGER = "integer"  # the kind of a non-float output: scored by exact agreement
 TOP1_KINDS = ("logits", "probs")
@@ -27,7 +29,7 @@ _PROBS_NAMES = ("prob",)
 _LOGITS_NAMES = ("logit", "score", "cls")
 _PRODUCED = {
     "Softmax": "probs",
-    "Sigmoid": "probs",
+    "Sigmoid": "probs",  # at rank ≤ 2 only (a per-pixel sigmoid map is values: _graph_kind)
     "LogSoftmax": "logits",
     "LpNormalization": "embedding",
     "ReduceMean": "embedding",
@@ -63,8 +65,15 @@ def name_kind(name: str, dtype: np.dtype | type = np.float32) -> str:
     return "logits" if any(k in lower for k in _LOGITS_NAMES) else "values"
 
 
-def _graph_kind(name: str, producer: Mapping[str, onnx.NodeProto], readers: Mapping[str, list[onnx.NodeProto]]) -> str:
-    """``logits`` / ``probs`` / ``embedding`` from the nodes around ``name``, or "" when they do not say."""
+def _graph_kind(
+    name: str,
+    producer: Mapping[str, onnx.NodeProto],
+    readers: Mapping[str, list[onnx.NodeProto]],
+    rank: int | None = None,
+) -> str:
+    """``logits`` / ``probs`` / ``embedding`` from the nodes around ``name`` (of rank ``rank`` when known), or
+    "" when they do not say. A Sigmoid makes probabilities of classes at rank ≤ 2 only: above, it is a map
+    (a detector's heatmap), ``values``."""
     todo, seen = [name], set()
     while todo:  # downstream: a softmax / argmax / top-k reads it
         t = todo.pop()
@@ -79,6 +88,8 @@ def _graph_kind(name: str, producer: Mapping[str, onnx.NodeProto], readers: Mapp
         node = producer.get(node.input[0])
     if node is None:
         return ""
+    if node.op_type == "Sigmoid" and rank is not None and rank > 2:
+        return "values"
     if node.op_type in _PRODUCED:
         return _PRODUCED[node.op_type]
     if node.op_type == "Div" and any(_is_norm(i, producer) for i in node.input):
@@ -106,18 +117,15 @@ def graph_output_kinds(model: ModelProto, overrides: Mapping[str, str] | None = 
     unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise InherccError(f"output kind given for unknown output(s) {', '.join(unknown)}; outputs: {', '.join(names)}")
-    producer = {o: n for n in model.graph.node for o in n.output if o}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    producer, readers = _producers_readers(model)
+    ranks = _ranks(model)
     kinds = {}
     for out in model.graph.output:
         elem = out.type.tensor_type.elem_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else np.dtype(np.float32)
         kind = name_kind(out.name, dtype)
         if kind != INTEGER:
-            kind = _graph_kind(out.name, producer, readers) or kind
+            kind = _graph_kind(out.name, producer, readers, ranks.get(out.name)) or kind
         if out.name in overrides:
             if overrides[out.name] not in OUTPUT_KINDS:
                 raise InherccError(
@@ -128,6 +136,63 @@ def graph_output_kinds(model: ModelProto, overrides: Mapping[str, str] | None = 
             kind = overrides[out.name]
         kinds[out.name] = kind
     return kinds
+
+
+def _producers_readers(
+    model: ModelProto,
+) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """The node making each tensor, and the nodes reading it, in the main graph."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return producer, readers
+
+
+def _ranks(model: ModelProto) -> dict[str, int]:
+    """The rank of every tensor whose value info (graph outputs, then inferred shapes) gives one."""
+    out = {}
+    for v in list(model.graph.value_info) + list(model.graph.output):
+        if v.type.tensor_type.HasField("shape"):
+            out[v.name] = len(v.type.tensor_type.shape.dim)
+    return out
+
+
+# ops whose ``axis`` names the class axis of the tensor they read or make (with its default when absent)
+_CLASS_AXIS_OPS = {"Softmax": -1, "LogSoftmax": -1, "ArgMax": 0, "ArgMin": 0, "TopK": -1}
+_SAME_LAYOUT = frozenset({"Identity", "Cast"})  # ops that keep every axis where it was
+
+
+def graph_class_axes(model: ModelProto) -> dict[str, int]:
+    """Per graph output, the axis holding its classes where the graph says so: the ``axis`` of a Softmax,
+    LogSoftmax, ArgMax or TopK reading it or making it (through Identity / Cast only: a reshape moves axes).
+    Negative axes count from the end. Top-1 agreement is taken over that axis."""
+    producer, readers = _producers_readers(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+    def axis_of(node: onnx.NodeProto) -> int:
+        default = 1 if node.op_type in ("Softmax", "LogSoftmax") and opset < 13 else _CLASS_AXIS_OPS[node.op_type]
+        return next((int(a.i) for a in node.attribute if a.name == "axis"), default)
+
+    out: dict[str, int] = {}
+    for o in model.graph.output:
+        todo, seen = [o.name], set()
+        while todo and o.name not in out:  # downstream
+            t = todo.pop()
+            seen.add(t)
+            for node in readers.get(t, []):
+                if node.op_type in _CLASS_AXIS_OPS and node.input[0] == t:
+                    out[o.name] = axis_of(node)
+                    break
+                if node.op_type in _SAME_LAYOUT:
+                    todo.extend(x for x in node.output if x not in seen)
+        node = producer.get(o.name)
+        while node is not None and node.op_type in _SAME_LAYOUT and node.input:  # upstream
+            node = producer.get(node.input[0])
+        if o.name not in out and node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+            out[o.name] = axis_of(node)
+    return out
 
 
 def parse_output_kinds(items: Iterable[str]) -> dict[str, str]:
@@ -146,13 +211,20 @@ def parse_output_kinds(items: Iterable[str]) -> dict[str, str]:
 # Pooled scores
 
 
-def token_mask(shape: Sequence[int], mask: np.ndarray | None) -> np.ndarray | None:
-    """A ``[batch, seq]`` attention mask as 0/1 weights broadcasting over a token-level output
-    ``[batch, seq, …]`` (rank ≥ 3); None for any other output or without a mask."""
-    if mask is None or len(shape) < 3 or np.ndim(mask) != 2 or tuple(shape[:2]) != np.shape(mask):
+def token_mask(shape: Sequence[int], mask: MaskT | None) -> MaskT | None:
+    """A ``[batch, seq]`` attention mask (a numpy array or a torch tensor) as 0/1 (bool) weights broadcasting
+    over a per-token tensor: ``[batch, seq, …]`` (hidden states, token logits) or ``[batch, heads, seq, seq]``
+    (attention probabilities: the query rows). None when the tensor has no such token axis, or no mask. The
+    one rule for both the scores here and the losses (:mod:`inhercc.losses`)."""
+    if mask is None or len(shape) < 2 or len(mask.shape) != 2:
         return None
-    m = np.asarray(mask) != 0
-    return m.reshape(m.shape + (1,) * (len(shape) - 2))
+    batch, seq = (int(d) for d in mask.shape)
+    m = mask != 0
+    if tuple(shape[:2]) == (batch, seq):
+        return m.reshape(batch, seq, *([1] * (len(shape) - 2)))
+    if len(shape) == 4 and shape[0] == batch and shape[2] == shape[3] == seq:
+        return m.reshape(batch, 1, seq, 1)
+    return None
 
 
 @dataclass
@@ -169,7 +241,10 @@ class OutputScore:
     cos_n: float = 0.0
     agree: float = 0.0
     agree_n: float = 0.0
+    snorm2: float = 0.0  # ‖s‖², for the cosine over samples of an output with one value per sample
+    scalar: float = 0.0  # 1 when each sample has a single value: its cosine is taken over the samples
     skipped: str = ""
+    class_axis: int | None = None  # the axis holding the classes, where the graph says (graph_class_axes)
 
     def add(self, teacher: np.ndarray, student: np.ndarray, mask: np.ndarray | None = None, axis: int | None = 0):
         """One batch (``axis``: its batch axis, None when the output has none: one sample). Padding
@@ -184,18 +259,30 @@ class OutputScore:
             self.agree += float(np.sum(t == s))
             self.agree_n += t.size
             return
-        w = token_mask(t.shape, mask) if axis == 0 else None
+        w = token_mask(t.shape, mask) if axis == 0 and t.ndim >= 3 else None
         t64, s64 = t.astype(np.float64), s.astype(np.float64)
         if w is not None:
             t64, s64 = t64 * w, s64 * w
         self.err2 += float(np.sum((s64 - t64) ** 2))
         self.norm2 += float(np.sum(t64**2))
+        self.snorm2 += float(np.sum(s64**2))
         self._add_cosines(t64, s64, axis)
-        if self.kind in TOP1_KINDS and t.ndim >= 2 and t.shape[-1] > 1:
-            same = np.argmax(t, axis=-1) == np.argmax(s, axis=-1)
-            valid = np.broadcast_to(w[..., 0], same.shape) if w is not None else np.ones(same.shape, bool)
+        c = self._top1_axis(t.ndim, w is not None)
+        if self.kind in TOP1_KINDS and c is not None and c != axis and t.shape[c] > 1:
+            same = np.argmax(t, axis=c) == np.argmax(s, axis=c)
+            valid = np.ones(same.shape, bool)
+            if w is not None and c >= 2:  # the mask's axes are 0 and 1: drop the class axis from it
+                valid = np.broadcast_to(np.squeeze(w, axis=c), same.shape)
             self.agree += float(np.sum(same & valid))
             self.agree_n += float(np.sum(valid))
+
+    def _top1_axis(self, ndim: int, masked: bool) -> int | None:
+        """The class axis top-1 agreement is taken over: the graph's (:attr:`class_axis`), else the last axis
+        of a ``[batch, classes]`` output or of a ``[batch, seq, classes]`` one with a token mask; None when no
+        axis is known to hold classes (a sigmoid map, an image)."""
+        if self.class_axis is not None:
+            return self.class_axis % ndim if -ndim <= self.class_axis < ndim else None
+        return ndim - 1 if ndim == 2 or (ndim == 3 and masked) else None
 
     def _add_cosines(self, t: np.ndarray, s: np.ndarray, axis: int | None) -> None:
         """The cosine between each sample's flattened teacher and student values (1 when both are 0)."""
@@ -204,6 +291,9 @@ class OutputScore:
         else:
             t2 = np.moveaxis(t, axis, 0).reshape(t.shape[axis], -1)
             s2 = np.moveaxis(s, axis, 0).reshape(t2.shape)
+        if t2.shape[1] == 1:  # a per-sample cosine of one number is only its sign: pool over samples instead
+            self.scalar = 1.0
+            return
         num = np.sum(t2 * s2, axis=1)
         den = np.linalg.norm(t2, axis=1) * np.linalg.norm(s2, axis=1)
         same = np.linalg.norm(t2 - s2, axis=1) == 0
@@ -213,10 +303,13 @@ class OutputScore:
 
     def vector(self) -> list[float]:
         """The sums, to add up over processes (:meth:`load`)."""
-        return [self.err2, self.norm2, self.cos_sum, self.cos_n, self.agree, self.agree_n]
+        return [self.err2, self.norm2, self.cos_sum, self.cos_n, self.agree, self.agree_n, self.snorm2, self.scalar]
 
     def load(self, values: Sequence[float]) -> None:
-        self.err2, self.norm2, self.cos_sum, self.cos_n, self.agree, self.agree_n = (float(v) for v in values)
+        self.err2, self.norm2, self.cos_sum, self.cos_n, self.agree, self.agree_n, self.snorm2 = (
+            float(v) for v in values[:7]
+        )
+        self.scalar = float(values[7] > 0)
 
     @property
     def relative_error(self) -> float:
@@ -230,22 +323,37 @@ class OutputScore:
             return {}
         if self.kind == INTEGER:
             return {"exact_match": self.agree / max(1.0, self.agree_n)}
-        if not self.cos_n:
+        if not self.cos_n and not self.scalar:
             return {}
         out = {
-            "cosine": self.cos_sum / self.cos_n,
+            "cosine": self._pooled_cosine() if self.scalar else self.cos_sum / self.cos_n,
             "rel_l2": float(np.sqrt(self.err2 / self.norm2)) if self.norm2 > 0 else float(np.sqrt(self.err2)),
         }
         if self.agree_n:
             out["top1_agreement"] = self.agree / self.agree_n
         return out
 
+    def _pooled_cosine(self) -> float:
+        """The cosine between all samples' teacher and student values (``t·s`` from the three sums)."""
+        den = np.sqrt(self.norm2 * self.snorm2)
+        if den == 0:
+            return 1.0 if self.err2 == 0 else 0.0
+        return float((self.norm2 + self.snorm2 - self.err2) / 2 / den)
+
 
 class Scores:
     """:class:`OutputScore` of every output, added batch by batch (``kinds``: ``{output: kind}``, in order)."""
 
-    def __init__(self, kinds: Mapping[str, str], axes: Mapping[str, int | None] | None = None) -> None:
-        self.outputs = {name: OutputScore(name, kind) for name, kind in kinds.items()}
+    def __init__(
+        self,
+        kinds: Mapping[str, str],
+        axes: Mapping[str, int | None] | None = None,
+        class_axes: Mapping[str, int] | None = None,
+    ) -> None:
+        """``axes``: each output's batch axis (:func:`~inhercc.data.batch_axes`); ``class_axes``: the class
+        axes the graph gives (:func:`graph_class_axes`)."""
+        class_axes = class_axes or {}
+        self.outputs = {name: OutputScore(name, kind, class_axis=class_axes.get(name)) for name, kind in kinds.items()}
         self.axes = dict(axes or {})
 
     def add(self, teacher: Sequence[np.ndarray], student: Sequence[np.ndarray], mask: np.ndarray | None = None):
@@ -270,7 +378,7 @@ class Scores:
 
     def load(self, values: Sequence[float]) -> None:
         for i, s in enumerate(self.outputs.values()):
-            s.load(values[6 * i : 6 * i + 6])
+            s.load(values[8 * i : 8 * i + 8])
 
     def report(self, key: str = "fidelity") -> dict[str, object]:
         """Report entries: ``key`` (the metrics), ``output_kinds`` and, when any, ``<key>_skipped``."""
@@ -297,35 +405,10 @@ def output_fidelity(teacher: np.ndarray, student: np.ndarray, name: str = "") ->
     return pooled_fidelity([teacher], [student], name)
 
 
-def pooled_squared_error(teacher: Sequence[np.ndarray], student: Sequence[np.ndarray]) -> tuple[float, float]:
-    """``(‖s − t‖², ‖t‖²)`` of one output given in parts, each summed over all parts (in float64)."""
-    score = OutputScore("", "values")
-    for t, s in zip(teacher, student):
-        score.add(t, s)
-    return score.err2, score.norm2
-
-
-def compare_output_parts(
-    names: list[str],
-    teacher: Sequence[Sequence[np.ndarray]],
-    student: Sequence[Sequence[np.ndarray]],
-    kinds: Mapping[str, str] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Per output name, its metrics pooled over several parts (``teacher[part][output]``), kinds by name
-    unless given (integer outputs: exact-match rate)."""
-    if not teacher:
-        return {}
-    kinds = kinds or {n: name_kind(n, np.asarray(v).dtype) for n, v in zip(names, teacher[0])}
-    scores = Scores({n: kinds[n] for n in names})
-    for t, s in zip(teacher, student):
-        scores.add(t, s)
-    return scores.fidelity()
-
-
 def model_batches(model: ModelProto, feeds: Feed, batch_size: int | None) -> Iterator[Feed]:
     """``feeds`` in batches along each input's batch axis (the model's fixed batch size when it has one)."""
     axes = batch_axes(model)
-    n = batch_count(feeds, axes)
+    n = sample_count(feeds, axes)
     size = batch_size_for(model, batch_size or max(1, n))
     for i in range(0, max(n, 1), size):
         yield slice_batch(feeds, axes, i, i + size)
@@ -348,7 +431,7 @@ def score_models(
     from inhercc.calibrate import mask_input
 
     kinds = graph_output_kinds(teacher, output_kinds)
-    scores = Scores(kinds, batch_axes(teacher))
+    scores = Scores(kinds, batch_axes(teacher), graph_class_axes(teacher))
     mask_name = mask_input(teacher)
     parts = [full_batches(teacher, p, source) for p in ([feeds] if isinstance(feeds, Mapping) else list(feeds))]
     t_sess, s_sess = make_session(teacher), make_session(student)

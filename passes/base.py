@@ -18,7 +18,7 @@ import onnx
 from onnx import GraphProto, ModelProto, NodeProto, numpy_helper
 
 from inhercc.layers import Layer
-from inhercc.model import graph_scopes, node_subgraphs
+from inhercc.model import graph_scopes, implicit_inputs
 
 # (layer, total rank) -> (input_factor [g, r/g, in], output_factor [g, out, r/g]) in float64
 FactorSource = Callable[[Layer, int], tuple[np.ndarray, np.ndarray]]
@@ -213,7 +213,8 @@ def remove_unused_initializers(model: ModelProto) -> int:
     removed = 0
     for scope in reversed(graph_scopes(model)):
         g = scope.graph
-        used = _reads(g) | {o.name for o in g.output} | ({i.name for i in g.input} if scope.path else set())
+        used = {i for n in g.node for i in (*n.input, *implicit_inputs(n))} | {o.name for o in g.output}
+        used |= {i.name for i in g.input} if scope.path else set()
         keep = [t for t in g.initializer if t.name in used]
         if len(keep) == len(g.initializer):
             continue
@@ -226,13 +227,3 @@ def remove_unused_initializers(model: ModelProto) -> int:
             del g.input[:]
             g.input.extend(graph_inputs)
     return removed
-
-
-def _reads(graph: GraphProto) -> set[str]:
-    """Every name the nodes of ``graph`` and of the bodies below it read."""
-    names: set[str] = set()
-    for n in graph.node:
-        names.update(n.input)
-        for _, body in node_subgraphs(n):
-            names |= _reads(body)
-    return names

@@ -211,3 +211,12 @@ def test_check_feeds_shapes_only(model):
     check_feeds(f, model, check_finite=False)  # header checks do not read values
     with pytest.raises(InherccError, match="NaN"):
         check_feeds(f, model)
+
+
+def test_sample_count_reads_each_array_at_its_batch_axis():
+    from inhercc.data import sample_count
+
+    feeds = {"sr": np.array(16000), "state": np.zeros((2, 5, 3)), "x": np.zeros((5, 4))}
+    assert sample_count(feeds, {"sr": None, "state": 1, "x": 0}) == 5  # the unbatched scalar is skipped
+    assert sample_count({"state": feeds["state"]}) == 2  # no axes: axis 0
+    assert sample_count({"sr": feeds["sr"]}, {"sr": None}) == 0

@@ -115,3 +115,37 @@ def test_synthetic_samples_for_a_fixed_batch_model(tmp_path) -> None:
     assert t["train_samples"] + t["val_samples"] == 256 and t["batch_size"] == 4
     assert res.report["fidelity_inputs"] == "synthetic validation split (26 samples)"
     assert 0.0 < res.report["fidelity"]["logits"]["cosine"] <= 1.0
+
+
+def test_a_validation_split_smaller_than_the_fixed_batch_goes_back_to_training(tmp_path) -> None:
+    """18 samples, a 10 % split (2) and a fixed batch of 4: the 2 validation samples join the training
+    samples (all 18, sorted), 2 of which are left out each epoch; no validation, the last weights are kept,
+    and the report's fidelity is scored on the 16 training samples of whole batches."""
+    from inhercc.data import open_samples, split_indices
+    from inhercc.distill import fixed_batch_split
+
+    teacher = exported(4, tmp_path / "t.onnx")
+    x = np.random.default_rng(2).standard_normal((18, 64)).astype(np.float32)
+    samples = open_samples({"x": x}, teacher)
+    train_idx, val_idx = split_indices(18, 0.1, 0)
+    assert (len(train_idx), len(val_idx)) == (16, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train2, val2 = fixed_batch_split(samples, train_idx, val_idx, 4)
+    notes = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert train2.tolist() == list(range(18)) and val2.dtype == val_idx.dtype and len(val2) == 0
+    assert notes == [
+        "the validation split (2 samples) is smaller than the model's fixed batch of 4: no validation, the last "
+        "weights are kept",
+        "the model's batch dim is fixed at 4, so 2 of 18 training samples (other ones each epoch) are left out",
+    ]
+    assert fixed_batch_split(samples, train_idx, val_idx, None) == (train_idx, val_idx)
+    student = compress(teacher, rank=8, init="svd", verify=False).model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        res = distill(student, teacher, {"x": x}, config=DistillConfig(steps=3, threads=1, quiet=True))
+    t = res.report["training"]
+    assert (t["train_samples"], t["val_samples"], t["steps_per_epoch"], t["best_step"]) == (18, 0, 4, None)
+    assert res.report["fidelity_inputs"] == "training samples (18 samples)"
+    expected = fidelity(teacher, res.model, {"x": x[:16]})["logits"]
+    assert res.report["fidelity"]["logits"] == pytest.approx(expected, rel=1e-6)

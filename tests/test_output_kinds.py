@@ -14,8 +14,15 @@ from inhercc import compress
 from inhercc.cli import cli
 from inhercc.errors import InherccError
 from inhercc.losses import DistillLoss, probs_loss
-from inhercc.verify import fidelity, graph_output_kinds, parse_output_kinds
-from tests.helpers import make_model
+from inhercc.verify import (
+    OutputScore,
+    fidelity,
+    graph_class_axes,
+    graph_output_kinds,
+    parse_output_kinds,
+    token_mask,
+)
+from tests.helpers import make_model, run
 
 RNG = np.random.default_rng(0)
 W = (RNG.standard_normal((64, 128)) / 8).astype(np.float32)
@@ -143,3 +150,80 @@ def test_cli_finetune_output_kind(tmp_path) -> None:
     assert rep["output_kinds"] == {"out": "logits"} and rep["training"]["losses"] == {"out": "kd"}
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0 and "out cosine (values)" in r.output and "top1" not in r.output, r.output
+
+
+def typed(model, dims: list) -> object:
+    """``model`` with its (first) output's dims declared, as exporters write them."""
+    model.graph.output[0].type.tensor_type.shape.Clear()
+    for d in dims:
+        dim = model.graph.output[0].type.tensor_type.shape.dim.add()
+        if isinstance(d, str):
+            dim.dim_param = d
+        else:
+            dim.dim_value = d
+    return model
+
+
+def test_a_sigmoid_map_is_values_and_gets_no_top1() -> None:
+    """A detector's sigmoid heatmap ``[batch, 1, 8, 16]`` reported a top-1 agreement over the image width;
+    it is ``values`` now, and top-1 agreement needs a class axis: rank 2, rank 3 with a token mask, or the
+    axis a Softmax / ArgMax reads."""
+    shape = {"shape": np.array([-1, 1, 8, 16], np.int64)}
+    tail = [helper.make_node("Reshape", ["h", "shape"], ["r"]), helper.make_node("Sigmoid", ["r"], ["out"])]
+    heatmap = typed(head(tail, extra=shape), ["batch", 1, 8, 16])
+    assert kinds(heatmap) == "values"
+    assert kinds(typed(head([helper.make_node("Sigmoid", ["h"], ["out"])]), ["batch", 128])) == "probs"
+    x = RNG.standard_normal((32, 64)).astype(np.float32)
+    student = compress(heatmap, rank=4, rank_multiple=1, verify=False).model
+    assert set(fidelity(heatmap, student, {"x": x})["out"]) == {"cosine", "rel_l2"}
+    # forced to probs, still no class axis to take a top-1 over
+    assert "top1_agreement" not in fidelity(heatmap, student, {"x": x}, output_kinds={"out": "probs"})["out"]
+
+
+def test_top1_over_the_axis_an_argmax_reads() -> None:
+    """Segmentation logits ``[batch, 4 classes, 8, 4]`` read by ``ArgMax(axis=1)``: top-1 agreement per pixel
+    over the class axis, equal to the agreement of the two models' argmax maps."""
+    shape = {"shape": np.array([-1, 4, 8, 4], np.int64)}
+    tail = [
+        helper.make_node("Reshape", ["h", "shape"], ["out"]),
+        helper.make_node("ArgMax", ["out"], ["ids"], axis=1, keepdims=0),
+    ]
+    model = head(tail, extra=shape)
+    assert graph_class_axes(model) == {"out": 1}
+    x = RNG.standard_normal((32, 64)).astype(np.float32)
+    student = compress(model, rank=2, rank_multiple=1, verify=False).model
+    t = run(model, {"x": x})[0]
+    s = run(student, {"x": x})[0]
+    want = float(np.mean(np.argmax(t, 1) == np.argmax(s, 1)))
+    assert 0.2 < want < 1.0
+    assert fidelity(model, student, {"x": x})["out"]["top1_agreement"] == pytest.approx(want, rel=1e-12)
+    # without a class axis from the graph, a rank-4 output gets none
+    score = OutputScore("out", "logits")
+    score.add(t, s)
+    assert "top1_agreement" not in score.result()
+
+
+def test_token_level_probabilities_leave_padding_out_of_the_loss() -> None:
+    """Token-level probabilities ``[batch, seq, classes]`` (softmax rows and sigmoid elements) and token-level
+    embeddings: the loss is the one over the real tokens only; padding positions change nothing."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    keep = mask.bool()
+    t, s = torch.softmax(torch.randn(2, 4, 5, generator=g), -1), torch.softmax(torch.randn(2, 4, 5, generator=g), -1)
+    want = float((t[keep] * (t[keep] / s[keep]).log()).sum(-1).mean())
+    assert float(probs_loss(s, t, token_mask(t.shape, mask))) == pytest.approx(want, rel=1e-5)
+    tb, sb = torch.rand(2, 4, 5, generator=g), torch.rand(2, 4, 5, generator=g)
+    bern = tb * (tb / sb).log() + (1 - tb) * ((1 - tb) / (1 - sb)).log()
+    assert float(probs_loss(sb, tb, token_mask(tb.shape, mask))) == pytest.approx(float(bern[keep].mean()), rel=1e-5)
+    # in the objective: the probs and the embedding outputs both ignore padding positions
+    loss = DistillLoss.for_outputs(
+        {"p": t.numpy(), "h": tb.numpy()}, kinds={"p": "probs", "h": "embedding"}, temperature=1.0
+    )
+    base, parts = loss([s, sb], [t, tb], mask=mask)
+    assert parts["p"] == pytest.approx(want, rel=1e-5)
+    junk_s, junk_sb = s.clone(), sb.clone()
+    junk_s[~keep], junk_sb[~keep] = torch.tensor([1.0, 0, 0, 0, 0]), 5.0
+    assert float(loss([junk_s, junk_sb], [t, tb], mask=mask)[0]) == pytest.approx(float(base), rel=1e-6)
+    real = s.clone()
+    real[0, 0] = torch.tensor([1.0, 0, 0, 0, 0])
+    assert float(loss([real, sb], [t, tb], mask=mask)[0]) > float(base) + 0.1

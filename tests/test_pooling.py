@@ -20,7 +20,7 @@ from inhercc.layers import find_layers
 from inhercc.pipeline import Factorizer
 from inhercc.runtime import make_session
 from inhercc.sensitivity import measure_sensitivity, relative_output_error
-from inhercc.verify import OutputScore, Scores, pooled_fidelity
+from inhercc.verify import OutputScore, Scores, pooled_fidelity, token_mask
 from tests.helpers import make_model
 
 VOCAB, LENGTH = 100, 16
@@ -191,7 +191,24 @@ def test_scores_pool_like_one_concatenated_set() -> None:
     score = OutputScore("token_logits", "logits")
     score.add(tl, sl, np.array([[1, 1, 0], [1, 1, 1]]))
     assert score.result()["top1_agreement"] == pytest.approx(4 / 5)
-    assert pooled_fidelity([tl], [tl], "token_logits")["top1_agreement"] == 1.0
+    # without a mask the last axis of a rank-3 output is not known to hold classes: no top-1
+    assert "top1_agreement" not in pooled_fidelity([tl], [tl], "token_logits")
+
+
+def test_attention_shaped_outputs_leave_padded_query_rows_out() -> None:
+    """One rule for where a ``[batch, seq]`` mask applies, shared by the scores and the losses: a
+    ``[batch, heads, seq, seq]`` output is scored on the real query rows only."""
+    rng = np.random.default_rng(4)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+    t = rng.standard_normal((2, 3, 4, 4))
+    s = t + 0.1 * rng.standard_normal(t.shape)
+    s[0, :, 3], s[1, :, 2:] = 100.0, -100.0  # padded query rows: anything
+    score = OutputScore("attn", "values")
+    score.add(t, s, mask)
+    keep = mask.astype(bool)
+    rows_t, rows_s = t.transpose(0, 2, 1, 3)[keep], s.transpose(0, 2, 1, 3)[keep]
+    assert score.result()["rel_l2"] == pytest.approx(np.linalg.norm(rows_s - rows_t) / np.linalg.norm(rows_t))
+    assert token_mask(t.shape, mask).shape == (2, 1, 4, 1) and token_mask((2, 4), None) is None
 
 
 def test_outputs_batched_on_another_axis_are_scored_per_sample() -> None:

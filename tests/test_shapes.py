@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,6 +24,7 @@ from inhercc.data import (
     default_shapes,
     gather_table_sizes,
     index_ranges,
+    position_limit,
     slice_batch,
     synthetic_feeds,
 )
@@ -288,6 +291,17 @@ def test_sequence_dims_default_to_128_capped_by_the_position_table() -> None:
     assert gather_table_sizes(text_model()) == {"input_ids": 100}
 
 
+def test_position_limit_is_the_rows_of_the_position_table() -> None:
+    assert position_limit(text_model(positions=64)) == 64
+    model = text_model(positions=100)  # not a size of DIM_SIZES: the cap itself, not a fallback size
+    assert position_limit(model) == 100 and default_shapes(model)[0]["input_ids"] == [1, 100]
+    table = next(t for t in model.graph.initializer if t.name == "embeddings.position_embeddings.weight")
+    table.dims[:] = [1, 100, 64]  # [1, N, d] counts N
+    assert position_limit(model) == 100
+    table.name = "table"  # no position table: no limit, the first sequence size
+    assert position_limit(model) is None and default_shapes(model)[0]["input_ids"] == [1, 128]
+
+
 def test_spatial_dims_default_to_224_in_either_layout_and_given_shapes_win() -> None:
     assert default_shapes(image_model())[0] == {"x": [1, 3, 224, 224]}
     assert default_shapes(image_model(nhwc=True))[0] == {"x": [1, 224, 224, 3]}
@@ -313,6 +327,76 @@ def test_plain_compress_of_a_model_with_a_state_and_a_sample_rate() -> None:
     assert result.report["shapes"]["values"] == {"input": [1, 16000], "state": [2, 1, 128], "sr": []}
     assert set(result.report["fidelity"]) == {"output", "stateN"}
     assert result.report["flops"]["teacher"] == 2 * 40 * 400 * 64  # 40 frames of 400 samples × 64
+
+
+def mlp_model(first: str = "MatMul") -> onnx.ModelProto:
+    """A tabular MLP x [batch, features] → (Cast, Mul by a scalar) → MatMul 80×64 (or Gemm with transB, W [64, 80])
+    → Relu → MatMul 64×8: nothing in its names or rank says how many features it reads, only the first weight."""
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xc"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["xc", "two"], ["xs"]),
+        helper.make_node("MatMul", ["xs", "fc1.weight"], ["h"], name="fc1")
+        if first == "MatMul"
+        else helper.make_node("Gemm", ["xs", "fc1.weight"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "fc2.weight"], ["y"], name="fc2"),
+    ]
+    inits = {
+        "two": np.array(2.0, np.float32),
+        "fc1.weight": _weight(80, 64) if first == "MatMul" else _weight(64, 80),
+        "fc2.weight": _weight(64, 8),
+    }
+    return _model(nodes, [("x", TensorProto.FLOAT, ["batch", "features"])], [("y", 1, ["batch", 8])], inits)
+
+
+@pytest.mark.parametrize("first", ["MatMul", "Gemm"])
+def test_a_tabular_input_takes_its_features_from_the_first_weight(first: str) -> None:
+    """Was: features guessed as audio (16000, 512, …) and "ONNX Runtime rejects every input size tried"."""
+    model = mlp_model(first)
+    assert default_shapes(model) == ({"x": [1, 80]}, "")  # read from the model, not chosen: no note
+    assert confirmed_shapes(prepare_model(model)) == ({"x": [1, 80]}, "")
+    assert synthetic_feeds(model, batch=3, seed=0)["x"].shape == (3, 80)
+    result = inhercc.compress(model, rank=4)
+    assert result.report["shapes"]["values"] == {"x": [1, 80]}
+    assert result.report["flops"]["teacher"] == 2 * 80 * 64 + 2 * 64 * 8
+    assert set(result.report["fidelity"]) == {"y"}
+
+
+def test_conv_channels_come_from_the_weight_times_group() -> None:
+    nodes = [helper.make_node("Conv", ["x", "conv.weight"], ["y"], name="conv", group=2)]
+    model = _model(nodes, [("x", 1, ["n", "c", "t"])], [("y", 1, None)], {"conv.weight": _weight(16, 6, 3)})
+    shapes, note = default_shapes(model)
+    assert shapes == {"x": [1, 12, 128]} and note.startswith("dynamic dims chosen: x=1x12x128 (sequence: 128)")
+
+
+def test_an_mlp_cli_compress_without_shape(tmp_path) -> None:
+    path, out = tmp_path / "m.onnx", tmp_path / "s.onnx"
+    onnx.save(mlp_model(), str(path))
+    r = invoke("compress", path, "-o", out, "--rank", "4")
+    assert r.exit_code == 0 and "dynamic dims chosen" not in r.output, r.output
+    x = RNG.standard_normal((5, 80)).astype(np.float32)
+    assert run(onnx.load(str(out)), {"x": x})[0].shape == (5, 8)
+
+
+def silero_files() -> list[str]:
+    """The silero-vad wheel's model files when it is installed (the zoo installs it; nothing downloaded)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+    return [str(folder / n) for n in ("silero_vad.onnx", "silero_vad_16k_op15.onnx") if (folder / n).exists()]
+
+
+@pytest.mark.skipif(not silero_files(), reason="silero-vad is not installed")
+def test_real_silero_vad_keeps_audio_samples_and_compresses_plainly(tmp_path) -> None:
+    """Its [batch, samples] input meets an STFT (Pad, Conv through If branches), never a MatMul: audio stays."""
+    for path in silero_files():
+        shapes, note = default_shapes(prepare_model(onnx.load(path)))
+        assert shapes == {"input": [1, 16000], "state": [2, 1, 128], "sr": []}, path
+        assert "(audio: 16000)" in note
+    r = invoke("compress", silero_files()[0], "-o", tmp_path / "s.onnx")
+    assert r.exit_code == 0, r.output
+    assert "dynamic dims chosen: input=1x512 (audio: 512)" in r.output  # ORT rejects 16000: a 512-sample chunk
 
 
 def test_a_model_rejecting_224_gets_the_next_size() -> None:
@@ -500,3 +584,16 @@ def test_samples_batch_a_state_input_along_its_batch_axis(tmp_path) -> None:
     joined = inhercc.data.open_samples(items, model).gather(np.arange(3))
     np.testing.assert_array_equal(joined["state"], feeds["state"][:, :3])
     assert joined["sr"].shape == ()
+
+
+def test_the_data_shapes_come_from_the_part_with_most_samples_along_the_batch_axis() -> None:
+    """The state [2, batch, 128] comes first in each part: axis 0 (2 in every part) is not the sample count."""
+    from inhercc.pipeline import choose_shapes
+
+    model = prepare_model(audio_model())
+    parts = []
+    for n, t in ((3, 800), (10, 1600)):
+        f = synthetic_feeds(model, {"input": [n, t], "state": [2, n, 128]}, seed=0)
+        parts.append({"state": f["state"], "input": f["input"], "sr": f["sr"]})
+    _, record = choose_shapes(model, None, parts)
+    assert record == {"values": {"input": [1, 1600], "state": [2, 1, 128], "sr": []}, "chosen": "data"}

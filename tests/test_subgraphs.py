@@ -154,7 +154,8 @@ def test_body_constants_are_moved_to_initializers_with_unique_names() -> None:
     for attr, value in ((0, 2.0), (1, -3.0)):
         branch = model.graph.node[2].attribute[attr].g
         out = branch.output[0].name
-        branch.node.insert(0, helper.make_node("Constant", [], ["scale"], value_float=value))
+        scale = numpy_helper.from_array(np.full(N_HID, value, np.float32))  # a weight: 0-d ones stay (below)
+        branch.node.insert(0, helper.make_node("Constant", [], ["scale"], value=scale))
         branch.node.append(helper.make_node("Mul", [out, "scale"], [f"{out}_scaled"], name=f"scale_{attr}"))
         branch.output[0].name = f"{out}_scaled"
     m = prepare_model(model)
@@ -263,3 +264,65 @@ def test_nodes_named_alike_in_two_branches_get_unique_layer_names() -> None:
         ("If_12/then_branch/fc", "If_12/then_branch"),
     ]
     assert prepare_model(m) == m  # stable: preparing again renames nothing
+
+
+def scalar_bounds_model() -> onnx.ModelProto:
+    """``y = If(sum(x) > 0, CastLike(Clip(x·W, lo, hi), like), x·W_else)``: W [8, 8] a Constant of the then
+    branch, its Clip bounds a 0-d Constant (lo) and a 0-d body initializer (hi), ``like`` a 2-element float
+    Constant read only for its type (a static input); W_else a main-graph initializer."""
+    rng = np.random.default_rng(3)
+    then_branch = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["then.weight"], value=numpy_helper.from_array(rng.random((8, 8), "f"))),
+            helper.make_node("Constant", [], ["lo"], value_float=-0.25),
+            helper.make_node("Constant", [], ["like"], value=numpy_helper.from_array(np.zeros(2, np.float32))),
+            helper.make_node("MatMul", ["x", "then.weight"], ["m"], name="mm_then"),
+            helper.make_node("Clip", ["m", "lo", "hi"], ["c"], name="clip"),
+            helper.make_node("CastLike", ["c", "like"], ["h_then"], name="like"),
+        ],
+        "then_body",
+        [],
+        [tensor_info("h_then")],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "hi")],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "else.weight"], ["h_else"], name="mm_else")],
+        "else_body",
+        [],
+        [tensor_info("h_else")],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], name="total", keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="positive"),
+        helper.make_node("If", ["cond"], ["y"], name="If_0", then_branch=then_branch, else_branch=else_branch),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "else.weight"),
+    ]
+    graph = helper.make_graph(nodes, "bounds", [tensor_info("x", shape=["N", 8])], [tensor_info("y")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_hoist_and_torch_runtime_agree_on_what_a_body_weight_is() -> None:
+    """Only float tensors of two or more elements that no node reads as a static input (shape, type) are
+    weights: hoisted to the main graph at load, and the torch runtime's parameters (prepared or not)."""
+    from inhercc.torchrt import OnnxModule
+
+    model = scalar_bounds_model()
+    prepared = prepare_model(model)
+    floats = {t.name for t in prepared.graph.initializer if t.data_type == TensorProto.FLOAT}
+    assert floats == {"zero", "else.weight", "then.weight"}  # the Clip bounds and `like` stay in the branch
+    then_body = next(a.g for a in prepared.graph.node[2].attribute if a.name == "then_branch")
+    assert {t.name for t in then_body.initializer} == {"hi"}
+    assert sorted(n.output[0] for n in then_body.node if n.op_type == "Constant") == ["like", "lo"]
+    for m in (model, prepared):
+        assert set(OnnxModule(m).onnx_parameters()) == {"zero", "else.weight", "then.weight"}
+    for feeds in both_branches(np.random.default_rng(4)):
+        feeds = {"x": feeds["x"][:, :8]}
+        (teacher,) = run(model, feeds)
+        np.testing.assert_allclose(run(prepared, feeds)[0], teacher, rtol=1e-6)
+        got = OnnxModule(prepared)(feeds["x"])[0].detach().numpy()
+        np.testing.assert_allclose(got, teacher, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import pytest
 from onnx import numpy_helper
 
 from inhercc.pipeline import compress
-from inhercc.verify import compare_output_parts, fidelity, output_fidelity, pooled_fidelity
+from inhercc.verify import Scores, fidelity, output_fidelity, pooled_fidelity
 from tests.helpers import masked_model
 
 
@@ -37,11 +37,10 @@ def test_parts_pool_like_one_concatenated_set() -> None:
     assert fid["cosine"] == pytest.approx(per_sample.mean())
     err2 = np.sum((0.1 * a) ** 2) + np.sum((2 * b) ** 2)
     assert fid["rel_l2"] == pytest.approx(np.sqrt(err2 / (np.sum(a**2) + np.sum(b**2))))
-    ints = compare_output_parts(
-        ["ids"], [[np.array([1, 2, 3])], [np.array([4])]], [[np.array([1, 0, 3])], [np.array([4])]]
-    )
-    assert ints["ids"] == {"exact_match": 0.75}
-    assert compare_output_parts(["y"], [[t]], [[s]])["y"] == output_fidelity(t, s, "y")
+    ints = Scores({"ids": "integer"})
+    for a, b in (([1, 2, 3], [1, 0, 3]), ([4], [4])):
+        ints.add([np.array(a)], [np.array(b)])
+    assert ints.fidelity()["ids"] == {"exact_match": 0.75}
 
 
 def test_verification_covers_every_length_bucket(tmp_path) -> None:
@@ -65,3 +64,22 @@ def test_verification_covers_every_length_bucket(tmp_path) -> None:
     assert res.report["fidelity"]["y"]["cosine"] != pytest.approx(only_short["y"]["cosine"])
     assert res.report["fidelity_inputs"] == "data"
     assert numpy_helper.to_array(next(i for i in student.graph.initializer if i.name == "w.inherit_in")).shape == (4, 1)
+
+
+def test_one_value_per_sample_is_scored_by_the_cosine_over_samples() -> None:
+    """A per-sample cosine of one number is its sign (always 1 for a positive probability): such an output's
+    cosine is taken over all samples, pooled across batches, and equals numpy's on the whole arrays."""
+    from inhercc.verify import OutputScore
+
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0.0, 1.0, (10, 1))
+    s = t + rng.normal(0.0, 0.3, t.shape)
+    score = OutputScore("prob", "values")
+    score.add(t[:4], s[:4])
+    score.add(t[4:], s[4:])
+    expected = float(np.sum(t * s) / np.linalg.norm(t) / np.linalg.norm(s))
+    assert score.result()["cosine"] == pytest.approx(expected, rel=1e-12)
+    assert expected < 0.99  # not the 1.0 a per-sample cosine of positive numbers gives
+    summed = OutputScore("prob", "values")
+    summed.load(score.vector())  # the sums survive the round trip used across processes
+    assert summed.result() == score.result()

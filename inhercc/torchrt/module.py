@@ -7,10 +7,11 @@ value lives, when it can be freed) is fixed at construction. `forward` then only
 
 Subgraphs (the bodies of If, Loop, Scan) get nested plans built by the same machinery. A body reads the
 values of its enclosing graphs (outer scope) as extra inputs of its node's step, so they are placed, moved
-and freed like any other input. Weights that live in a body (its floating-point initializers, and its
-floating-point Constant nodes of two or more elements that no node reads as a shape or axis) are
-parameters of the module like the top-level ones, named by their ONNX names (qualified with the node and
-attribute when a name is taken), and `write_back` writes them into the subgraph they came from.
+and freed like any other input. Weights that live in a body (its floating-point initializers and Constant
+nodes of two or more elements that no node reads as a static value: `inhercc.model.is_weight`, the rule
+the model loader hoists weights out of bodies by) are parameters of the module like the top-level ones,
+named by their ONNX names (qualified with the node and attribute when a name is taken), and `write_back`
+writes them into the subgraph they came from.
 
 Where values live: parameters, graph inputs and everything computed from them live on the module's
 device. Shape arithmetic (Shape, Size, and whatever is computed only from them and constants) stays on
@@ -35,10 +36,10 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import AttributeProto
 from torch import nn
 
 from inhercc.errors import InherccError
+from inhercc.model import implicit_inputs, is_weight, node_subgraphs, weight_constant
 from inhercc.torchrt import ops as _ops  # noqa: F401  (fills the op registry)
 from inhercc.torchrt.dtypes import from_numpy, is_float, tensor_from_proto, tensor_to_proto, torch_dtype
 from inhercc.torchrt.ops.registry import (
@@ -105,55 +106,10 @@ def _opsets(model: onnx.ModelProto) -> dict[str, int]:
     return {_domain(o.domain): o.version for o in model.opset_import}
 
 
-def _subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
-    """The graph attributes of a node (If's branches, Loop's and Scan's body)."""
-    out = [(a.name, a.g) for a in node.attribute if a.type == AttributeProto.GRAPH]
-    out += [(a.name, g) for a in node.attribute if a.type == AttributeProto.GRAPHS for g in a.graphs]
-    return out
-
-
-def _free_names(graph: onnx.GraphProto) -> set[str]:
-    """Names a graph reads without defining them (values of its enclosing scopes)."""
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    defined |= {o for n in graph.node for o in n.output}
-    used = {o.name for o in graph.output}
-    for node in graph.node:
-        used.update(i for i in node.input if i)
-        for _, sub in _subgraphs(node):
-            used |= _free_names(sub)
-    return used - defined
-
-
-def _implicit_inputs(node: onnx.NodeProto) -> list[str]:
-    """Outer-scope names a node's subgraphs read (sorted)."""
-    names: set[str] = set()
-    for _, sub in _subgraphs(node):
-        names |= _free_names(sub)
-    return sorted(names)
-
-
-def _float_constant(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The tensor of a Constant node holding a floating-point value of two or more elements."""
-    if node.op_type != "Constant" or _domain(node.domain) != "" or len(node.attribute) != 1:
-        return None
-    attr = node.attribute[0]
-    if attr.name != "value" or attr.type != AttributeProto.TENSOR:
-        return None
-    t = attr.t
-    if t.data_type not in (
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.BFLOAT16,
-    ):
-        return None
-    return t if int(np.prod(t.dims)) >= 2 else None
-
-
 def _has_weights(node: onnx.NodeProto) -> bool:
     """Whether a node's subgraphs (at any depth) hold initializers or floating-point Constant weights."""
-    for _, sub in _subgraphs(node):
-        if len(sub.initializer) or any(_float_constant(n) is not None or _has_weights(n) for n in sub.node):
+    for _, sub in node_subgraphs(node):
+        if any(is_weight(t) for t in sub.initializer) or any(weight_constant(n) or _has_weights(n) for n in sub.node):
             return True
     return False
 
@@ -163,7 +119,7 @@ def _topological(graph: onnx.GraphProto, known: set[str]) -> list[tuple[int, onn
     is produced first (stable for already-sorted graphs)."""
     available = set(known) | {""}
     nodes = list(graph.node)
-    needs = [[*n.input, *_implicit_inputs(n)] for n in nodes]
+    needs = [[*n.input, *sorted(implicit_inputs(n))] for n in nodes]
     pending = list(range(len(nodes)))
     ordered: list[tuple[int, onnx.NodeProto]] = []
     while pending:
@@ -301,17 +257,18 @@ class _Plan:
 
     # ------------------------------------------------------------------------------------ weights
     def add_local_weights(self) -> None:
-        """A body's weights become module parameters; its other initializers become constants."""
+        """A body's weights (:func:`inhercc.model.is_weight`, not read as a static value: what the model loader
+        hoists) become module parameters; its other initializers become constants."""
         static = self._static_names()
         for index, init in enumerate(self.graph.initializer):
             value = tensor_from_proto(init)
-            if is_float(value.dtype):
+            if is_weight(init) and init.name not in static:
                 key = self.owner._add_parameter(init.name, value, self.path, ("init", index), init.data_type)
                 self.local_params[init.name] = key
             else:
                 self.constants[init.name] = value
         for index, node in enumerate(self.graph.node):
-            proto = _float_constant(node)
+            proto = weight_constant(node)
             if proto is None or node.output[0] in static:
                 continue
             value = tensor_from_proto(proto)
@@ -344,12 +301,12 @@ class _Plan:
             if opset is None:
                 problems.setdefault(f"{label}: domain not imported", []).append(node.name)
                 continue
-            has_bodies = bool(_subgraphs(node))
+            has_bodies = bool(node_subgraphs(node))
             children: list[_Plan] = []
             try:
                 spec = lookup(domain, node.op_type, opset)
                 data = [n for p, n in enumerate(node.input) if n and p not in spec.static_inputs]
-                data += _implicit_inputs(node)
+                data += sorted(implicit_inputs(node))
                 on_host = all(self.is_host(n) for n in data if n not in self.constants)
                 on_host = on_host and not (has_bodies and _has_weights(node))
 
@@ -832,8 +789,14 @@ class OnnxModule(nn.Module):
             graph = _graph_at(out.graph, path, key)
             if kind == "init":
                 _write_tensor(graph.initializer[index], current[key])
-            else:
-                _write_tensor(graph.node[index].attribute[0].t, current[key])
+            else:  # a Constant node: its value written as a ``value`` tensor (``value_floats`` too)
+                node = graph.node[index]
+                proto = weight_constant(node)
+                if proto is None:
+                    raise InherccError(f"model lacks the Constant holding weight {key!r}")
+                _write_tensor(proto, current[key])
+                del node.attribute[:]
+                node.attribute.append(onnx.helper.make_attribute("value", proto))
             seen.add(key)
         missing = sorted(set(current) - seen)
         if missing:

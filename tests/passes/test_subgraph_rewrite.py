@@ -123,3 +123,46 @@ def test_scan_body_matmul_on_an_outer_weight() -> None:
     s = np.linalg.svd(w.astype(np.float64), compute_uv=False)
     assert np.linalg.norm(w - w_r) == pytest.approx(np.sqrt(np.sum(s[rank:] ** 2)), rel=1e-5)
     assert st.shape == ss.shape and yt.shape == ys.shape
+
+
+def test_an_initializer_shadowed_by_a_body_is_unused_and_an_outer_read_keeps_one() -> None:
+    """A body that defines ``t`` itself reads its own ``t``, not the main graph's: that initializer is unused;
+    ``u``, read from a nested body (a Loop inside the If branch), is kept."""
+    from inhercc.passes.base import remove_unused_initializers
+
+    loop_body = helper.make_graph(
+        [
+            helper.make_node("Add", ["v_in", "u"], ["v_out"]),
+            helper.make_node("Identity", ["c_in"], ["c_out"]),
+        ],
+        "loop_body",
+        [tensor_info("i", TensorProto.INT64, []), tensor_info("c_in", TensorProto.BOOL, []), tensor_info("v_in")],
+        [tensor_info("c_out", TensorProto.BOOL, []), tensor_info("v_out")],
+    )
+    branch = helper.make_graph(
+        [
+            helper.make_node("Neg", ["x"], ["t"]),
+            helper.make_node("Loop", ["trip", "", "t"], ["b"], body=loop_body),
+        ],
+        "branch",
+        [],
+        [tensor_info("b")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
+        "shadow",
+        [tensor_info("x", shape=[2]), tensor_info("c", TensorProto.BOOL, [])],
+        [tensor_info("y")],
+        [
+            numpy_helper.from_array(np.ones(2, np.float32), "t"),
+            numpy_helper.from_array(np.full(2, 3.0, np.float32), "u"),
+            numpy_helper.from_array(np.array(2, np.int64), "trip"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert remove_unused_initializers(model) == 1
+    assert [t.name for t in model.graph.initializer] == ["u", "trip"]
+    x = np.array([1.0, -2.0], np.float32)
+    (y,) = run(model, {"x": x, "c": np.array(True)})
+    np.testing.assert_array_equal(y, -x + 6.0)

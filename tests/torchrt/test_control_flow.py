@@ -120,6 +120,41 @@ def test_write_back_writes_subgraph_weights_where_they_live() -> None:
         assert not np.allclose(run(model, {"x": x, "c": np.array(c)})[0], got)
 
 
+def test_a_value_floats_constant_in_a_branch_is_a_weight_written_back_as_a_tensor() -> None:
+    """A body Constant given as ``value_floats`` (read as the model loader reads it) is a parameter too; 0-d
+    float initializers of a body (a Clip bound) stay constants."""
+    model = _if_model()
+    else_branch = next(a.g for a in model.graph.node[0].attribute if a.name == "else_branch")
+    else_branch.node.insert(0, helper.make_node("Constant", [], ["shift"], value_floats=[0.5, -1.0, 2.0]))
+    else_branch.node.append(helper.make_node("Add", ["else_y", "shift"], ["shifted"]))
+    else_branch.node.append(helper.make_node("Clip", ["shifted", "", "top"], ["clipped"]))
+    else_branch.initializer.append(numpy_helper.from_array(np.array(1.5, np.float32), "top"))
+    else_branch.output[0].name = "clipped"
+    module = OnnxModule(model)
+    assert set(module.onnx_parameters()) == {"bias", "then.w", "else.w", "shift"}
+    with torch.no_grad():
+        module.parameter("shift").sub_(3.0)
+    written = module.write_back(model)
+    branch = next(a.g for a in written.graph.node[0].attribute if a.name == "else_branch")
+    np.testing.assert_array_equal(numpy_helper.to_array(branch.node[0].attribute[0].t), [-2.5, -4.0, -1.0])
+    x = _rng(1).standard_normal((N, D)).astype(np.float32)
+    with torch.no_grad():
+        got = module(x, np.array(False))[0].numpy()
+    np.testing.assert_allclose(run(written, {"x": x, "c": np.array(False)})[0], got, rtol=1e-6, atol=1e-6)
+    assert got.max() <= 1.5
+
+
+def test_static_float_inputs_of_the_model_loader_are_static_in_the_registry() -> None:
+    """The model loader keeps float constants read at these inputs in their body (no weights): the torch
+    runtime must read them as static values too."""
+    from inhercc.model import STATIC_FLOAT_INPUTS
+    from inhercc.torchrt.ops.registry import lookup
+
+    for op, positions in STATIC_FLOAT_INPUTS.items():
+        spec = lookup("", op, 9 if op == "Upsample" else 17)
+        assert set(positions) <= set(spec.static_inputs), op
+
+
 def _loop_model(dtype: type = np.float32, trip_count: bool = True, early_stop: bool = True) -> onnx.ModelProto:
     """h_{i+1} = tanh(h_i @ body.w + x) for M iterations (or while i < limit - 1 when `early_stop`), also
     emitting sum(h_{i+1}) per iteration; body.w lives in the body, x and limit come from the outer scope."""
