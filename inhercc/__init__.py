@@ -8,14 +8,13 @@ Public API::
     print(result.report["fidelity"])
 """
 
+from inhercc._version import __version__
 from inhercc.distill import DistillConfig, finetune_file
 from inhercc.errors import InherccError
 from inhercc.layers import Layer, find_layers
 from inhercc.model import load_model, save_model
 from inhercc.pipeline import CompressResult, compress, compress_file, inspect_model
 from inhercc.plan import RankPlan
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CompressResult",

@@ -19,9 +19,8 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from inhercc.data import (
     batch_axes,
     check_memory,
     confirmed_shapes,
+    fixed_shape_flops,
     input_specs,
     parse_shapes,
     resolve_shapes,
@@ -42,22 +42,28 @@ from inhercc.data import (
     synthetic_feeds,
 )
 from inhercc.errors import InherccError
-from inhercc.runtime import make_session, ort_failures, provider_name
+from inhercc.runtime import (  # noqa: F401  (the timing primitives are re-exported: they lived here)
+    DEFAULT_REPEAT,
+    DEFAULT_WARMUP,
+    GPU_PROVIDERS,
+    MIN_DURATION_ROUNDS,
+    BoundRunner,
+    Runner,
+    make_session,
+    ort_failures,
+    provider_name,
+    time_interleaved,
+)
 
 BENCH_FORMAT = "inhercc-bench"
 BENCH_VERSION = 1
 PROVIDERS = ("cuda", "cpu", "tensorrt")
-GPU_PROVIDERS = ("cuda", "tensorrt")
 CUDNN_ALGO_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 OPT_LEVELS = ("disable", "basic", "extended", "all")
-DEFAULT_WARMUP = 10
-DEFAULT_REPEAT = 100
-MIN_DURATION_ROUNDS = 3
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
 
 ShapeSet = dict[str, list[int]]
-Runner = Callable[[], object]
 
 
 @dataclass
@@ -207,72 +213,6 @@ def ratio_of_medians(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Timing
-
-
-def time_interleaved(
-    runners: Sequence[Runner],
-    *,
-    warmup: int = DEFAULT_WARMUP,
-    repeat: int | None = DEFAULT_REPEAT,
-    duration: float | None = None,
-    clock: Callable[[], int] = time.perf_counter_ns,
-) -> list[np.ndarray]:
-    """Warm each runner up on its own (``warmup`` calls), then time them in rounds A B A B …: ``repeat``
-    rounds, or rounds until ``duration`` seconds have passed (at least a few). Latencies in ms, per runner."""
-    for run in runners:
-        for _ in range(warmup):
-            run()
-    samples: list[list[float]] = [[] for _ in runners]
-    start = clock()
-    rounds = 0
-    while True:
-        if repeat is not None and rounds >= repeat:
-            break
-        if duration is not None and rounds >= MIN_DURATION_ROUNDS and (clock() - start) >= duration * 1e9:
-            break
-        for i, run in enumerate(runners):
-            t0 = clock()
-            run()
-            samples[i].append((clock() - t0) / 1e6)
-        rounds += 1
-    return [np.asarray(s) for s in samples]
-
-
-class BoundRunner:
-    """One session run with inputs (and, for CUDA graphs, outputs) bound on the device: the timed call is
-    ``run_with_iobinding`` alone. ONNX Runtime synchronizes the device at the end of every run."""
-
-    def __init__(self, session: Any, feeds: Mapping[str, np.ndarray], device: str, fixed_outputs: Mapping | None):
-        import onnxruntime as ort
-
-        self.session = session
-        self.binding = session.io_binding()
-        self._keep = {k: np.ascontiguousarray(v) for k, v in feeds.items()}  # OrtValues on CPU alias these
-        self.inputs = {k: ort.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in self._keep.items()}
-        for name, value in self.inputs.items():
-            self.binding.bind_ortvalue_input(name, value)
-        self.outputs: dict[str, Any] = {}
-        for out in session.get_outputs():
-            if fixed_outputs is not None:  # CUDA graphs replay fixed addresses: pre-allocate the outputs
-                shape, dtype = fixed_outputs[out.name]
-                self.outputs[out.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
-                self.binding.bind_ortvalue_output(out.name, self.outputs[out.name])
-            else:
-                self.binding.bind_output(out.name, device, 0)
-        self.binding.synchronize_inputs()
-
-    def __call__(self) -> None:
-        self.session.run_with_iobinding(self.binding)
-
-    def output_specs(self) -> dict[str, tuple[list[int], np.dtype]]:
-        """Shapes and dtypes of the outputs of the last run."""
-        names = [o.name for o in self.session.get_outputs()]
-        arrays = self.binding.copy_outputs_to_cpu()
-        return {n: (list(a.shape), a.dtype) for n, a in zip(names, arrays)}
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Environment
 
 
@@ -319,7 +259,7 @@ def environment(options: BenchOptions, providers_used: Sequence[str]) -> dict[st
     """What every result is recorded with: device, provider, ONNX Runtime version, threads, options."""
     import onnxruntime as ort
 
-    from inhercc import __version__
+    from inhercc._version import __version__
 
     gpu = options.provider in GPU_PROVIDERS
     return {
@@ -447,7 +387,6 @@ def bench(
     set, each model's latency distribution, throughput and ratio of medians to the reference. ``labels``
     name the models (default: the file stems)."""
     from inhercc.model import float_param_count
-    from inhercc.pipeline import fixed_shape_flops
 
     say = log or (lambda _msg: None)
     if not models:

@@ -10,8 +10,6 @@ per group). Padding positions are left out when the model has an attention-mask-
 from __future__ import annotations
 
 import math
-import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,7 +30,9 @@ from inhercc.data import (
 from inhercc.errors import InherccError
 from inhercc.layers import Layer
 from inhercc.model import implicit_inputs
+from inhercc.progress import Progress
 from inhercc.runtime import batch_size_for, full_batches, make_session, model_fixed_batch, ort_failures
+from inhercc.specs import mask_input
 
 DEFAULT_SAMPLES = 256
 DEFAULT_BATCH_SIZE = 16
@@ -172,42 +172,6 @@ class _Tap:
     def result(self, stack: np.ndarray) -> np.ndarray:
         """``[k, k]`` for one group, the ``[g, k, k]`` stack for a grouped conv."""
         return stack if self.op == "Conv" and stack.shape[0] > 1 else stack[0]
-
-
-class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, a line per quarter otherwise (logs)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
-        self.total, self.label, self.enabled = max(1, total), label, enabled
-        self.done, self.t0, self.tty = 0, time.perf_counter(), enabled and sys.stderr.isatty()
-        self._quarter = 0
-
-    def step(self, n: int = 1) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        frac = min(1.0, self.done / self.total)
-        if not self.tty and int(4 * frac) <= self._quarter:
-            return
-        self._quarter = int(4 * frac)
-        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-        line = f"{self.label} [{bar}] {self.done}/{self.total} {time.perf_counter() - self.t0:.1f}s"
-        sys.stderr.write(f"\r{line}" if self.tty else f"{line}\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def mask_input(model: ModelProto) -> str | None:
-    """The attention-mask-like input: an int/bool graph input of rank 2 whose name contains "mask"."""
-    for spec in input_specs(model):
-        integral = np.issubdtype(spec.dtype, np.integer) or spec.dtype == np.bool_
-        if "mask" in spec.name.lower() and integral and len(spec.shape) == 2:
-            return spec.name
-    return None
 
 
 def _lengths(mask: np.ndarray) -> np.ndarray:

@@ -13,7 +13,6 @@ rank sees the same shuffled global batches and takes its own slice of each; only
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -46,8 +45,10 @@ from inhercc.data import (
     take_samples,
 )
 from inhercc.errors import InherccError
+from inhercc.files import CHECKPOINT_FILE, write_atomic
 from inhercc.losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, DistillLoss
-from inhercc.model import FLOAT_TYPES, one_line
+from inhercc.model import FLOAT_TYPES, as_model, one_line
+from inhercc.progress import Progress
 from inhercc.runtime import DataWarning, model_fixed_batch
 from inhercc.verify import Scores, graph_class_axes, graph_output_kinds, mean_cosine
 
@@ -55,7 +56,6 @@ FACTOR_PATTERN = re.compile(r"\.inherit_(in|out)(_\d+)?$")
 TRAIN_MODES = ("factors", "all")
 DEFAULT_EPOCHS = 3
 DEFAULT_CACHE_BYTES = 1 << 30
-CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 # Settings that shape the trajectory: resuming with other values would not continue the same run.
 _RESUME_KEYS = (
@@ -455,8 +455,9 @@ class Teacher:
         spin: bool = True,
         output_kinds: Mapping[str, str] | None = None,
     ) -> None:
-        from inhercc.calibrate import mask_input, with_outputs
+        from inhercc.calibrate import with_outputs
         from inhercc.runtime import make_session
+        from inhercc.specs import mask_input
 
         self.model = model
         self.outputs = [o.name for o in model.graph.output]
@@ -602,12 +603,10 @@ def _schedule(total: int, warmup: float) -> Callable[[int], float]:
 
 
 class _Progress:
-    """The progress bar (``calibrate.Progress``) on an interactive stderr, its label carrying loss and
+    """The progress bar (:class:`inhercc.progress.Progress`) on an interactive stderr, its label carrying loss and
     validation fidelity; per-epoch summary lines otherwise."""
 
     def __init__(self, total: int, enabled: bool, say: Callable[[str], None]) -> None:
-        from inhercc.calibrate import Progress
-
         self.bar = Progress(total, "distilling", enabled and sys.stderr.isatty())
         self.say = say if enabled else (lambda _m: None)
         self.loss: float | None = None
@@ -629,7 +628,7 @@ class _Progress:
 
 def _checkpoint_folder(folder: Path) -> None:
     """Create the ``--checkpoint`` folder (checked before training, so a bad one costs no training time)."""
-    from inhercc.model import check_checkpoint_folder
+    from inhercc.files import check_checkpoint_folder
 
     check_checkpoint_folder(folder)
     try:
@@ -692,21 +691,19 @@ def fixed_batch_split(
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic ``torch.save``: written and synced to a temporary file beside ``path``, then renamed over it (a
-    crash or a full disk never leaves a half-written checkpoint, nor a stale temporary file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # made before training; again if removed since
+    """Atomic ``torch.save`` (:func:`inhercc.files.write_atomic`), synced before the rename: a crash or a full
+    disk never leaves a half-written checkpoint, nor a stale temporary file."""
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # Ctrl-C / SIGTERM included: no stale temporary file
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if not isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a full disk as a RuntimeError
-            raise
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # made before training; again if removed since
+        write_atomic(path, write)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
         reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
         raise InherccError(f"cannot write checkpoint {path}: {reason}") from e
 
@@ -785,8 +782,6 @@ def distill(
     or None for synthetic samples). Settings come from ``config`` and/or keyword ``options`` (the fields of
     :class:`DistillConfig`). ``callback`` is called after every optimizer step with
     ``{"epoch", "step", "loss"}``. Returns the student with the best validation weights written back."""
-    from inhercc.pipeline import as_model
-
     t0 = time.perf_counter()
     cfg = replace(config or DistillConfig(), **options)
     cfg.check()
@@ -831,8 +826,8 @@ def _train(
     t0: float,
 ) -> DistillResult:
     """The training loop of :func:`distill` (data split, processes and device already settled)."""
-    from inhercc.calibrate import mask_input
     from inhercc.runtime import cuda_available
+    from inhercc.specs import mask_input
     from inhercc.torchrt import OnnxModule
 
     def say(msg: str) -> None:
@@ -1172,7 +1167,8 @@ def finetune_file(
 ) -> DistillResult:
     """:func:`distill` from files to a file: output paths checked before any work; rank 0 writes the
     student atomically (never over an input) and the JSON report."""
-    from inhercc.model import check_paths, file_size, path_or_none, save_model
+    from inhercc.files import check_paths, file_size, path_or_none
+    from inhercc.model import save_model
 
     config = kwargs.get("config")
     check_paths(
@@ -1191,7 +1187,7 @@ def finetune_file(
         }
         result.report["size"] = {"student": file_size(output_path)}
         if report_path is not None:
-            from inhercc.report import write_json
+            from inhercc.files import write_json
 
             write_json(report_path, result.report)
     return result

@@ -58,7 +58,7 @@ def layer_input_shapes(
 ) -> dict[str, list[int]]:
     """The concrete shape of each layer's data input, by shape inference with the graph inputs fixed
     (``shapes`` / ``batch`` resolve dynamic dims, as ``--shape`` does)."""
-    from inhercc.pipeline import with_fixed_inputs
+    from inhercc.data import with_fixed_inputs
 
     fixed = with_fixed_inputs(model, shapes, batch)
     known = tensor_shapes(fixed)
@@ -79,7 +79,7 @@ def micro_models(
 ) -> tuple[ModelProto, ModelProto]:
     """The dense node alone (one node) and the chain the passes emit for it at ``rank`` (two nodes), both
     reading one input of ``input_shape``. Factor values are random: only their shapes matter for timing."""
-    from inhercc.pipeline import rewrite
+    from inhercc.passes import rewrite
 
     node = next((n for n in model.graph.node if n.name == layer.name), None)
     if node is None:
@@ -121,7 +121,7 @@ class OrtLayerTimer:
         repeat: int = DEFAULT_REPEAT,
         seed: int = 0,
     ) -> None:
-        from inhercc.bench import GPU_PROVIDERS
+        from inhercc.runtime import GPU_PROVIDERS
 
         self.model, self.provider, self.threads = model, provider.lower(), threads
         self.warmup, self.repeat, self.seed = warmup, repeat, seed
@@ -141,7 +141,7 @@ class OrtLayerTimer:
         return make_session(model, providers, threads=self.threads, require=True)
 
     def __call__(self, layer: Layer, rank: int, input_shape: Sequence[int]) -> tuple[float, float]:
-        from inhercc.bench import BoundRunner, time_interleaved
+        from inhercc.runtime import BoundRunner, time_interleaved
 
         key = self._key(layer, input_shape)
         if key in self._dense and (*key, rank) in self._chain:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,14 +18,13 @@ from onnx import ModelProto, NodeProto, numpy_helper
 
 from inhercc import linalg
 from inhercc.errors import InherccError
+from inhercc.graph import Dim, count_flops, node_attr, node_flops, tensor_shapes  # noqa: F401  (re-exported)
 from inhercc.model import FLOAT_TYPES, GraphScope, graph_scopes
 
 FACTORIZABLE_OPS = ("MatMul", "Gemm", "Conv")
 DEFAULT_MIN_PARAMS = 4096
 DEFAULT_MIN_SAVING = 0.10
 SUBGRAPH_NOTE = "plain SVD: activations inside a subgraph cannot be tapped"
-
-Dim = int | str | None
 
 
 @dataclass
@@ -98,79 +97,8 @@ class Layer:
         return (self.scale * m)[None]
 
 
-def tensor_shapes(model: ModelProto) -> dict[str, list[Dim]]:
-    """Known shapes of every named tensor (graph inputs/outputs, value_info, initializers), subgraphs included
-    (a name a body redefines takes the main graph's shape)."""
-    shapes: dict[str, list[Dim]] = {}
-    for scope in reversed(graph_scopes(model)):
-        g = scope.graph
-        for vi in list(g.input) + list(g.output) + list(g.value_info):
-            t = vi.type.tensor_type
-            if t.HasField("shape"):
-                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in t.shape.dim]
-        for init in g.initializer:
-            shapes[init.name] = list(init.dims)
-    return shapes
-
-
-def node_flops(node: NodeProto, shapes: dict[str, list[Dim]]) -> tuple[int, tuple[str, ...]] | None:
-    """FLOPs (2 × multiply-accumulates) per sample of a MatMul/Gemm/Conv node, or None when shapes are
-    unknown. The first dim of the output is the batch; other symbolic dims count as 1 and are returned."""
-    out = shapes.get(node.output[0])
-    if out is None or len(out) == 0:
-        return None
-    if node.op_type == "MatMul":
-        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
-        if a is None or b is None or len(a) == 0:
-            return None
-        k = a[-1]
-    elif node.op_type == "Gemm":
-        a = shapes.get(node.input[0])
-        if a is None or len(a) != 2:
-            return None
-        k = a[0] if _attr(node, "transA", 0) else a[1]
-    elif node.op_type in ("Conv", "ConvTranspose"):
-        w = shapes.get(node.input[1])
-        if w is None:
-            return None
-        k = int(np.prod([d for d in w[1:] if isinstance(d, int)]))
-        if node.op_type == "ConvTranspose":
-            x = shapes.get(node.input[0])
-            if x is None:
-                return None
-            dims = [1] + list(x[2:]) + [w[1] * _attr(node, "group", 1)]
-            return _count(dims, int(np.prod(w[2:])) * (w[0] // _attr(node, "group", 1) if isinstance(w[0], int) else 1))
-    else:
-        return None
-    per_sample = out[1:] if len(out) >= 2 else out
-    return _count(list(per_sample), k)
-
-
-def _count(dims: list[Dim], k: Dim) -> tuple[int, tuple[str, ...]]:
-    symbolic = tuple(
-        "unnamed" if str(d).startswith("unk__") or d is None else str(d)
-        for d in list(dims) + [k]
-        if not isinstance(d, int)
-    )
-    n = 1
-    for d in list(dims) + [k]:
-        n *= d if isinstance(d, int) and d > 0 else 1
-    return 2 * n, symbolic
-
-
-def count_flops(model: ModelProto) -> tuple[int, tuple[str, ...]]:
-    """FLOPs per sample of all MatMul/Gemm/Conv/ConvTranspose nodes (the ones that dominate), from inferred
-    shapes; returns the total and the symbolic dims that were counted as 1. A node inside an If / Loop / Scan
-    body counts once (every branch, one iteration)."""
-    shapes = tensor_shapes(model)
-    total, symbolic = 0, set()
-    for node in (n for scope in graph_scopes(model) for n in scope.graph.node):
-        if node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
-            f = node_flops(node, shapes)
-            if f is not None:
-                total += f[0]
-                symbolic.update(f[1])
-    return total, tuple(sorted(symbolic))
+# (layer, total rank) -> (input_factor [g, r/g, in], output_factor [g, out, r/g]) in float64
+FactorSource = Callable[[Layer, int], tuple[np.ndarray, np.ndarray]]
 
 
 def find_layers(
@@ -302,14 +230,14 @@ def _describe(node: NodeProto, init: onnx.TensorProto, shapes: dict[str, list[Di
         layer.in_features, layer.out_features = dims
         layer.transposed = True
     elif node.op_type == "Gemm" and len(dims) == 2:
-        trans_b = _attr(node, "transB", 0)
+        trans_b = node_attr(node, "transB", 0)
         layer.transposed = not trans_b
         layer.out_features, layer.in_features = (dims[0], dims[1]) if trans_b else (dims[1], dims[0])
-        layer.scale = float(_attr(node, "alpha", 1.0))
+        layer.scale = float(node_attr(node, "alpha", 1.0))
         if len(node.input) > 2 and node.input[2]:
             layer.bias_params = int(np.prod(_int_dims(shapes.get(node.input[2])) or [0]))
     elif node.op_type == "Conv" and len(dims) >= 3:
-        g = int(_attr(node, "group", 1))
+        g = int(node_attr(node, "group", 1))
         layer.groups = g
         layer.kernel = dims[2:]
         layer.out_features = dims[0] // g if dims[0] % g == 0 else 0
@@ -335,7 +263,7 @@ def _check(
     dims = layer.weight_shape
     if node.op_type in ("MatMul", "Gemm") and len(dims) != 2:
         return f"weight is {len(dims)}-D, expected 2-D"
-    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+    if node.op_type == "Gemm" and node_attr(node, "transA", 0):
         return "unsupported attribute transA=1"
     if node.op_type == "Conv":
         if len(dims) not in (3, 4):
@@ -375,9 +303,3 @@ def _patterns(p: str | Iterable[str] | None) -> list[re.Pattern[str]]:
 def _int_dims(dims: list[Dim] | None) -> list[int]:
     return [d for d in (dims or []) if isinstance(d, int)]
 
-
-def _attr(node: NodeProto, name: str, default: int | float) -> int | float:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default

@@ -25,6 +25,7 @@ from inhercc.data import (
     check_synthetic_memory,
     confirmed_shapes,
     default_shapes,
+    fixed_shape_flops,
     input_specs,
     load_npz,
     open_samples,
@@ -35,36 +36,30 @@ from inhercc.data import (
     synthetic_feeds,
     warn_synthetic,
     with_batch,
+    with_fixed_inputs,
 )
 from inhercc.distill import DistillConfig, is_main_process
 from inhercc.errors import InherccError
+from inhercc.files import check_paths, file_size, path_or_none
 from inhercc.layers import (
     DEFAULT_MIN_PARAMS,
     DEFAULT_MIN_SAVING,
     SUBGRAPH_NOTE,
+    FactorSource,
     Layer,
-    count_flops,
     find_layers,
     node_flops,
     tensor_shapes,
 )
 from inhercc.model import (
-    check_paths,
+    as_model,
     drop_inferred_shapes,
-    file_facts,
-    file_size,
     float_param_count,
-    infer_model_shapes,
-    load_model,
+    has_value_info,
     model_bytes,
-    path_or_none,
-    prepare_model,
     save_model,
-    shape_skeleton,
-    shapes_were_inferred,
 )
-from inhercc.passes import FactorizeConv, FactorizeGemm, FactorizeMatMul, run_passes
-from inhercc.passes.base import FactorSource
+from inhercc.passes import rewrite
 from inhercc.plan import RankPlan, apply_plan, plan_energy, plan_proportional, plan_ratio, plan_uniform
 from inhercc.runtime import check_provider, model_fixed_batch
 from inhercc.verify import graph_output_kinds, score_models
@@ -84,23 +79,6 @@ class CompressResult:
     plan: RankPlan
     layers: list[Layer]
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def has_value_info(model: ModelProto | str | os.PathLike[str]) -> bool:
-    """Whether the teacher as given (before our shape inference) carries ``value_info``."""
-    if isinstance(model, ModelProto):
-        return len(model.graph.value_info) > 0 and not shapes_were_inferred(model)
-    try:
-        return file_facts(model)[1]
-    except OSError:
-        return False  # load_model reports missing files
-
-
-def as_model(model: ModelProto | str | os.PathLike[str]) -> ModelProto:
-    """A prepared model from a path or a ModelProto (the caller's object is never modified)."""
-    if isinstance(model, ModelProto):
-        return prepare_model(model)
-    return load_model(model)
 
 
 def as_parts(data: Any, model: ModelProto) -> list[Feed]:
@@ -227,45 +205,6 @@ class Factorizer:
 
     def release(self) -> None:
         self._cache.clear()
-
-
-def rewrite(model: ModelProto, plan: RankPlan, layers: list[Layer], factors: FactorSource) -> ModelProto:
-    """Apply the factorization passes (MatMul, Gemm, Conv) for the planned ranks to a copy of ``model``."""
-    student = ModelProto()
-    student.CopyFrom(model)
-    ranks = plan.factorized()
-    by_name = {layer.name: layer for layer in layers}
-    result = run_passes(
-        student, [cls(ranks, by_name, factors) for cls in (FactorizeMatMul, FactorizeGemm, FactorizeConv)]
-    )
-    out = result.model
-    del out.graph.value_info[:]  # stale for the rewritten nodes; re-inferred below
-    return infer_model_shapes(out)
-
-
-def with_fixed_inputs(
-    model: ModelProto, shapes: Mapping[str, list[int]] | None, batch: int | None = None
-) -> ModelProto:
-    """A weight-less :func:`~inhercc.model.shape_skeleton` of the model with every graph input's dims fixed
-    (``resolve_shapes``) and shapes re-inferred — for FLOP counts and layer input shapes."""
-    fixed = shape_skeleton(model)
-    concrete = resolve_shapes(input_specs(fixed), shapes, batch, model=model)  # the defaults of the real inputs
-    for vi in fixed.graph.input:
-        if vi.name in concrete:
-            dims = vi.type.tensor_type.shape.dim
-            for d, v in zip(dims, concrete[vi.name]):
-                d.Clear()
-                d.dim_value = v
-    del fixed.graph.value_info[:]
-    return infer_model_shapes(fixed)
-
-
-def fixed_shape_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None) -> tuple[float, tuple[str, ...]]:
-    """FLOPs per sample; with concrete input shapes the dims are fixed first. ``count_flops`` already
-    counts per sample (the leading dim is the batch), so nothing is divided here."""
-    if not shapes:
-        return count_flops(model)
-    return count_flops(with_fixed_inputs(model, shapes))
 
 
 def split_holdout(feeds: Feed, samples: int, axes: Mapping[str, int | None] | None = None) -> tuple[Feed, Feed]:
@@ -709,7 +648,7 @@ def compress_file(
     if save_plan is not None:
         result.plan.save(save_plan, result.layers)
     if report_path is not None:
-        from inhercc.report import write_json
+        from inhercc.files import write_json
 
         write_json(report_path, result.report)
     return result

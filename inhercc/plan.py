@@ -63,7 +63,7 @@ class RankPlan:
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "method": self.method, "layers": rows}
 
     def save(self, path: str | Path, layers: list[Layer] | None = None) -> None:
-        from inhercc.report import write_json
+        from inhercc.files import write_json
 
         write_json(path, self.to_dict(layers))
 

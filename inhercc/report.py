@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from inhercc.data import shape_text
 from inhercc.errors import InherccError
+from inhercc.files import write_bytes_atomic, write_json, write_text_atomic  # noqa: F401  (re-exported)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
@@ -60,48 +59,6 @@ def human_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file via a temp file in the same folder and a rename (no partial file on failure)."""
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write a file via a temp file in the same folder and a rename (no partial file on failure)."""
-    path = Path(path)
-    from inhercc.model import TEMP_PREFIX
-
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent or ".")  # short: any legal name fits
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
 def _cell(v: Any) -> str:
     if v is None:
         return "-"
@@ -135,8 +92,6 @@ def ratio_text(ratio: dict[str, Any] | None) -> str:
 
 def bench_rows(result: dict[str, Any]) -> list[list[Any]]:
     """One row per (shape set, model) of a bench result."""
-    from inhercc.bench import shape_text
-
     params = {m["label"]: m["params"] for m in result["models"]}
     rows: list[list[Any]] = []
     for run in result["runs"]:
@@ -227,8 +182,6 @@ def plot_bench(result: dict[str, Any], path: str | Path) -> Path:
     except ImportError as e:
         raise InherccError("--plot needs matplotlib (pip install matplotlib)") from e
     import numpy as np
-
-    from inhercc.bench import shape_text
 
     runs = result["runs"]
     fig, axes = plt.subplots(1, len(runs), figsize=(max(5.0, 2.2 + 1.6 * len(runs[0]["results"])) * len(runs), 4.2))

@@ -6,8 +6,9 @@ import contextlib
 import functools
 import os
 import tempfile
+import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,15 @@ import onnx
 from onnx import ModelProto
 
 from inhercc.errors import InherccError
+from inhercc.specs import (
+    batch_axes,
+    batch_axes_of,
+    batch_size_of,
+    concat_batches,
+    input_specs,
+    sample_count,
+    slice_batch,
+)
 
 # ONNX Runtime's own log: errors only (3) for its process-wide logger; its warnings about providers it
 # cannot load would otherwise precede inhercc's one-line message (or a successful CPU run) with coloured
@@ -301,18 +311,14 @@ class DataWarning(UserWarning):
 
 def fixed_batch(shapes: Iterable[Sequence[Any]] | Mapping[str, Sequence[Any]]) -> int | None:
     """The batch size a model's input shapes fix (the number at every input's batch axis,
-    :func:`inhercc.data.batch_axes_of`), None when the batch dim is dynamic. A state input ``[2, batch, 128]``
+    :func:`inhercc.specs.batch_axes_of`), None when the batch dim is dynamic. A state input ``[2, batch, 128]``
     beside ``x [batch, 512]`` fixes nothing; ``[4, 512]`` with ``[2, 4, 128]`` fixes 4."""
-    from inhercc.data import batch_axes_of, batch_size_of
-
     named = dict(shapes) if isinstance(shapes, Mapping) else {str(i): s for i, s in enumerate(shapes)}
     return batch_size_of(named, batch_axes_of(named))
 
 
 def model_fixed_batch(model: ModelProto) -> int | None:
     """:func:`fixed_batch` of a model's graph inputs."""
-    from inhercc.data import input_specs
-
     return fixed_batch({s.name: s.shape for s in input_specs(model)})
 
 
@@ -326,8 +332,6 @@ def full_batches(model: ModelProto, feeds: Mapping[str, np.ndarray], source: str
     dynamic), along each input's batch axis. The rest — fewer samples than one batch — is left out with a
     :class:`DataWarning` (as TensorRT's calibrators do; padding would put made-up samples into Grams and
     fidelities); fewer samples than one batch in all is an error naming the fixed dim."""
-    from inhercc.data import batch_axes, sample_count, slice_batch
-
     fixed = model_fixed_batch(model)
     axes = batch_axes(model)
     n = sample_count(feeds, axes)
@@ -349,9 +353,7 @@ def full_batches(model: ModelProto, feeds: Mapping[str, np.ndarray], source: str
 
 
 def session_batch_axes(sess: Any) -> dict[str, int | None]:
-    """:func:`inhercc.data.batch_axes_of` a session's inputs and outputs."""
-    from inhercc.data import batch_axes_of
-
+    """:func:`inhercc.specs.batch_axes_of` a session's inputs and outputs."""
     return batch_axes_of({i.name: i.shape for i in sess.get_inputs()}, {o.name: o.shape for o in sess.get_outputs()})
 
 
@@ -391,8 +393,6 @@ def run_session(
     joined along theirs. Feeds are cast to the session's input dtypes; a model with a fixed batch dim runs in
     batches of exactly that size (the sample count must be a multiple: see :func:`full_batches`); ONNX
     Runtime's failures become one-line :class:`InherccError`\\ s naming ``what`` was run."""
-    from inhercc.data import concat_batches, sample_count, slice_batch
-
     feed = session_feeds(sess, feeds)
     axes = session_batch_axes(sess)
     n = sample_count(feed, axes)
@@ -409,3 +409,76 @@ def run_session(
             parts.append(sess.run(None, slice_batch(feed, axes, i, i + batch_size)))
     names = [o.name for o in sess.get_outputs()]
     return [concat_batches([p[j] for p in parts], axes.get(name, 0), name) for j, name in enumerate(names)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing primitives (``inhercc bench`` and latency-aware planning)
+
+GPU_PROVIDERS = ("cuda", "tensorrt")
+DEFAULT_WARMUP = 10
+DEFAULT_REPEAT = 100
+MIN_DURATION_ROUNDS = 3
+
+Runner = Callable[[], object]
+
+
+def time_interleaved(
+    runners: Sequence[Runner],
+    *,
+    warmup: int = DEFAULT_WARMUP,
+    repeat: int | None = DEFAULT_REPEAT,
+    duration: float | None = None,
+    clock: Callable[[], int] = time.perf_counter_ns,
+) -> list[np.ndarray]:
+    """Warm each runner up on its own (``warmup`` calls), then time them in rounds A B A B …: ``repeat``
+    rounds, or rounds until ``duration`` seconds have passed (at least a few). Latencies in ms, per runner."""
+    for run in runners:
+        for _ in range(warmup):
+            run()
+    samples: list[list[float]] = [[] for _ in runners]
+    start = clock()
+    rounds = 0
+    while True:
+        if repeat is not None and rounds >= repeat:
+            break
+        if duration is not None and rounds >= MIN_DURATION_ROUNDS and (clock() - start) >= duration * 1e9:
+            break
+        for i, run in enumerate(runners):
+            t0 = clock()
+            run()
+            samples[i].append((clock() - t0) / 1e6)
+        rounds += 1
+    return [np.asarray(s) for s in samples]
+
+
+class BoundRunner:
+    """One session run with inputs (and, for CUDA graphs, outputs) bound on the device: the timed call is
+    ``run_with_iobinding`` alone. ONNX Runtime synchronizes the device at the end of every run."""
+
+    def __init__(self, session: Any, feeds: Mapping[str, np.ndarray], device: str, fixed_outputs: Mapping | None):
+        import onnxruntime as ort
+
+        self.session = session
+        self.binding = session.io_binding()
+        self._keep = {k: np.ascontiguousarray(v) for k, v in feeds.items()}  # OrtValues on CPU alias these
+        self.inputs = {k: ort.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in self._keep.items()}
+        for name, value in self.inputs.items():
+            self.binding.bind_ortvalue_input(name, value)
+        self.outputs: dict[str, Any] = {}
+        for out in session.get_outputs():
+            if fixed_outputs is not None:  # CUDA graphs replay fixed addresses: pre-allocate the outputs
+                shape, dtype = fixed_outputs[out.name]
+                self.outputs[out.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+                self.binding.bind_ortvalue_output(out.name, self.outputs[out.name])
+            else:
+                self.binding.bind_output(out.name, device, 0)
+        self.binding.synchronize_inputs()
+
+    def __call__(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+    def output_specs(self) -> dict[str, tuple[list[int], np.dtype]]:
+        """Shapes and dtypes of the outputs of the last run."""
+        names = [o.name for o in self.session.get_outputs()]
+        arrays = self.binding.copy_outputs_to_cpu()
+        return {n: (list(a.shape), a.dtype) for n, a in zip(names, arrays)}

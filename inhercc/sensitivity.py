@@ -17,19 +17,21 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
-from inhercc.calibrate import Parts, Progress, feed_parts, mask_input, quotas, split_quota, trimmed_parts
+from inhercc.calibrate import Parts, feed_parts, quotas, split_quota, trimmed_parts
 from inhercc.data import Axes, Feed, batch_axes, iter_batches, sample_count, slice_batch
 from inhercc.errors import InherccError
-from inhercc.layers import Layer
+from inhercc.layers import FactorSource, Layer
 from inhercc.plan import keep_ratio_rank, spectrum_energy
+from inhercc.progress import Progress
 from inhercc.runtime import batch_size_for, make_session, ort_failures
+from inhercc.specs import mask_input
 from inhercc.verify import INTEGER, Scores, name_kind
 
 DEFAULT_SAMPLES = 32
 DEFAULT_PROBES = (0.5, 1.0)  # ranks probed, as multiples of the layer's rank under uniform ``ratio``
 
 # (layer, total rank) -> (input_factor [g, r/g, in], output_factor [g, out, r/g])
-FactorFn = Callable[[Layer, int], tuple[np.ndarray, np.ndarray]]
+FactorFn = FactorSource  # the old name
 
 
 def stored_weight(layer: Layer, matrix: np.ndarray) -> np.ndarray:

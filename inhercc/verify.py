@@ -428,7 +428,7 @@ def score_models(
     batches of that size (a remainder is left out, with a warning: :func:`inhercc.runtime.full_batches`);
     padding positions of token-level outputs are left out; ONNX Runtime failures are one-line errors naming
     ``source``."""
-    from inhercc.calibrate import mask_input
+    from inhercc.specs import mask_input
 
     kinds = graph_output_kinds(teacher, output_kinds)
     scores = Scores(kinds, batch_axes(teacher), graph_class_axes(teacher))

@@ -17,11 +17,8 @@ import numpy as np
 import onnx
 from onnx import GraphProto, ModelProto, NodeProto, numpy_helper
 
-from inhercc.layers import Layer
+from inhercc.layers import FactorSource, Layer
 from inhercc.model import graph_scopes, implicit_inputs
-
-# (layer, total rank) -> (input_factor [g, r/g, in], output_factor [g, out, r/g]) in float64
-FactorSource = Callable[[Layer, int], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
