@@ -418,3 +418,25 @@ def test_op_profile_splits_kernel_time_by_op_type(models, tmp_path) -> None:
     headers, rows = table(result)
     assert rows[-2][0] == "all kernels" and rows[0][0] == max(t["by_op"], key=t["by_op"].get)
     assert "0.625 of the teacher" in summary(result)
+
+
+def test_a_wrongly_declared_output_rank_does_not_stop_repeated_bound_runs() -> None:
+    """ddddocr's recognizer (a zoo model, torch 1.9 export) declares its output [1, seqlen] and returns 3-D
+    values: ONNX Runtime runs it once with IO binding, then refuses the second run ("Invalid rank for
+    output"); the runner binds such outputs afresh and keeps timing, with the same values as a plain run."""
+    import importlib.util
+    from pathlib import Path
+
+    from inhercc.runtime import BoundRunner, make_session
+
+    spec = importlib.util.find_spec("ddddocr")
+    if spec is None or spec.origin is None:
+        pytest.skip("the zoo package ddddocr is not installed (make install-dev installs it)")
+    path = Path(spec.origin).parent / "common.onnx"
+    x = np.random.default_rng(0).random((1, 1, 64, 224), dtype=np.float32)
+    session = make_session(str(path))
+    runner = BoundRunner(session, {"input1": x}, "cpu", None)
+    for _ in range(3):
+        runner()
+    assert runner.rebind
+    np.testing.assert_allclose(runner.binding.copy_outputs_to_cpu()[0], session.run(None, {"input1": x})[0], rtol=1e-6)
