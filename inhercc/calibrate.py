@@ -10,7 +10,7 @@ per group). Padding positions are left out when the model has an attention-mask-
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,8 +28,10 @@ from inhercc.data import (
     take_samples,
 )
 from inhercc.errors import InherccError
+from inhercc.families import FAMILIES, family_for
 from inhercc.layers import Layer
 from inhercc.model import implicit_inputs
+from inhercc.passes.factorize_conv import ConvGeometry, conv_patches  # noqa: F401  (re-exported)
 from inhercc.progress import Progress
 from inhercc.runtime import batch_size_for, full_batches, make_session, model_fixed_batch, ort_failures
 from inhercc.specs import mask_input
@@ -45,75 +47,14 @@ DEFAULT_CUT_BYTES = 4 << 30  # sequential calibration: both models' values at a 
 _CHUNK_ELEMS = 1 << 22  # rows·columns converted to float64 at a time (32 MiB)
 
 
-@dataclass(frozen=True)
-class ConvGeometry:
-    """What a Conv does to its input's spatial axes (ONNX attributes, resolved to explicit pads)."""
-
-    kernel: tuple[int, ...]
-    strides: tuple[int, ...]
-    pads: tuple[int, ...]  # begin..., end... (ONNX order); ignored unless auto_pad is NOTSET
-    dilations: tuple[int, ...]
-    auto_pad: str
-    groups: int
-
-    @classmethod
-    def of(cls, node: onnx.NodeProto, kernel: Sequence[int], groups: int) -> ConvGeometry:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        n = len(kernel)
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        return cls(
-            tuple(int(k) for k in kernel),
-            tuple(int(s) for s in attrs.get("strides", [1] * n)),
-            tuple(int(p) for p in attrs.get("pads", [0] * (2 * n))),
-            tuple(int(d) for d in attrs.get("dilations", [1] * n)),
-            auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad),
-            int(groups),
-        )
-
-    def explicit_pads(self, spatial: Sequence[int]) -> tuple[tuple[int, int], ...]:
-        """(begin, end) padding per spatial axis for an input of size ``spatial``."""
-        if self.auto_pad in ("", "NOTSET"):
-            n = len(self.kernel)
-            return tuple((self.pads[i], self.pads[i + n]) for i in range(n))
-        if self.auto_pad == "VALID":
-            return tuple((0, 0) for _ in self.kernel)
-        if self.auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
-            raise InherccError(f"unsupported Conv auto_pad {self.auto_pad!r}")
-        out = []
-        for size, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations):
-            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
-            small, big = total // 2, total - total // 2
-            out.append((small, big) if self.auto_pad == "SAME_UPPER" else (big, small))
-        return tuple(out)
-
-
-def conv_patches(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """Unfold one sample ``x[C, *spatial]`` into the patch matrix ``[groups, positions, C/g·prod(kernel)]``
-    seen by a Conv with geometry ``geom`` (zero padding included, as the Conv sees it)."""
-    c = x.shape[0]
-    g = geom.groups
-    pads = geom.explicit_pads(x.shape[1:])
-    xp = np.pad(x, ((0, 0),) + pads) if any(p for pair in pads for p in pair) else x
-    n = len(geom.kernel)
-    span = tuple((k - 1) * d + 1 for k, d in zip(geom.kernel, geom.dilations))
-    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(1, n + 1)))  # [C, *out_full, *span]
-    index = (slice(None),) + tuple(slice(None, None, s) for s in geom.strides)
-    index += tuple(slice(None, None, d) for d in geom.dilations)
-    win = win[index]  # [C, *out, *kernel]
-    positions = int(np.prod(win.shape[1 : n + 1]))
-    kk = int(np.prod(geom.kernel))
-    win = win.reshape(g, c // g, positions, kk)
-    return np.ascontiguousarray(win.transpose(0, 2, 1, 3)).reshape(g, positions, (c // g) * kk)
-
-
 @dataclass
 class _Tap:
     """One exposed tensor and how its rows are read (layers sharing both share the Gram). With a teacher
     value next to the student's, also the cross term ``X_sᵀ X_t`` (sequential calibration)."""
 
     tensor: str
-    op: str  # "MatMul" (also Gemm) | "Conv"
-    geom: ConvGeometry | None
+    op: str  # the op type of the first layer reading it (its family reads the rows)
+    geom: Hashable | None  # the family's calibration geometry (a ConvGeometry; None: the last axis)
     layers: list[str]
     position: int = -1  # index of the producing node (-1: a graph input)
     gram: np.ndarray | None = None
@@ -124,17 +65,7 @@ class _Tap:
 
     def blocks(self, value: np.ndarray, mask: np.ndarray | None) -> Iterator[np.ndarray]:
         """The rows the weight multiplies, as ``[g, rows, k]`` blocks (one per sample for a conv)."""
-        if self.op == "Conv":
-            assert self.geom is not None
-            for sample in value:
-                yield conv_patches(sample, self.geom)
-            return
-        x = value
-        if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-            x = x[mask != 0]  # drop padding positions
-        elif mask is not None and x.ndim == 2 and x.shape[0] == mask.size:
-            x = x[mask.reshape(-1) != 0]  # [batch·seq, in]: an exporter flattened the tokens
-        yield x.reshape(1, -1, x.shape[-1])
+        return family_for(self.op).calibration_rows(value, self.geom, mask)
 
     def add(self, value: np.ndarray, mask: np.ndarray | None, teacher: np.ndarray | None = None) -> None:
         """Queue a batch's rows; multiply once enough rows are queued (big products run faster)."""
@@ -171,7 +102,7 @@ class _Tap:
 
     def result(self, stack: np.ndarray) -> np.ndarray:
         """``[k, k]`` for one group, the ``[g, k, k]`` stack for a grouped conv."""
-        return stack if self.op == "Conv" and stack.shape[0] > 1 else stack[0]
+        return stack if stack.shape[0] > 1 else stack[0]
 
 
 def _lengths(mask: np.ndarray) -> np.ndarray:
@@ -276,13 +207,12 @@ def _taps(model: ModelProto, layers: Sequence[Layer]) -> list[_Tap]:
     taps: dict[tuple, _Tap] = {}
     for layer in layers:
         node = nodes.get(layer.name)
-        if node is None or not node.input or layer.op not in ("MatMul", "Gemm", "Conv"):
+        if node is None or not node.input or layer.op not in FAMILIES:
             continue
-        geom = ConvGeometry.of(node, layer.kernel, layer.groups) if layer.op == "Conv" else None
+        geom = family_for(layer.op).calibration_geometry(node, layer)
         key = (node.input[0], geom)
         if key not in taps:
-            op = "Conv" if geom else "MatMul"
-            taps[key] = _Tap(node.input[0], op, geom, [], producer.get(node.input[0], -1))
+            taps[key] = _Tap(node.input[0], layer.op, geom, [], producer.get(node.input[0], -1))
         taps[key].layers.append(layer.name)
     return sorted(taps.values(), key=lambda t: t.position)
 

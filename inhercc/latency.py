@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from inhercc import linalg
 from inhercc.errors import InherccError
+from inhercc.families import family_for
 from inhercc.layers import Layer, tensor_shapes
 from inhercc.plan import RankPlan
 
@@ -78,33 +78,12 @@ def micro_models(
     model: ModelProto, layer: Layer, rank: int, input_shape: Sequence[int], seed: int = 0
 ) -> tuple[ModelProto, ModelProto]:
     """The dense node alone (one node) and the chain the passes emit for it at ``rank`` (two nodes), both
-    reading one input of ``input_shape``. Factor values are random: only their shapes matter for timing."""
-    from inhercc.passes import rewrite
-
+    reading one input of ``input_shape`` (built by the layer's op family). Factor values are random: only their
+    shapes matter for timing."""
     node = next((n for n in model.graph.node if n.name == layer.name), None)
     if node is None:
         raise InherccError(f"no node named {layer.name}")
-    inits = {t.name: t for t in model.graph.initializer}
-    dtype = onnx.helper.np_dtype_to_tensor_dtype(layer.weight_dtype)
-    weight = inits[layer.weight_name]
-    tensors = [weight]
-    for extra in node.input[2:]:
-        if extra and extra not in inits:
-            raise InherccError(f"{layer.name}: input {extra} is computed at run time; cannot time the node alone")
-        if extra:
-            tensors.append(inits[extra])
-    x = onnx.helper.make_tensor_value_info(node.input[0], dtype, list(input_shape))
-    y = onnx.helper.make_tensor_value_info(node.output[0], dtype, None)
-    single = onnx.helper.make_node(node.op_type, list(node.input), [node.output[0]], name=node.name)
-    single.attribute.extend(node.attribute)
-    graph = onnx.helper.make_graph([single], "dense", [x], [y], tensors)
-    dense = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-
-    def factors(la: Layer, r: int) -> tuple[np.ndarray, np.ndarray]:
-        return linalg.random_factors(la.out_features, la.in_features, r // la.groups, la.groups, seed=seed)
-
-    chain = rewrite(dense, RankPlan({layer.name: rank}), [layer], factors)
-    return dense, chain
+    return family_for(layer.op).micro_model(model, node, layer, rank, input_shape, seed)
 
 
 class OrtLayerTimer:

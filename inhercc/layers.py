@@ -9,96 +9,24 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, numpy_helper
 
-from inhercc import linalg
+from inhercc import passes  # noqa: F401  (importing it registers the op families)
 from inhercc.errors import InherccError
+from inhercc.families import FAMILIES, FactorSource, Layer, families, family_for  # noqa: F401  (re-exported)
 from inhercc.graph import Dim, count_flops, node_attr, node_flops, tensor_shapes  # noqa: F401  (re-exported)
 from inhercc.model import FLOAT_TYPES, GraphScope, graph_scopes
+from inhercc.passes.base import int_dims as _int_dims
 
-FACTORIZABLE_OPS = ("MatMul", "Gemm", "Conv")
+FACTORIZABLE_OPS = tuple(f.op_type for f in families())
 DEFAULT_MIN_PARAMS = 4096
 DEFAULT_MIN_SAVING = 0.10
 SUBGRAPH_NOTE = "plain SVD: activations inside a subgraph cannot be tapped"
-
-
-@dataclass
-class Layer:
-    """One weight-carrying node. ``matrix()`` gives the weight as a ``[groups, out, in]`` float64 stack in
-    the ``y = W x`` convention of :mod:`inhercc.linalg` (Gemm alpha/transB folded, conv kernels flattened)."""
-
-    name: str
-    op: str
-    weight_name: str
-    weight_shape: tuple[int, ...]
-    weight_dtype: np.dtype
-    groups: int = 1
-    out_features: int = 0  # per group
-    in_features: int = 0  # per group, kernel included
-    kernel: tuple[int, ...] = ()
-    bias_params: int = 0
-    flops: int = 0  # per sample; symbolic dims counted as 1
-    symbolic_dims: tuple[str, ...] = ()
-    reason: str | None = None
-    weight: np.ndarray | None = field(default=None, repr=False)
-    scale: float = 1.0  # Gemm alpha folded into the weight
-    transposed: bool = False  # the stored weight is [in, out] (MatMul, Gemm transB=0)
-    subgraph: str | None = None  # where a layer inside an If / Loop / Scan body lives ("If_12/then_branch")
-    note: str | None = None  # how a factorized layer was initialized when not as the others (SUBGRAPH_NOTE)
-
-    @property
-    def compressible(self) -> bool:
-        return self.reason is None
-
-    @property
-    def shape(self) -> list[int]:
-        return list(self.weight_shape)
-
-    @property
-    def weight_params(self) -> int:
-        return int(np.prod(self.weight_shape))
-
-    @property
-    def params(self) -> int:
-        return self.weight_params + self.bias_params
-
-    @property
-    def full_rank(self) -> int:
-        """Largest useful rank per group."""
-        return min(self.out_features, self.in_features)
-
-    def factor_params(self, rank: int) -> int:
-        """Weight parameters of the factor chain at a total rank ``rank`` (``rank/groups`` per group)."""
-        per_group = rank // self.groups
-        return linalg.factor_params(self.out_features, self.in_features, per_group, self.groups)
-
-    def rank_step(self) -> int:
-        """Total rank grows in steps of ``groups`` (one per group)."""
-        return self.groups
-
-    def factor_flops(self, rank: int) -> int:
-        """FLOPs per sample of the factor chain at total rank ``rank``."""
-        if self.weight_params == 0:
-            return 0
-        return int(self.flops * self.factor_params(rank) / self.weight_params)
-
-    def matrix(self) -> np.ndarray:
-        """The weight as a float64 ``[groups, out, in]`` stack."""
-        assert self.weight is not None, f"layer {self.name} has no weight loaded"
-        w = np.asarray(self.weight, dtype=np.float64)
-        if self.op == "Conv":
-            return w.reshape(self.groups, self.out_features, self.in_features)
-        m = w.T if self.transposed else w
-        return (self.scale * m)[None]
-
-
-# (layer, total rank) -> (input_factor [g, r/g, in], output_factor [g, out, r/g]) in float64
-FactorSource = Callable[[Layer, int], tuple[np.ndarray, np.ndarray]]
 
 
 def find_layers(
@@ -112,13 +40,14 @@ def find_layers(
     load_weights: bool = True,
     allow_nonfinite: bool = True,
 ) -> list[Layer]:
-    """Every MatMul/Gemm/Conv node, in graph order — the main graph's, then those inside If / Loop / Scan
-    bodies at any depth (``Layer.subgraph`` says where) — as a :class:`Layer`; ``reason`` says why a layer is
-    not compressible (weight not constant, unsupported attribute, integer weight, too small, no saving at any
-    rank that is a multiple of ``rank_multiple``, excluded by pattern, weight shared with other nodes, NaN /
-    Inf in the weight), prefixed by the subgraph it lives in. ``include`` / ``exclude`` patterns are searched
-    in the node name and in ``<subgraph>/<node name>``. A NaN / Inf in a weight that would be factorized is an
-    error unless ``allow_nonfinite`` (then the layer stays dense)."""
+    """Every node of a registered op family (MatMul/Gemm/Conv), in graph order — the main graph's, then those
+    inside If / Loop / Scan bodies at any depth (``Layer.subgraph`` says where) — as a :class:`Layer`;
+    ``reason`` says why a layer is not compressible (weight not constant, unsupported attribute, integer
+    weight, too small, no saving at any rank that is a multiple of ``rank_multiple``, excluded by pattern,
+    weight shared with other nodes, NaN / Inf in the weight), prefixed by the subgraph it lives in.
+    ``include`` / ``exclude`` patterns are searched in the node name and in ``<subgraph>/<node name>``. A
+    NaN / Inf in a weight that would be factorized is an error unless ``allow_nonfinite`` (then the layer
+    stays dense)."""
     scopes = graph_scopes(model)
     shapes = tensor_shapes(model)
     uses = Counter(name for scope in scopes for node in scope.graph.node for name in node.input)
@@ -129,7 +58,7 @@ def find_layers(
     layers: list[Layer] = []
     for scope in scopes:
         for node in scope.graph.node:
-            if node.op_type not in FACTORIZABLE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            if node.op_type not in FAMILIES or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
                 continue
             layer = _find_layer(node, scope, lookup, shapes, checks, min_saving, load_weights, allow_nonfinite)
             if layer is not None:
@@ -183,8 +112,8 @@ def _find_layer(
     w_name = node.input[1]
     init = lookup(w_name, scope)
     if init is None:
-        if node.op_type == "MatMul":
-            return None  # activation × activation (attention scores): not a weight-carrying layer
+        if not family_for(node.op_type).computed_weight_is_layer:
+            return None  # MatMul of activation × activation (attention scores): not a weight-carrying layer
         layer = Layer(node.name, node.op_type, w_name, tuple(_int_dims(shapes.get(w_name))), np.dtype(np.float32))
         layer.reason = "weight is not a constant (computed at run time)"
     else:
@@ -226,25 +155,9 @@ def _describe(node: NodeProto, init: onnx.TensorProto, shapes: dict[str, list[Di
     layer = Layer(node.name, node.op_type, init.name, dims, np.dtype(dtype))
     if load and is_float:
         layer.weight = numpy_helper.to_array(init)
-    if node.op_type == "MatMul" and len(dims) == 2:
-        layer.in_features, layer.out_features = dims
-        layer.transposed = True
-    elif node.op_type == "Gemm" and len(dims) == 2:
-        trans_b = node_attr(node, "transB", 0)
-        layer.transposed = not trans_b
-        layer.out_features, layer.in_features = (dims[0], dims[1]) if trans_b else (dims[1], dims[0])
-        layer.scale = float(node_attr(node, "alpha", 1.0))
-        if len(node.input) > 2 and node.input[2]:
-            layer.bias_params = int(np.prod(_int_dims(shapes.get(node.input[2])) or [0]))
-    elif node.op_type == "Conv" and len(dims) >= 3:
-        g = int(node_attr(node, "group", 1))
-        layer.groups = g
-        layer.kernel = dims[2:]
-        layer.out_features = dims[0] // g if dims[0] % g == 0 else 0
-        layer.in_features = int(np.prod(dims[1:]))
-        if len(node.input) > 2 and node.input[2]:
-            layer.bias_params = int(np.prod(_int_dims(shapes.get(node.input[2])) or [0]))
-    f = node_flops(node, shapes)
+    family = family_for(node.op_type)
+    family.describe(node, layer, shapes)
+    f = family.flops(node, shapes)
     if f is not None:
         layer.flops, layer.symbolic_dims = f
     return layer
@@ -260,16 +173,9 @@ def _check(
         return "weight is a graph input (overridable at run time), not a constant"
     if checks.uses[init.name] > 1:
         return f"weight shared by {checks.uses[init.name]} uses (tied weights)"
-    dims = layer.weight_shape
-    if node.op_type in ("MatMul", "Gemm") and len(dims) != 2:
-        return f"weight is {len(dims)}-D, expected 2-D"
-    if node.op_type == "Gemm" and node_attr(node, "transA", 0):
-        return "unsupported attribute transA=1"
-    if node.op_type == "Conv":
-        if len(dims) not in (3, 4):
-            return f"{len(dims) - 2}-D convolution is not supported (1-D and 2-D are)"
-        if layer.out_features == 0:
-            return f"output channels {dims[0]} not divisible by group={layer.groups}"
+    reason = family_for(node.op_type).check(node, layer)
+    if reason is not None:
+        return reason
     names = [node.name, f"{path}/{node.name}"] if path else [node.name]
     if checks.includes and not any(p.search(n) for p in checks.includes for n in names):
         return "excluded by pattern (not matched by --include)"
@@ -298,8 +204,3 @@ def _patterns(p: str | Iterable[str] | None) -> list[re.Pattern[str]]:
         except re.error as e:
             raise InherccError(f"bad regular expression {item!r}: {e}") from e
     return out
-
-
-def _int_dims(dims: list[Dim] | None) -> list[int]:
-    return [d for d in (dims or []) if isinstance(d, int)]
-

@@ -44,11 +44,12 @@ from inhercc.files import check_paths, file_size, path_or_none
 from inhercc.layers import (
     DEFAULT_MIN_PARAMS,
     DEFAULT_MIN_SAVING,
+    FAMILIES,
     SUBGRAPH_NOTE,
     FactorSource,
     Layer,
+    family_for,
     find_layers,
-    node_flops,
     tensor_shapes,
 )
 from inhercc.model import (
@@ -750,7 +751,7 @@ def layer_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None) -> di
     known = tensor_shapes(fixed)
     out = {}
     for node in fixed.graph.node:
-        f = node_flops(node, known) if node.op_type in ("MatMul", "Gemm", "Conv") else None
+        f = family_for(node.op_type).flops(node, known) if node.op_type in FAMILIES else None
         if f is not None:
             out[node.name] = f[0]
     return out

@@ -20,6 +20,7 @@ from onnx import ModelProto, numpy_helper
 from inhercc.calibrate import Parts, feed_parts, quotas, split_quota, trimmed_parts
 from inhercc.data import Axes, Feed, batch_axes, iter_batches, sample_count, slice_batch
 from inhercc.errors import InherccError
+from inhercc.families import family_for
 from inhercc.layers import FactorSource, Layer
 from inhercc.plan import keep_ratio_rank, spectrum_energy
 from inhercc.progress import Progress
@@ -37,11 +38,7 @@ FactorFn = FactorSource  # the old name
 def stored_weight(layer: Layer, matrix: np.ndarray) -> np.ndarray:
     """Inverse of :meth:`Layer.matrix`: a ``[groups, out, in]`` stack back in the initializer's layout and
     dtype (MatMul ``[in, out]``, Gemm with ``transB``/``alpha``, Conv ``[out, in/g, *kernel]``)."""
-    if layer.op == "Conv":
-        w = matrix.reshape(layer.weight_shape)
-    else:
-        m = matrix[0] / layer.scale
-        w = m.T if layer.transposed else m
+    w = family_for(layer.op).stored_weight(layer, matrix)
     return np.ascontiguousarray(w.astype(layer.weight_dtype))
 
 

@@ -1,40 +1,53 @@
-"""Graph rewrites, installed as ``inhercc.passes``: one pass per file, composable, CLI-agnostic."""
+"""Graph rewrites, installed as ``inhercc.passes``: one file per op family (recognition, checks, calibration
+rows, the rewrite pass, the latency micro-model), composable, CLI-agnostic. Importing this package registers
+the families (:mod:`inhercc.families`); adding a family is adding one file and its import here."""
 
 from __future__ import annotations
 
-from inhercc.passes.base import PASSES, FactorSource, Pass, PassResult, get_pass, run_passes
-from inhercc.passes.factorize_conv import FactorizeConv
-from inhercc.passes.factorize_gemm import FactorizeGemm
-from inhercc.passes.factorize_matmul import FactorizeMatMul
+from typing import TYPE_CHECKING
+
+from inhercc.passes.base import (
+    PASSES,
+    FactorizePass,
+    FactorSource,
+    OpFamily,
+    Pass,
+    PassResult,
+    get_pass,
+    rewrite_ranks,
+    run_passes,
+)
+from inhercc.passes.factorize_conv import ConvFamily, FactorizeConv
+from inhercc.passes.factorize_gemm import FactorizeGemm, GemmFamily
+from inhercc.passes.factorize_matmul import FactorizeMatMul, MatMulFamily
 from onnx import ModelProto
 
-from inhercc.layers import Layer
-from inhercc.model import infer_model_shapes
-from inhercc.plan import RankPlan
+from inhercc.families import Layer
+
+if TYPE_CHECKING:
+    from inhercc.plan import RankPlan
 
 __all__ = [
     "PASSES",
+    "ConvFamily",
     "FactorSource",
     "FactorizeConv",
     "FactorizeGemm",
     "FactorizeMatMul",
+    "FactorizePass",
+    "GemmFamily",
+    "MatMulFamily",
+    "OpFamily",
     "Pass",
     "PassResult",
     "get_pass",
     "rewrite",
+    "rewrite_ranks",
     "run_passes",
 ]
 
 
 def rewrite(model: ModelProto, plan: RankPlan, layers: list[Layer], factors: FactorSource) -> ModelProto:
-    """Apply the factorization passes (MatMul, Gemm, Conv) for the planned ranks to a copy of ``model``."""
-    student = ModelProto()
-    student.CopyFrom(model)
-    ranks = plan.factorized()
-    by_name = {layer.name: layer for layer in layers}
-    result = run_passes(
-        student, [cls(ranks, by_name, factors) for cls in (FactorizeMatMul, FactorizeGemm, FactorizeConv)]
-    )
-    out = result.model
-    del out.graph.value_info[:]  # stale for the rewritten nodes; re-inferred below
-    return infer_model_shapes(out)
+    """Apply the factorization passes of every registered family (MatMul, Gemm, Conv) for the planned ranks to
+    a copy of ``model``."""
+    return rewrite_ranks(model, plan.factorized(), layers, factors)

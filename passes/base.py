@@ -1,15 +1,20 @@
-"""The pass protocol, the registry, and the rewrite helpers every factorization pass shares.
+"""The pass protocol, the op-family interface, the registries, and the rewrite helpers every factorization
+pass shares.
 
 Like onnx-ir passes, a pass is a callable ``pass(model) -> PassResult(model, modified, notes)``. Passes
 rewrite the ModelProto they are given in place (the pipeline hands them its own copy) and know nothing
 of the CLI. A factorization pass gets the planned ranks, the :class:`~inhercc.layers.Layer` records and a
 :data:`FactorSource` that produces the factor matrices (plain SVD, whitened SVD or random).
+
+An :class:`OpFamily` is everything inhercc knows about one op (recognition and checks, FLOPs, calibration rows,
+the weight matrix and its inverse, the rewrite, the latency micro-model); each lives in its own file and is
+registered by op type (:func:`inhercc.families.family_for` finds it). Adding a family is adding one file.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,8 +22,11 @@ import numpy as np
 import onnx
 from onnx import GraphProto, ModelProto, NodeProto, numpy_helper
 
-from inhercc.layers import FactorSource, Layer
-from inhercc.model import graph_scopes, implicit_inputs
+from inhercc import linalg
+from inhercc.errors import InherccError
+from inhercc.families import FactorSource, Layer, families, family_for
+from inhercc.graph import Dim, node_flops
+from inhercc.model import graph_scopes, implicit_inputs, infer_model_shapes
 
 
 @dataclass
@@ -64,16 +72,128 @@ def run_passes(model: ModelProto, passes: Iterable[Pass]) -> PassResult:
     return PassResult(model, modified, notes)
 
 
+class OpFamily:
+    """One op family. The defaults describe a 2-D weight multiplying the last axis of the input (MatMul's
+    ``[in, out]`` layout); a family overrides what differs. Register an instance with
+    :func:`inhercc.families.register_family`."""
+
+    op_type: str = ""
+    order: int = 100  # the rewrite runs the families' passes in this order
+    computed_weight_is_layer: bool = True  # False: a node whose weight is computed at run time is no layer
+
+    def describe(self, node: NodeProto, layer: Layer, shapes: Mapping[str, list[Dim]]) -> None:
+        """Fill the layer's geometry (features, groups, kernel, transposed, scale, bias) from its node."""
+        if len(layer.weight_shape) == 2:
+            layer.in_features, layer.out_features = layer.weight_shape
+            layer.transposed = True
+
+    def check(self, node: NodeProto, layer: Layer) -> str | None:
+        """Why this family cannot compress the node (a reason shown to the user), or None."""
+        dims = layer.weight_shape
+        return f"weight is {len(dims)}-D, expected 2-D" if len(dims) != 2 else None
+
+    def flops(self, node: NodeProto, shapes: Mapping[str, list[Dim]]) -> tuple[int, tuple[str, ...]] | None:
+        """FLOPs per sample and the symbolic dims counted as 1, or None when shapes are unknown."""
+        return node_flops(node, dict(shapes))
+
+    def matrix(self, layer: Layer) -> np.ndarray:
+        """The loaded weight as a float64 ``[groups, out, in]`` stack (``y = W x``)."""
+        w = np.asarray(layer.weight, dtype=np.float64)
+        m = w.T if layer.transposed else w
+        return (layer.scale * m)[None]
+
+    def stored_weight(self, layer: Layer, matrix: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`matrix`: a ``[groups, out, in]`` stack back in the initializer's layout."""
+        m = matrix[0] / layer.scale
+        return m.T if layer.transposed else m
+
+    def calibration_geometry(self, node: NodeProto, layer: Layer) -> Hashable | None:
+        """What, beside the input tensor, decides the calibration rows (layers sharing both share a Gram)."""
+        return None
+
+    def calibration_rows(
+        self, value: np.ndarray, geometry: Hashable | None, mask: np.ndarray | None
+    ) -> Iterator[np.ndarray]:
+        """The rows the weight multiplies, as ``[g, rows, k]`` blocks: here the input's last axis, padding
+        positions (``mask == 0``) left out."""
+        x = value
+        if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+            x = x[mask != 0]  # drop padding positions
+        elif mask is not None and x.ndim == 2 and x.shape[0] == mask.size:
+            x = x[mask.reshape(-1) != 0]  # [batch·seq, in]: an exporter flattened the tokens
+        yield x.reshape(1, -1, x.shape[-1])
+
+    def rewrite(
+        self, node: NodeProto, layer: Layer, input_factor: np.ndarray, output_factor: np.ndarray, names: GraphNames
+    ) -> tuple[list[NodeProto], list[onnx.TensorProto]]:
+        """The nodes replacing ``node`` (the teacher's output name kept) and their factor initializers."""
+        raise NotImplementedError
+
+    def micro_model(
+        self, model: ModelProto, node: NodeProto, layer: Layer, rank: int, input_shape: Sequence[int], seed: int = 0
+    ) -> tuple[ModelProto, ModelProto]:
+        """The dense node alone (one node) and the chain its rewrite emits at ``rank``, both reading one input
+        of ``input_shape``. Factor values are random: only their shapes matter for timing."""
+        inits = {t.name: t for t in model.graph.initializer}
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(layer.weight_dtype)
+        tensors = [inits[layer.weight_name]]
+        for extra in node.input[2:]:
+            if extra and extra not in inits:
+                raise InherccError(f"{layer.name}: input {extra} is computed at run time; cannot time the node alone")
+            if extra:
+                tensors.append(inits[extra])
+        x = onnx.helper.make_tensor_value_info(node.input[0], dtype, list(input_shape))
+        y = onnx.helper.make_tensor_value_info(node.output[0], dtype, None)
+        single = onnx.helper.make_node(node.op_type, list(node.input), [node.output[0]], name=node.name)
+        single.attribute.extend(node.attribute)
+        graph = onnx.helper.make_graph([single], "dense", [x], [y], tensors)
+        dense = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+        def factors(la: Layer, r: int) -> tuple[np.ndarray, np.ndarray]:
+            return linalg.random_factors(la.out_features, la.in_features, r // la.groups, la.groups, seed=seed)
+
+        return dense, rewrite_ranks(dense, {layer.name: rank}, [layer], factors)
+
+
+def int_dims(dims: Sequence[Dim] | None) -> list[int]:
+    """The known (integer) dims of a shape."""
+    return [d for d in (dims or []) if isinstance(d, int)]
+
+
+def bias_params(node: NodeProto, shapes: Mapping[str, list[Dim]]) -> int:
+    """Parameters of a node's optional third input (bias / C), 0 without one."""
+    if len(node.input) > 2 and node.input[2]:
+        return int(np.prod(int_dims(shapes.get(node.input[2])) or [0]))
+    return 0
+
+
+def rewrite_ranks(
+    model: ModelProto, ranks: Mapping[str, int], layers: Sequence[Layer], factors: FactorSource
+) -> ModelProto:
+    """Apply every registered family's factorization pass for ``ranks`` (layer name → total rank) to a copy
+    of ``model``; shapes re-inferred."""
+    student = ModelProto()
+    student.CopyFrom(model)
+    by_name = {layer.name: layer for layer in layers}
+    result = run_passes(student, [FactorizePass(ranks, by_name, factors, f.op_type) for f in families()])
+    out = result.model
+    del out.graph.value_info[:]  # stale for the rewritten nodes; re-inferred below
+    return infer_model_shapes(out)
+
+
 class FactorizePass:
-    """Shared driver: for every node of ``op_type`` with a planned rank, ask :meth:`rewrite` for the nodes
-    that replace it; then drop weights nothing uses any more. Subclasses implement :meth:`rewrite`.
+    """Shared driver: for every node of ``op_type`` with a planned rank, ask the op's family
+    (:meth:`OpFamily.rewrite`) for the nodes that replace it; then drop weights nothing uses any more.
 
     Nodes inside If / Loop / Scan bodies (any depth) are rewritten in place in their body; their factor
     initializers, like all others, go to the main graph, which every body reads as its outer scope."""
 
     op_type: str = ""
 
-    def __init__(self, ranks: Mapping[str, int], layers: Mapping[str, Layer], factors: FactorSource) -> None:
+    def __init__(
+        self, ranks: Mapping[str, int], layers: Mapping[str, Layer], factors: FactorSource, op_type: str | None = None
+    ) -> None:
+        self.op_type = op_type or self.op_type
         self.ranks = dict(ranks)
         self.layers = dict(layers)
         self.factors = factors
@@ -117,7 +237,8 @@ class FactorizePass:
     def rewrite(
         self, node: NodeProto, layer: Layer, input_factor: np.ndarray, output_factor: np.ndarray, names: GraphNames
     ) -> tuple[list[NodeProto], list[onnx.TensorProto]]:
-        raise NotImplementedError
+        """The replacement of one node: its family's rewrite."""
+        return family_for(self.op_type).rewrite(node, layer, input_factor, output_factor, names)
 
 
 class GraphNames:

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
-from inhercc.passes.base import FactorizePass, GraphNames, copy_attributes, factor_chain, factor_tensors, register
+from inhercc.passes.base import (
+    FactorizePass,
+    GraphNames,
+    OpFamily,
+    bias_params,
+    copy_attributes,
+    factor_chain,
+    factor_tensors,
+    register,
+)
 from onnx import NodeProto
 
-from inhercc.layers import Layer
+from inhercc.families import Layer, register_family
+from inhercc.graph import Dim, node_attr
 
 
-@register("factorize_gemm")
-class FactorizeGemm(FactorizePass):
-    """Rules:
+@register_family
+class GemmFamily(OpFamily):
+    """A constant 2-D ``B`` (``[out, in]`` with ``transB = 1``, ``[in, out]`` without), ``alpha`` folded into
+    the matrix; ``transA = 1`` is not supported.
+
+    Rewrite rules:
 
     1. ``Y = alpha·X·B' + beta·C`` (``transA = 0``; ``B' = B`` or ``Bᵀ`` by ``transB``; ``B`` constant) with
        a planned rank ``r`` becomes ``T = Gemm(X, A)``; ``Y = Gemm(T, B2, C, beta)``.
@@ -23,6 +38,23 @@ class FactorizeGemm(FactorizePass):
     """
 
     op_type = "Gemm"
+    order = 1
+
+    def describe(self, node: NodeProto, layer: Layer, shapes: Mapping[str, list[Dim]]) -> None:
+        dims = layer.weight_shape
+        if len(dims) != 2:
+            return
+        trans_b = node_attr(node, "transB", 0)
+        layer.transposed = not trans_b
+        layer.out_features, layer.in_features = (dims[0], dims[1]) if trans_b else (dims[1], dims[0])
+        layer.scale = float(node_attr(node, "alpha", 1.0))
+        layer.bias_params = bias_params(node, shapes)
+
+    def check(self, node: NodeProto, layer: Layer) -> str | None:
+        reason = super().check(node, layer)
+        if reason is None and node_attr(node, "transA", 0):
+            return "unsupported attribute transA=1"
+        return reason
 
     def rewrite(
         self, node: NodeProto, layer: Layer, input_factor: np.ndarray, output_factor: np.ndarray, names: GraphNames
@@ -36,3 +68,10 @@ class FactorizeGemm(FactorizePass):
         beta = copy_attributes(node).get("beta", 1.0)
         first, second = {"transB": trans_b, **attrs}, {"transB": trans_b, "beta": beta, **attrs}
         return factor_chain(node, names, a, b, first, second), [a, b]
+
+
+@register("factorize_gemm")
+class FactorizeGemm(FactorizePass):
+    """The Gemm factorization pass (rules: :class:`GemmFamily`)."""
+
+    op_type = "Gemm"

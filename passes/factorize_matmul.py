@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from inhercc.passes.base import FactorizePass, GraphNames, factor_chain, factor_tensors, register
+from inhercc.passes.base import FactorizePass, GraphNames, OpFamily, factor_chain, factor_tensors, register
 from onnx import NodeProto
 
-from inhercc.layers import Layer
+from inhercc.families import Layer, register_family
 
 
-@register("factorize_matmul")
-class FactorizeMatMul(FactorizePass):
-    """Rules:
+@register_family
+class MatMulFamily(OpFamily):
+    """A constant ``[in, out]`` weight multiplying the last axis of the input (the :class:`OpFamily` defaults).
+    A MatMul of two activations (attention scores) is no layer.
+
+    Rewrite rules:
 
     1. ``Y = MatMul(X, W)``, ``W`` a constant ``[in, out]`` initializer with a planned rank ``r``, becomes
        ``T = MatMul(X, A)``; ``Y = MatMul(T, B)`` with ``A = [in, r]`` (the input factor, a linear in→r) and
@@ -23,9 +26,18 @@ class FactorizeMatMul(FactorizePass):
     """
 
     op_type = "MatMul"
+    order = 0
+    computed_weight_is_layer = False
 
     def rewrite(
         self, node: NodeProto, layer: Layer, input_factor: np.ndarray, output_factor: np.ndarray, names: GraphNames
     ) -> tuple[list[NodeProto], list[onnx.TensorProto]]:
         a, b = factor_tensors(names, node, layer, input_factor[0].T, output_factor[0].T)
         return factor_chain(node, names, a, b, {}, {}), [a, b]
+
+
+@register("factorize_matmul")
+class FactorizeMatMul(FactorizePass):
+    """The MatMul factorization pass (rules: :class:`MatMulFamily`)."""
+
+    op_type = "MatMul"

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "inhercc.data": 2,
     "inhercc.runtime": 2,
     "inhercc.torchrt.*": 3,
+    "inhercc.families": 3,  # the Layer record and the op-family registry: below passes and layers (same layer)
     "inhercc.layers": 3,
     "inhercc.passes.*": 3,
     "inhercc.plan": 3,
@@ -37,7 +38,7 @@ LAYERS: dict[str, int] = {
     "inhercc.report": 3,
     "inhercc.bench": 3,
     "inhercc.latency": 3,
-    "inhercc.distill": 4,
+    "inhercc.distill.*": 4,  # config, processes, features, teacher, checkpoint, trainer, run
     "inhercc.pipeline": 5,
     "inhercc.cli": 6,
     "inhercc.__main__": 6,
