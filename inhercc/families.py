@@ -17,6 +17,7 @@ import numpy as np
 
 from inhercc import linalg
 from inhercc.errors import InherccError
+from inhercc.graph import FLOP_COUNTERS
 
 if TYPE_CHECKING:
     from inhercc.passes.base import OpFamily
@@ -27,8 +28,16 @@ FAMILIES: dict[str, OpFamily] = {}
 def register_family(cls: type[OpFamily]) -> type[OpFamily]:
     """Class decorator: make (an instance of) ``cls`` the family that handles nodes of its ``op_type`` (a later
     registration of the same op replaces it)."""
-    FAMILIES[cls.op_type] = cls()
+    family = cls()
+    FAMILIES[cls.op_type] = family
+    FLOP_COUNTERS[cls.op_type] = family.flops  # whole-model FLOP totals count its layers too
     return cls
+
+
+def unregister_family(op_type: str) -> None:
+    """Forget the family of ``op_type`` (and its FLOP counter)."""
+    FAMILIES.pop(op_type, None)
+    FLOP_COUNTERS.pop(op_type, None)
 
 
 def family_for(op_type: str) -> OpFamily:

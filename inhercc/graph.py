@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto
@@ -72,15 +74,22 @@ def _count(dims: list[Dim], k: Dim) -> tuple[int, tuple[str, ...]]:
     return 2 * n, symbolic
 
 
+FlopCounter = Callable[[NodeProto, dict[str, list[Dim]]], "tuple[int, tuple[str, ...]] | None"]
+# The ops whose FLOPs are counted (the ones that dominate); an op family registered in inhercc.families adds
+# its op here with its own counter, so whole-model totals count every layer the families know.
+FLOP_COUNTERS: dict[str, FlopCounter] = dict.fromkeys(("MatMul", "Gemm", "Conv", "ConvTranspose"), node_flops)
+
+
 def count_flops(model: ModelProto) -> tuple[int, tuple[str, ...]]:
-    """FLOPs per sample of all MatMul/Gemm/Conv/ConvTranspose nodes (the ones that dominate), from inferred
-    shapes; returns the total and the symbolic dims that were counted as 1. A node inside an If / Loop / Scan
-    body counts once (every branch, one iteration)."""
+    """FLOPs per sample of all nodes with a counter in :data:`FLOP_COUNTERS`, from inferred shapes; returns
+    the total and the symbolic dims that were counted as 1. A node inside an If / Loop / Scan body counts
+    once (every branch, one iteration)."""
     shapes = tensor_shapes(model)
     total, symbolic = 0, set()
     for node in (n for scope in graph_scopes(model) for n in scope.graph.node):
-        if node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
-            f = node_flops(node, shapes)
+        counter = FLOP_COUNTERS.get(node.op_type)
+        if counter is not None:
+            f = counter(node, shapes)
             if f is not None:
                 total += f[0]
                 symbolic.update(f[1])

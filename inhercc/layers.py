@@ -23,7 +23,6 @@ from inhercc.graph import Dim, count_flops, node_attr, node_flops, tensor_shapes
 from inhercc.model import FLOAT_TYPES, GraphScope, graph_scopes
 from inhercc.passes.base import int_dims as _int_dims
 
-FACTORIZABLE_OPS = tuple(f.op_type for f in families())
 DEFAULT_MIN_PARAMS = 4096
 DEFAULT_MIN_SAVING = 0.10
 SUBGRAPH_NOTE = "plain SVD: activations inside a subgraph cannot be tapped"

@@ -32,7 +32,6 @@ DEFAULT_SAMPLES = 32
 DEFAULT_PROBES = (0.5, 1.0)  # ranks probed, as multiples of the layer's rank under uniform ``ratio``
 
 # (layer, total rank) -> (input_factor [g, r/g, in], output_factor [g, out, r/g])
-FactorFn = FactorSource  # the old name
 
 
 def stored_weight(layer: Layer, matrix: np.ndarray) -> np.ndarray:
@@ -117,7 +116,7 @@ def measure_sensitivity(
     model: ModelProto,
     layers: Sequence[Layer],
     feeds: Mapping[str, np.ndarray] | Parts,
-    factors: FactorFn,
+    factors: FactorSource,
     spectra: Mapping[str, np.ndarray],
     *,
     ratio: float = 0.5,

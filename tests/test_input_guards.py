@@ -286,15 +286,15 @@ def test_checkpoint_is_written_atomically_and_resumes(pair, tmp_path) -> None:
 
 
 def test_interrupted_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch) -> None:
-    from inhercc import distill as distill_module
+    from inhercc.distill import checkpoint as checkpoint_module
 
     def interrupted(payload, f) -> None:
         f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill_module.torch, "save", interrupted)
+    monkeypatch.setattr(checkpoint_module.torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        distill_module._save_checkpoint(tmp_path / CHECKPOINT_FILE, {"state": {}})
+        checkpoint_module.save_checkpoint(tmp_path / CHECKPOINT_FILE, {"state": {}})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -18,8 +18,6 @@ The modules: :mod:`~inhercc.distill.config` (settings), :mod:`~inhercc.distill.p
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (``inhercc.distill.torch``: the torch these modules use, as before the split)
-
 from inhercc.distill.checkpoint import (
     CHECKPOINT_FORMAT,
     checkpoint_error,
@@ -53,8 +51,6 @@ from inhercc.distill.run import distill, finetune_file, fixed_batch_split, fixed
 from inhercc.distill.teacher import Teacher, onnx_fidelity
 from inhercc.distill.trainer import Trainer, TrainState
 from inhercc.files import CHECKPOINT_FILE
-
-_save_checkpoint = save_checkpoint  # the name before the split
 
 __all__ = [
     "CHECKPOINT_FILE",

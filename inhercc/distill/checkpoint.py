@@ -13,7 +13,7 @@ import torch
 
 from inhercc.distill.config import DistillConfig
 from inhercc.errors import InherccError
-from inhercc.files import write_atomic
+from inhercc.files import check_checkpoint_folder, write_atomic
 from inhercc.model import one_line
 
 CHECKPOINT_FORMAT = 1
@@ -41,8 +41,6 @@ _RESUME_DEFAULTS: dict[str, Any] = {"precision": "fp32", "features": "layers", "
 
 def checkpoint_folder(folder: Path) -> None:
     """Create the ``--checkpoint`` folder (checked before training, so a bad one costs no training time)."""
-    from inhercc.files import check_checkpoint_folder
-
     check_checkpoint_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)

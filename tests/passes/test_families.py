@@ -14,7 +14,7 @@ from onnx import NodeProto, TensorProto, helper
 
 from inhercc import linalg
 from inhercc.calibrate import collect_grams
-from inhercc.families import FAMILIES, Layer, family_for, register_family
+from inhercc.families import FAMILIES, Layer, family_for, register_family, unregister_family
 from inhercc.graph import Dim
 from inhercc.latency import micro_models
 from inhercc.layers import find_layers
@@ -57,7 +57,7 @@ def einsum_family() -> Iterator[OpFamily]:
     try:
         yield family_for("Einsum")
     finally:
-        FAMILIES.pop("Einsum")
+        unregister_family("Einsum")
 
 
 def einsum_model(w: np.ndarray, equation: str = EQUATION) -> onnx.ModelProto:
@@ -126,3 +126,5 @@ def test_compress_factorizes_the_new_family(einsum_family: OpFamily) -> None:
     u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
     best = rel_err(x[:4].astype(np.float64) @ (u[:, :r] * s[:r]) @ vt[:r], yt)
     assert rel_err(ys, yt) <= best * 1.05  # whitened: no worse than the best plain truncation on this data
+    assert result.report["flops"]["teacher"] == 2 * SEQ * IN * OUT  # whole-model totals count the new family
+    assert result.report["flops"]["student"] == 2 * SEQ * r * (IN + OUT)
