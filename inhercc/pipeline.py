@@ -732,14 +732,17 @@ def inspect_model(
 def inspect_shapes(
     model: ModelProto, shapes: Mapping[str, list[int]] | None, parts: Sequence[Feed]
 ) -> tuple[dict[str, list[int]] | None, dict[str, Any]]:
-    """:func:`choose_shapes` without an ONNX Runtime run (inspect only counts): the sizes chosen for dynamic
-    dims are :func:`inhercc.data.default_shapes`' first guess."""
-    if shapes or parts:
+    """:func:`choose_shapes` (the sizes compress would use, confirmed by ONNX Runtime); when ONNX Runtime runs
+    none of the sizes tried, inspect still counts, at :func:`inhercc.data.default_shapes`' first guess, and
+    the warning says why."""
+    try:
         return choose_shapes(model, shapes, parts)
-    values, note = default_shapes(model)
-    if note:
-        warnings.warn(note, stacklevel=3)
-    return values, {"values": values, "chosen": "default"}
+    except InherccError as e:
+        if shapes or parts:
+            raise
+        values, note = default_shapes(model)
+        warnings.warn(f"{note}; FLOPs counted at the first guess: {e}", stacklevel=3)
+        return values, {"values": values, "chosen": "default"}
 
 
 def layer_flops(model: ModelProto, shapes: Mapping[str, list[int]] | None) -> dict[str, int]:

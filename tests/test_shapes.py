@@ -460,6 +460,24 @@ def test_inspect_counts_flops_at_the_chosen_sizes(tmp_path) -> None:
     assert info["totals"]["flops"] == 2 * 64 * 27 * 16 * 16 + 2 * 64 * 64 and "warning" not in r.output
 
 
+def test_inspect_counts_flops_at_the_sizes_onnx_runtime_accepts(tmp_path) -> None:
+    """inspect confirms its guess like compress does: a model rejecting 224 is counted at 320, the sizes
+    compress will use; one rejecting every size is still inspected, at the first guess, with the warning."""
+    path, never = tmp_path / "m.onnx", tmp_path / "never.onnx"
+    onnx.save(image_model(bias_side=320), str(path))
+    r = invoke("inspect", path, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output[r.output.index("{") :])
+    assert info["shapes"] == {"values": {"x": [1, 3, 320, 320]}, "chosen": "default"}
+    assert info["totals"]["flops"] == 2 * 64 * 27 * 160 * 160 + 2 * 64 * 64
+    onnx.save(image_model(bias_side=100), str(never))
+    r = invoke("inspect", never, "--json")
+    assert r.exit_code == 0, r.output
+    assert "ONNX Runtime rejects every input size tried" in r.output
+    info = json.loads(r.output[r.output.index("{") :])
+    assert info["shapes"]["values"] == {"x": [1, 3, 224, 224]}
+
+
 def test_bench_without_shape_chooses_sizes(tmp_path) -> None:
     from inhercc.bench import BenchOptions, bench
 
