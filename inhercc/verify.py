@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from inhercc.data import Feed, batch_axes, sample_count, slice_batch
+from inhercc.data import Feed, batch_axes, iter_batches, sample_count
 from inhercc.errors import InherccError
 from inhercc.runtime import batch_size_for, full_batches, make_session, run_session
 
@@ -408,10 +408,8 @@ def output_fidelity(teacher: np.ndarray, student: np.ndarray, name: str = "") ->
 def model_batches(model: ModelProto, feeds: Feed, batch_size: int | None) -> Iterator[Feed]:
     """``feeds`` in batches along each input's batch axis (the model's fixed batch size when it has one)."""
     axes = batch_axes(model)
-    n = sample_count(feeds, axes)
-    size = batch_size_for(model, batch_size or max(1, n))
-    for i in range(0, max(n, 1), size):
-        yield slice_batch(feeds, axes, i, i + size)
+    size = batch_size_for(model, batch_size or max(1, sample_count(feeds, axes)))
+    yield from iter_batches(feeds, size, axes)
 
 
 def score_models(
