@@ -109,9 +109,10 @@ _CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 from inhercc.pipeline import compress_file
+from inhercc.recipe import Recipe
 t_import = time.perf_counter() - t0
 t1 = time.perf_counter()
-r = compress_file(sys.argv[1], sys.argv[2], ratio=0.5, shapes={"x": [1, 128, 768]})
+r = compress_file(sys.argv[1], sys.argv[2], Recipe.of(ratio=0.5, shapes={"x": [1, 128, 768]}))
 t = time.perf_counter() - t1
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 fid = next(iter(r.report["fidelity"].values()))
@@ -159,6 +160,7 @@ def spearman_pairwise(teacher: np.ndarray, student: np.ndarray) -> float:
 def bench_minilm(ratios: tuple[float, ...] = (0.75, 0.5, 0.3)) -> list[dict]:
     from benchmarks.teachers import cached_teacher, encode, english_sentences
     from inhercc.pipeline import compress
+    from inhercc.recipe import Recipe
     from inhercc.runtime import make_session
 
     teacher = cached_teacher("minilm")
@@ -167,7 +169,7 @@ def bench_minilm(ratios: tuple[float, ...] = (0.75, 0.5, 0.3)) -> list[dict]:
     rows = []
     for ratio in ratios:
         t0 = time.perf_counter()
-        res = compress(teacher, ratio=ratio, init="svd", verify=False)
+        res = compress(teacher, Recipe.of(ratio=ratio, init="svd", verify=False))
         dt = time.perf_counter() - t0
         s_out = make_session(res.model).run(None, heldout)[0]
         from inhercc.verify import output_fidelity

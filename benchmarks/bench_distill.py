@@ -91,8 +91,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from inhercc.data import open_samples, split_indices
     from inhercc.distill import DistillConfig, distill
     from inhercc.model import load_model
-    from inhercc.pipeline import calibration_parts, compress
+    from inhercc.pipeline import compress
+    from inhercc.recipe import Recipe
     from inhercc.runtime import make_session, run_session
+    from inhercc.stages import calibration_parts
 
     # One thread each on a 2-core machine shared with other jobs: with two, OpenMP / ONNX Runtime workers
     # spin-wait on a busy core and small kernels (eigh, a step's matmuls) run 10× slower.
@@ -127,15 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # calibration samples spread over the training split (never the validation or held-out sentences)
         spread = train_idx[:: max(1, len(train_idx) // args.calib_samples)][: args.calib_samples]
         plan = {"rank": args.rank} if args.rank else {"ratio": args.ratio, "allocation": args.allocation}
-        student = compress(
-            teacher,
-            init=args.init,
-            data=calibration_parts(samples, spread),
-            calib_samples=None,
-            sequential=args.sequential,
-            verify=False,
-            **plan,
-        )
+        recipe = Recipe.of(init=args.init, calib_samples=None, sequential=args.sequential, verify=False, **plan)
+        student = compress(teacher, recipe, data=calibration_parts(samples, spread))
         times = student.report["time_s"]
         t_cal = sum(times.get(k, 0.0) for k in ("calibrate", "sensitivity", "sequential"))
         t_compress = time.perf_counter() - t0 - t_cal

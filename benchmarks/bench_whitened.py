@@ -62,6 +62,7 @@ def run(
     from inhercc.calibrate import collect_grams
     from inhercc.layers import find_layers
     from inhercc.pipeline import as_model, compress
+    from inhercc.recipe import Recipe
     from inhercc.runtime import make_session, run_session
 
     teacher = as_model(cached_teacher("minilm"))
@@ -88,14 +89,11 @@ def run(
         t0 = time.perf_counter()
         res = compress(
             teacher,
-            ratio=ratio,
+            Recipe.of(ratio=ratio, calib_samples=n, verify=False, **options),
             data=feeds if whitened else None,
             verify_data=heldout,  # nothing of the calibration data is held out for (skipped) verification
             grams=grams if whitened else None,
-            calib_samples=n,
-            verify=False,
             progress=True,
-            **options,
         )
         seconds = time.perf_counter() - t0
         fid = evaluate(teacher_out, res.model, heldout)
@@ -164,6 +162,7 @@ def run_mobilenet(ratio: float = 0.5, samples: int = 64, heldout: int = 32) -> l
     from inhercc.calibrate import collect_grams
     from inhercc.layers import find_layers
     from inhercc.pipeline import as_model, compress
+    from inhercc.recipe import Recipe
     from inhercc.runtime import make_session, run_session
     from inhercc.verify import output_fidelity
 
@@ -181,15 +180,11 @@ def run_mobilenet(ratio: float = 0.5, samples: int = 64, heldout: int = 32) -> l
         whitened = options["init"] == "whitened"
         res = compress(
             teacher,
-            ratio=ratio,
+            Recipe.of(ratio=ratio, calib_samples=samples, calib_batch_size=8, verify=False, **options),
             data=calib if whitened else None,
             verify_data=held,
             grams=grams if whitened else None,
-            calib_samples=samples,
-            calib_batch_size=8,
-            verify=False,
             progress=True,
-            **options,
         )
         out = run_session(make_session(res.model), held, 16)[0]
         fid = output_fidelity(teacher_out, out, "logits")

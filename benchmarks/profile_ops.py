@@ -59,7 +59,7 @@ def profile(path: str | Path, feeds: dict[str, np.ndarray], threads: int, runs: 
 
 def run(ratio: float, threads: int, runs: int) -> dict[str, Any]:
     from benchmarks.teachers import cached_teacher, encode, english_sentences
-    from inhercc import compress, load_model, save_model
+    from inhercc import Recipe, compress, load_model, save_model
 
     teacher_path = cached_teacher("minilm")
     rng = np.random.default_rng(0)
@@ -71,7 +71,7 @@ def run(ratio: float, threads: int, runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         calibration = encode(english_sentences("train", 256), max_length=128)
-        student = compress(load_model(teacher_path), ratio=ratio, data=calibration, verify=False).model
+        student = compress(load_model(teacher_path), Recipe.of(ratio=ratio, verify=False), data=calibration).model
         student_path = save_model(student, work / "student.onnx")
         teacher = profile(teacher_path, feeds, threads, runs, work)
         student_prof = profile(student_path, feeds, threads, runs, work)

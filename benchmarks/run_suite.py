@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from inhercc import compress, find_layers, load_model, save_model
+from inhercc import Recipe, compress, find_layers, load_model, save_model
 from inhercc.bench import BenchOptions, bench, shape_text
 from inhercc.calibrate import collect_grams
 from inhercc.data import sample_count
@@ -155,14 +155,11 @@ def build_students(
             extra = {"latency_aware": True, "provider": "cpu", "threads": threads, "rank_multiple": 16}
         result = compress(
             teacher,
-            ratio=ratio,
-            init="whitened",
-            grams=grams,
+            Recipe.of(ratio=ratio, init="whitened", shapes=spec.shapes, **extra),
             data=calibration,  # the default allocation with data: measured sensitivity (Grams reused)
             verify_data=heldout,
-            shapes=spec.shapes,
+            grams=grams,
             log=lambda m, n=spec.name: log(f"{n}: {m}"),
-            **extra,
         )
         path = work / f"{spec.name}_{ratio}{'_latency' if aware else ''}.onnx"
         save_model(result.model, path)

@@ -2,8 +2,8 @@
 
 Public API::
 
-    from inhercc import compress, load_model, save_model
-    result = compress("teacher.onnx", ratio=0.5)
+    from inhercc import Recipe, compress, load_model, save_model
+    result = compress("teacher.onnx", Recipe.of(ratio=0.5))
     save_model(result.model, "student.onnx")
     print(result.report["fidelity"])
 """
@@ -15,6 +15,7 @@ from inhercc.layers import Layer, find_layers
 from inhercc.model import load_model, save_model
 from inhercc.pipeline import CompressResult, compress, compress_file, inspect_model
 from inhercc.plan import RankPlan
+from inhercc.recipe import Recipe
 
 __all__ = [
     "CompressResult",
@@ -22,6 +23,7 @@ __all__ = [
     "InherccError",
     "Layer",
     "RankPlan",
+    "Recipe",
     "__version__",
     "compress",
     "compress_file",

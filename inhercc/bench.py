@@ -21,7 +21,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from inhercc.data import (
     synthetic_feeds,
 )
 from inhercc.errors import InherccError
+from inhercc.options import check_options, non_negative, option, positive
 from inhercc.runtime import (  # noqa: F401  (the timing primitives are re-exported: they lived here)
     DEFAULT_REPEAT,
     DEFAULT_WARMUP,
@@ -58,69 +59,12 @@ from inhercc.runtime import (  # noqa: F401  (the timing primitives are re-expor
 BENCH_FORMAT = "inhercc-bench"
 BENCH_VERSION = 1
 PROVIDERS = ("cuda", "cpu", "tensorrt")
-CUDNN_ALGO_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
+CUDNN_ALGO_SEARCH = ("heuristic", "exhaustive", "default")  # ONNX Runtime spells them in capitals
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
 
 ShapeSet = dict[str, list[int]]
-
-
-@dataclass
-class BenchOptions:
-    """How to run a benchmark. ``shape_sets`` empty = one set resolved from the models (``batch`` for a
-    leading dynamic dim); ``repeat`` and ``duration`` (seconds per shape set) are exclusive."""
-
-    provider: str = "cpu"
-    threads: int | None = None
-    opt_level: str = "all"
-    shape_sets: list[ShapeSet] = field(default_factory=list)
-    batch: int | None = None
-    warmup: int = DEFAULT_WARMUP
-    repeat: int | None = None
-    duration: float | None = None
-    cudnn_conv_algo_search: str = "HEURISTIC"
-    fp16: bool = False
-    cuda_graph: bool = False
-    seed: int = 0
-    resamples: int = BOOTSTRAP_RESAMPLES
-    confidence: float = CONFIDENCE
-
-    def check(self) -> BenchOptions:
-        """Validate (one-line :class:`InherccError` on a bad value); fills ``repeat`` when neither is set."""
-        self.provider = self.provider.lower()
-        if self.provider not in PROVIDERS:
-            raise InherccError(f"unknown --provider {self.provider!r}; choose from {', '.join(PROVIDERS)}")
-        if self.opt_level not in OPT_LEVELS:
-            raise InherccError(f"unknown --opt-level {self.opt_level!r}; choose from {', '.join(OPT_LEVELS)}")
-        self.cudnn_conv_algo_search = self.cudnn_conv_algo_search.upper()
-        if self.cudnn_conv_algo_search not in CUDNN_ALGO_SEARCH:
-            raise InherccError(
-                f"unknown cuDNN algo search {self.cudnn_conv_algo_search!r}; choose from {', '.join(CUDNN_ALGO_SEARCH)}"
-            )
-        if self.threads is not None and self.threads <= 0:
-            raise InherccError(f"--threads must be positive, got {self.threads}")
-        if self.batch is not None and self.batch <= 0:
-            raise InherccError(f"--batch must be positive, got {self.batch}")
-        if self.warmup < 0:
-            raise InherccError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.repeat is not None and self.duration is not None:
-            raise InherccError("choose one of --repeat and --duration")
-        if self.repeat is None and self.duration is None:
-            self.repeat = DEFAULT_REPEAT
-        if self.repeat is not None and self.repeat < 2:
-            raise InherccError(f"--repeat must be at least 2, got {self.repeat}")
-        if self.duration is not None and self.duration <= 0:
-            raise InherccError(f"--duration must be positive, got {self.duration}")
-        if self.fp16 and self.provider not in GPU_PROVIDERS:
-            raise InherccError("--fp16 needs --provider cuda or tensorrt (the CPU provider has few fp16 kernels)")
-        if self.cuda_graph and self.provider != "cuda":
-            raise InherccError("--cuda-graph needs --provider cuda")
-        if not 0.0 < self.confidence < 1.0:
-            raise InherccError(f"confidence must be in (0, 1), got {self.confidence}")
-        if self.resamples < 100:
-            raise InherccError(f"bootstrap resamples must be >= 100, got {self.resamples}")
-        return self
 
 
 def default_provider() -> str:
@@ -145,6 +89,88 @@ def parse_shape_sets(items: Iterable[str]) -> list[ShapeSet]:
     if current:
         sets.append(current)
     return sets
+
+
+def _at_least(low: int) -> Callable[[int], str | None]:
+    """A check: an integer option's smallest sensible value."""
+    return lambda value: f"must be at least {low}" if value is not None and value < low else None
+
+
+def _open_unit_interval(value: float) -> str | None:
+    """(0, 1): a confidence level."""
+    return "must be in (0, 1)" if not 0.0 < value < 1.0 else None
+
+
+def _lower(value: Any) -> Any:
+    """Names compare in lower case (``CUDA``, ``EXHAUSTIVE`` as ONNX Runtime spells it)."""
+    return value.lower() if isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """How to run a benchmark, each option declared once (:func:`inhercc.options.option`): the options of
+    ``inhercc bench`` are generated from these fields. ``shape_sets`` empty = one set resolved from the
+    models (``batch`` for a leading dynamic dim); ``repeat`` and ``duration`` (seconds per shape set) are
+    exclusive. :meth:`check` returns the checked copy with the context defaults filled in."""
+
+    provider: str | None = option(
+        None,
+        choices=PROVIDERS,
+        help="Execution provider.",
+        default_text="cuda when a session can really use it, else cpu",
+    )
+    threads: int | None = option(None, check=positive, help="Intra-op threads.", default_text="ONNX Runtime's")
+    opt_level: str = option("all", choices=OPT_LEVELS, help="ONNX Runtime graph optimization level.")
+    shape_sets: list[ShapeSet] = option(
+        [],
+        flag="--shape",
+        parse=parse_shape_sets,
+        help="NAME=DIMS for dynamic dims, e.g. input_ids=32x128; a name given again starts another shape set "
+        "(each warmed up and timed on its own).",
+    )
+    batch: int | None = option(None, check=positive, help="Leading dynamic dim not set by --shape.", default_text="1")
+    warmup: int = option(DEFAULT_WARMUP, check=non_negative, help="Untimed runs per model and shape set.")
+    repeat: int | None = option(
+        None, check=_at_least(2), help="Timed rounds (A B A B …) per shape set.", default_text=str(DEFAULT_REPEAT)
+    )
+    duration: float | None = option(
+        None, check=positive, help="Instead of --repeat: seconds of timed rounds per shape set."
+    )
+    cudnn_conv_algo_search: str = option(
+        "heuristic",
+        choices=CUDNN_ALGO_SEARCH,
+        flag="--cudnn-algo",
+        help="CUDA: cudnn_conv_algo_search (exhaustive also lengthens the warm-up).",
+    )
+    fp16: bool = option(False, help="CUDA/TensorRT: also time a float16 copy of every model.")
+    cuda_graph: bool = option(False, help="CUDA: replay CUDA graphs when every model allows it.")
+    seed: int = option(0, help="Synthetic inputs and bootstrap.")
+    resamples: int = option(BOOTSTRAP_RESAMPLES, check=_at_least(100), cli=False, help="Bootstrap resamples.")
+    confidence: float = option(
+        CONFIDENCE, check=_open_unit_interval, cli=False, help="Confidence of the ratios' bootstrap interval."
+    )
+
+    def check(self) -> BenchOptions:
+        """The checked copy (one-line :class:`InherccError` naming the field on a bad value), with the
+        provider resolved (:func:`default_provider` when None), names in lower case and ``repeat`` filled
+        when neither ``repeat`` nor ``duration`` is set."""
+        out = replace(
+            self,
+            provider=_lower(self.provider or default_provider()),
+            cudnn_conv_algo_search=_lower(self.cudnn_conv_algo_search),
+        )
+        check_options(out)
+        if out.repeat is not None and out.duration is not None:
+            raise InherccError("choose one of `repeat` and `duration`")
+        if out.fp16 and out.provider not in GPU_PROVIDERS:
+            raise InherccError("`fp16` needs `provider` cuda or tensorrt (the CPU provider has few fp16 kernels)")
+        if out.cuda_graph and out.provider != "cuda":
+            raise InherccError("`cuda_graph` needs `provider` cuda")
+        return out if out.duration is not None or out.repeat is not None else replace(out, repeat=DEFAULT_REPEAT)
+
+    def ort_cudnn_algo_search(self) -> str:
+        """``cudnn_conv_algo_search`` as ONNX Runtime spells it (``HEURISTIC``)."""
+        return self.cudnn_conv_algo_search.upper()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -275,7 +301,7 @@ def environment(options: BenchOptions, providers_used: Sequence[str]) -> dict[st
         "inhercc": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "cudnn_conv_algo_search": options.cudnn_conv_algo_search if options.provider == "cuda" else None,
+        "cudnn_conv_algo_search": options.ort_cudnn_algo_search() if options.provider == "cuda" else None,
         "cuda_graph": options.cuda_graph if gpu else None,
         "io_binding": True,
     }
@@ -303,7 +329,7 @@ def fp16_copy(model: ModelProto) -> ModelProto:
     try:
         from onnxruntime.transformers.float16 import convert_float_to_float16
     except ImportError as e:
-        raise InherccError(f"--fp16 needs onnxruntime.transformers.float16 ({e})") from e
+        raise InherccError(f"`fp16` needs onnxruntime.transformers.float16 ({e})") from e
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -328,7 +354,7 @@ def labels_for(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
 def session_setup(options: BenchOptions, cuda_graph: bool) -> tuple[list[str], list[dict[str, str]], str]:
     """Providers, their options and the IO-binding device for the requested provider (TensorRT falls back
     to CUDA, not to the CPU, for the nodes it does not take)."""
-    cuda_opts = {"device_id": "0", "cudnn_conv_algo_search": options.cudnn_conv_algo_search}
+    cuda_opts = {"device_id": "0", "cudnn_conv_algo_search": options.ort_cudnn_algo_search()}
     if cuda_graph:
         cuda_opts["enable_cuda_graph"] = "1"
     if options.provider == "cuda":
@@ -386,82 +412,156 @@ def bench(
     JSON-ready result (format ``inhercc-bench``): environment, per-model params/FLOPs/size and, per shape
     set, each model's latency distribution, throughput and ratio of medians to the reference. ``labels``
     name the models (default: the file stems)."""
-    from inhercc.model import float_param_count
-
     say = log or (lambda _msg: None)
-    if not models:
-        raise InherccError("bench needs at least one model")
-    options = (options or BenchOptions()).check()
-    for p in models:
-        if not Path(p).is_file():
-            raise InherccError(f"no such file: {p}")
+    options = _checked_options(models, options)
     subjects = load_subjects(models, options, labels)
     shape_sets = options.shape_sets or [{}]
     concrete, chosen = bench_shapes(subjects, shape_sets, options.batch)
 
     notes: list[str] = []
     cuda_graph = options.cuda_graph
-    warmup = options.warmup
-    if options.provider == "cuda" and options.cudnn_conv_algo_search == "EXHAUSTIVE":
-        warmup = max(2 * warmup, warmup + 10)
-        notes.append(f"cuDNN EXHAUSTIVE algo search: warm-up raised to {warmup} runs per shape set")
+    warmup = _warmup_runs(options, notes)
     say(f"opening {len(subjects)} session(s) on {provider_name(options.provider)}")
-    for s in subjects:
-        s.session = _open(s, options, cuda_graph=False)
-    providers_used = subjects[0].session.get_providers()
-
+    providers_used = _open_sessions(subjects, options)
     runs = []
     for k, shape_set in enumerate(shape_sets):
         shapes_k = [c[k] for c in concrete]
-        check_input_memory(subjects, shapes_k)
-        with ort_failures(f"benchmarking at {shape_text(shapes_k[0])}"):
-            runners = _runners(subjects, shapes_k, options, cuda_graph, notes)
-            if runners is None:  # CUDA graphs not possible for some model: all run without, for a fair ratio
-                cuda_graph = False
-                runners = _runners(subjects, shapes_k, options, False, notes)
-            assert runners is not None
-            say(f"shape set {k + 1}/{len(shape_sets)} {shape_text(shapes_k[0])}: warm-up {warmup}, timing")
-            samples = time_interleaved(runners, warmup=warmup, repeat=options.repeat, duration=options.duration)
-        batch = _batch_of(subjects[0].model, shapes_k[0])
-        results = []
-        for i, (s, lat) in enumerate(zip(subjects, samples)):
-            stats = latency_stats(lat)
-            ref = next(j for j, r in enumerate(subjects) if r.precision == s.precision)
-            ratio = None
-            if i != ref:
-                ratio = ratio_of_medians(
-                    samples[ref], lat, resamples=options.resamples, confidence=options.confidence, seed=options.seed
-                )
-            results.append(
-                {
-                    "model": s.label,
-                    "precision": s.precision,
-                    "reference": subjects[ref].label,
-                    "latency_ms": stats,
-                    "throughput_per_s": batch / (stats["p50"] / 1e3) if stats["p50"] > 0 else None,
-                    "ratio_to_reference": ratio,
-                    "provider": provider_name(options.provider),
-                    "device": device_description(options.provider),
-                    "threads": options.threads,
-                    "shapes": shapes_k[i],
-                    "samples_ms": [round(float(x), 6) for x in lat],
-                }
-            )
-        flops = {s.label: fixed_shape_flops(s.model, shapes_k[i])[0] for i, s in enumerate(subjects)}
-        runs.append(
-            {
-                "shapes": shapes_k[0],
-                "requested": shape_set,
-                "shapes_chosen": chosen[k],
-                "batch": batch,
-                "rounds": int(len(samples[0])),
-                "flops_per_sample": flops,
-                "results": results,
-            }
-        )
+        title = f"shape set {k + 1}/{len(shape_sets)} {shape_text(shapes_k[0])}"
+        samples, cuda_graph = _time_shape_set(subjects, shapes_k, options, cuda_graph, warmup, notes, say, title)
+        runs.append(_shape_set_entry(subjects, shapes_k, samples, options, shape_set, chosen[k]))
     if options.cuda_graph and not cuda_graph:
         notes.append("CUDA graphs were requested but not used (see the note above)")
+    return _bench_document(subjects, options, providers_used, warmup, cuda_graph, runs, notes)
+
+
+def _checked_options(models: Sequence[str | os.PathLike[str]], options: BenchOptions | None) -> BenchOptions:
+    """The checked options (the defaults when none are given), after making sure every model file exists."""
+    if not models:
+        raise InherccError("bench needs at least one model")
+    options = (options or BenchOptions()).check()
+    for p in models:
+        if not Path(p).is_file():
+            raise InherccError(f"no such file: {p}")
+    return options
+
+
+def _warmup_runs(options: BenchOptions, notes: list[str]) -> int:
+    """Warm-up runs per shape set: cuDNN's EXHAUSTIVE search tries every convolution algorithm in the first
+    runs, so those would land in the timing; the warm-up is raised for it (and the notes say so)."""
+    warmup = options.warmup
+    if options.provider == "cuda" and options.cudnn_conv_algo_search == "exhaustive":
+        warmup = max(2 * warmup, warmup + 10)
+        notes.append(f"cuDNN EXHAUSTIVE algo search: warm-up raised to {warmup} runs per shape set")
+    return warmup
+
+
+def _open_sessions(subjects: Sequence[Subject], options: BenchOptions) -> list[str]:
+    """One plain (no CUDA graph) session per subject; returns the providers ONNX Runtime really uses."""
+    for s in subjects:
+        s.session = _open(s, options, cuda_graph=False)
+    return subjects[0].session.get_providers()
+
+
+def _time_shape_set(
+    subjects: Sequence[Subject],
+    shapes: Sequence[ShapeSet],
+    options: BenchOptions,
+    cuda_graph: bool,
+    warmup: int,
+    notes: list[str],
+    say: Callable[[str], None],
+    title: str,
+) -> tuple[list[np.ndarray], bool]:
+    """Every subject's latency samples (ms) at one shape set, warmed up on it and timed interleaved, and
+    whether CUDA graphs are still in use: when one model cannot be captured, all models (here and at the
+    later shape sets) run without, so that the ratios stay fair."""
+    check_input_memory(subjects, shapes)
+    with ort_failures(f"benchmarking at {shape_text(shapes[0])}"):
+        runners = _runners(subjects, shapes, options, cuda_graph, notes)
+        if runners is None:
+            cuda_graph = False
+            runners = _runners(subjects, shapes, options, False, notes)
+        assert runners is not None
+        say(f"{title}: warm-up {warmup}, timing")
+        samples = time_interleaved(runners, warmup=warmup, repeat=options.repeat, duration=options.duration)
+    return samples, cuda_graph
+
+
+def _shape_set_entry(
+    subjects: Sequence[Subject],
+    shapes: Sequence[ShapeSet],
+    samples: Sequence[np.ndarray],
+    options: BenchOptions,
+    requested: ShapeSet,
+    chosen: str,
+) -> dict[str, Any]:
+    """One element of the result's ``runs``: the shapes (``requested`` by the user, ``chosen`` ``given`` or
+    ``default``), samples per run, timing rounds, FLOPs per sample and each model's result."""
+    batch = _batch_of(subjects[0].model, shapes[0])
+    results = _model_results(subjects, shapes, samples, options, batch)
+    flops = {s.label: fixed_shape_flops(s.model, shapes[i])[0] for i, s in enumerate(subjects)}
+    return {
+        "shapes": shapes[0],
+        "requested": requested,
+        "shapes_chosen": chosen,
+        "batch": batch,
+        "rounds": int(len(samples[0])),
+        "flops_per_sample": flops,
+        "results": results,
+    }
+
+
+def _model_results(
+    subjects: Sequence[Subject],
+    shapes: Sequence[ShapeSet],
+    samples: Sequence[np.ndarray],
+    options: BenchOptions,
+    batch: int,
+) -> list[dict[str, Any]]:
+    """Each model's latency distribution, throughput and ratio of medians (with its bootstrap interval) to
+    the first model of the same precision, which is its reference (and has no ratio)."""
+    results = []
+    for i, (s, lat) in enumerate(zip(subjects, samples)):
+        stats = latency_stats(lat)
+        ref = next(j for j, r in enumerate(subjects) if r.precision == s.precision)
+        ratio = None
+        if i != ref:
+            ratio = ratio_of_medians(
+                samples[ref], lat, resamples=options.resamples, confidence=options.confidence, seed=options.seed
+            )
+        results.append(
+            {
+                "model": s.label,
+                "precision": s.precision,
+                "reference": subjects[ref].label,
+                "latency_ms": stats,
+                "throughput_per_s": batch / (stats["p50"] / 1e3) if stats["p50"] > 0 else None,
+                "ratio_to_reference": ratio,
+                "provider": provider_name(options.provider),
+                "device": device_description(options.provider),
+                "threads": options.threads,
+                "shapes": shapes[i],
+                "samples_ms": [round(float(x), 6) for x in lat],
+            }
+        )
+    return results
+
+
+def _bench_document(
+    subjects: Sequence[Subject],
+    options: BenchOptions,
+    providers_used: list[str],
+    warmup: int,
+    cuda_graph: bool,
+    runs: list[dict[str, Any]],
+    notes: list[str],
+) -> dict[str, Any]:
+    """The ``inhercc-bench`` result: environment, the settings really used (warm-up as raised, CUDA graphs
+    only when used), per-model params/size/FLOPs (at the first shape set), the runs and the notes."""
+    from inhercc.model import float_param_count
+
     settings = asdict(options)
+    settings.update({"cudnn_conv_algo_search": options.ort_cudnn_algo_search()})  # the format's spelling
     settings.update({"warmup": warmup, "interleaved": True, "cuda_graph": cuda_graph if options.cuda_graph else False})
     models_out = [
         {
@@ -512,7 +612,7 @@ def check_input_memory(subjects: Sequence[Subject], shapes: Sequence[ShapeSet]) 
     the largest temporary draw) would not fit in the memory available."""
     sizes = [synthetic_bytes(s.model, shape) for s, shape in zip(subjects, shapes)]
     need = sum(total for total, _ in sizes) + max((biggest for _, biggest in sizes), default=0)
-    check_memory(need, f"--shape {shape_text(shapes[0])}: the inputs", available_memory())
+    check_memory(need, f"`shape_sets` {shape_text(shapes[0])}: the inputs", available_memory())
 
 
 def _runners(
@@ -541,4 +641,3 @@ def _batch_of(model: ModelProto, shapes: ShapeSet) -> int:
     """Samples per run at ``shapes``: the size of the first input's batch axis (:func:`inhercc.data.batch_axes`)."""
     axes = batch_axes(model)
     return next((int(v[a]) for k, v in shapes.items() if (a := axes.get(k)) is not None and a < len(v)), 1)
-

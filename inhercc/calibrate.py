@@ -191,7 +191,7 @@ def trimmed_parts(
     each part is cut to whole batches (:func:`inhercc.runtime.full_batches`); a part smaller than one batch
     is left out, unless every part is (an error)."""
     if samples is not None and samples <= 0:
-        raise InherccError(f"--calib-samples must be positive, got {samples}")
+        raise InherccError(f"`calibration.samples` must be positive, got {samples}")
     axes = batch_axes(model)
     chosen = [calibration_feeds(model, part, n) for part, n in split_quota(feed_parts(feeds), samples, axes)]
     fixed = model_fixed_batch(model)

@@ -1,4 +1,4 @@
-"""Sample sources: input specs, ``--shape`` parsing, synthetic inputs, ``.npz`` feeds, and training data
+"""Sample sources: input specs, ``shapes`` parsing, synthetic inputs, ``.npz`` feeds, and training data
 from any source (file, folder of shards, iterable, ORT ``CalibrationDataReader``) as :class:`Samples`."""
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ def parse_shapes(items: Iterable[str]) -> dict[str, list[int]]:
     for item in items:
         m = _SHAPE_RE.match(item)
         if not m:
-            raise InherccError(f"bad --shape {item!r}: expected NAME=DIMS like input_ids=1x128")
+            raise InherccError(f"bad `shapes` {item!r}: expected NAME=DIMS like input_ids=1x128")
         dims = [int(d) for d in re.split(r"\s*[x,]\s*", m.group(2))]
         if any(d <= 0 for d in dims):
-            raise InherccError(f"bad --shape {item!r}: dims must be positive")
+            raise InherccError(f"bad `shapes` {item!r}: dims must be positive")
         shapes[m.group(1)] = dims
     return shapes
 
@@ -77,7 +77,7 @@ _CHANNEL_COUNTS = (1, 3, 4)
 
 
 def shape_text(shapes: Mapping[str, Sequence[int]]) -> str:
-    """``{"ids": [1, 128]}`` → ``ids=1x128`` (the ``--shape`` syntax; scalars, which take none, left out)."""
+    """``{"ids": [1, 128]}`` → ``ids=1x128`` (the ``shapes`` syntax; scalars, which take none, left out)."""
     return " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items() if len(v))
 
 
@@ -221,7 +221,7 @@ def resolve_shapes(
     model: ModelProto | None = None,
     attempt: int = 0,
 ) -> dict[str, list[int]]:
-    """Concrete shapes for every input: given ``--shape`` values first; symbolic dims shared with a given
+    """Concrete shapes for every input: given ``shapes`` first; symbolic dims shared with a given
     shape (same ``dim_param``) follow it. With ``model``, every other dynamic dim is chosen by its kind
     (:func:`dim_kinds`): the batch axis takes ``batch`` (default 1), the others the ``attempt``-th size of
     :data:`DIM_SIZES`. Without it, a leading unknown dim is the batch and any other is an error naming the
@@ -230,17 +230,17 @@ def resolve_shapes(
     unknown = set(shapes) - {s.name for s in specs}
     if unknown:
         raise InherccError(
-            f"--shape names unknown input(s) {', '.join(sorted(unknown))}; inputs: {', '.join(s.name for s in specs)}"
+            f"`shapes` names unknown input(s) {', '.join(sorted(unknown))}; inputs: {', '.join(s.name for s in specs)}"
         )
     symbols: dict[str, int] = {}
     for spec in specs:
         if spec.name in shapes:
             given = shapes[spec.name]
             if spec.shape and len(given) != len(spec.shape):
-                raise InherccError(f"--shape {spec.name} has {len(given)} dims, the input has {len(spec.shape)}")
+                raise InherccError(f"`shapes` {spec.name} has {len(given)} dims, the input has {len(spec.shape)}")
             for d, v in zip(spec.shape, given):
                 if isinstance(d, int) and d > 0 and d != v:
-                    raise InherccError(f"--shape {spec.name}: dim {d} is fixed in the model, got {v}")
+                    raise InherccError(f"`shapes` {spec.name}: dim {d} is fixed in the model, got {v}")
                 if isinstance(d, str):
                     symbols.setdefault(d, v)
     kinds = dim_kinds(model) if model is not None else {}
@@ -270,7 +270,7 @@ def resolve_shapes(
                 dims.append(batch or 1)
             else:
                 raise InherccError(
-                    f"cannot resolve dim {i} ({d or '?'}) of input {spec.name}; pass --shape "
+                    f"cannot resolve dim {i} ({d or '?'}) of input {spec.name}; pass `shapes` "
                     f"{spec.name}={'x'.join(str(x) if isinstance(x, int) and x > 0 else 'N' for x in spec.shape)}"
                 )
         out[spec.name] = dims
@@ -299,7 +299,7 @@ def default_shapes(
     if not chosen:
         return shapes, ""
     sizes = ", ".join(f"{k}: {v}" for k, v in sorted(chosen.items(), key=lambda kv: KIND_ORDER.index(kv[0])))
-    return shapes, f"dynamic dims chosen: {shape_text(named)} ({sizes}); pass --shape to choose other sizes"
+    return shapes, f"dynamic dims chosen: {shape_text(named)} ({sizes}); pass `shapes` to choose other sizes"
 
 
 def with_batch(model: ModelProto, shapes: Mapping[str, list[int]], batch: int) -> dict[str, list[int]]:
@@ -321,7 +321,7 @@ def confirmed_shapes(
     model: ModelProto, batch: int = 1, given: Mapping[str, list[int]] | None = None
 ) -> tuple[dict[str, list[int]], str]:
     """:func:`default_shapes`, checked by one ONNX Runtime run on synthetic inputs of those shapes; when ONNX
-    Runtime rejects them, the next sizes of :data:`DIM_SIZES` are tried, and an error naming ``--shape``
+    Runtime rejects them, the next sizes of :data:`DIM_SIZES` are tried, and an error naming ``shapes``
     follows when none runs. A model ONNX Runtime cannot load keeps the first choice (unchecked)."""
     from inhercc.runtime import make_session, ort_message, ort_run_errors
 
@@ -346,7 +346,7 @@ def confirmed_shapes(
             error = ort_message(e)
     raise InherccError(
         f"ONNX Runtime rejects every input size tried ({'; '.join(shape_text(s) for s in tried)}): {error}; "
-        "pass --shape NAME=DIMS with sizes the model accepts"
+        "pass `shapes` NAME=DIMS with sizes the model accepts"
     )
 
 
@@ -519,7 +519,7 @@ def synthetic_input(
 
 def warn_synthetic(purpose: str) -> None:
     warnings.warn(
-        f"no --data given: {purpose} uses synthetic inputs, which say little about real quality", stacklevel=3
+        f"no `data` given: {purpose} uses synthetic inputs, which say little about real quality", stacklevel=3
     )
 
 
@@ -826,14 +826,19 @@ def _take(buf: list[tuple[np.ndarray, Feed]], n: int, axes: Mapping[str, int | N
     return np.concatenate(idx), join_samples(feeds, axes)
 
 
-def split_indices(n: int, val_split: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(train, validation)`` sample indices, both sorted: a seeded random ``val_split`` fraction is held
-    out (at least one sample when the fraction is positive; at least one is kept for training)."""
-    if not 0.0 <= val_split < 1.0:
-        raise InherccError(f"--val-split must be in [0, 1), got {val_split}")
-    n_val = 0 if val_split == 0 else max(1, int(round(n * val_split)))
+def split_indices(n: int, held: float | int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept, held out)`` sample indices, both sorted: a seeded random set is held out — ``held`` samples when
+    an int, that fraction of ``n`` when a float in [0, 1) (at least one sample when positive). At least one
+    sample is kept."""
+    if isinstance(held, float):
+        if not 0.0 <= held < 1.0:
+            raise InherccError(f"the held-out fraction must be in [0, 1), got {held}")
+        n_val = 0 if held == 0 else max(1, int(round(n * held)))
+    else:
+        n_val = int(held)
     if n_val >= n:
-        raise InherccError(f"{n} sample(s) are too few to hold out {val_split:.0%} for validation")
+        share = f"{held:.0%}" if isinstance(held, float) else str(held)
+        raise InherccError(f"{n} sample(s) are too few to hold out {share} for validation")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 

@@ -135,9 +135,11 @@ def check_paths(
     checkpoint: str | os.PathLike[str] | None = None,
 ) -> None:
     """Before any work: no output (by option label) overwrites an input (or its external data) or writes
-    into an input folder (--data shards), no two outputs (the --checkpoint folder and its files included)
+    into an input folder (``data`` shards), no two outputs (the ``distill.checkpoint`` folder and its files included)
     are one path — symlinks and ``..`` resolved — and every output folder is writable. ``models``: the
     ONNX inputs, whose external data files are protected too."""
+    if checkpoint is not None:  # a file given as the folder: said as such, before any clash with it
+        check_checkpoint_folder(checkpoint)
     claims: list[tuple[str, str, str]] = []  # (label, path as given, real path written)
     for label, path in outputs.items():
         if path is not None:
@@ -145,7 +147,7 @@ def check_paths(
     if checkpoint is not None:
         folder = _real(checkpoint)
         for real in (folder, os.path.join(folder, CHECKPOINT_FILE)):
-            claims.append(("--checkpoint", checkpoint, real))
+            claims.append(("`distill.checkpoint`", checkpoint, real))
     for in_label, in_path in inputs:
         if in_path is None:
             continue
@@ -166,26 +168,24 @@ def check_paths(
     for path in outputs.values():
         if path is not None:
             check_output_path(path, list(models))
-    if checkpoint is not None:
-        check_checkpoint_folder(checkpoint)
 
 
 def check_checkpoint_folder(folder: str | os.PathLike[str]) -> None:
-    """A --checkpoint folder that can be made (or is there) and written into, checked without creating it."""
+    """A ``distill.checkpoint`` folder that can be made (or is there) and written into, checked without creating it."""
     path = Path(folder)
     check_name_length(path / CHECKPOINT_FILE)
     if path.is_symlink() and not path.exists():
-        raise InherccError(f"--checkpoint {folder} is a broken link")
+        raise InherccError(f"`distill.checkpoint` {folder} is a broken link")
     if path.exists() and not path.is_dir():
-        raise InherccError(f"--checkpoint {folder} is a file, not a folder")
+        raise InherccError(f"`distill.checkpoint` {folder} is a file, not a folder")
     existing = Path(os.path.abspath(path))
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise InherccError(f"--checkpoint {folder}: {existing} is a file, not a folder")
+        raise InherccError(f"`distill.checkpoint` {folder}: {existing} is a file, not a folder")
     why = _not_writable(existing)
     if why:
-        raise InherccError(f"--checkpoint {folder}: {existing} is not writable ({why})")
+        raise InherccError(f"`distill.checkpoint` {folder}: {existing} is not writable ({why})")
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], None], beside: Sequence[str] = ()) -> Path:

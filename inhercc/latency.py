@@ -27,7 +27,7 @@ from inhercc.families import family_for
 from inhercc.layers import Layer, tensor_shapes
 from inhercc.plan import RankPlan
 
-# Rank rounding per provider (``--rank-multiple`` default with ``--latency-aware``):
+# Rank rounding per provider (``plan.rank_multiple`` default with ``latency.aware``):
 # * cpu 16: MLAS's SGEMM kernels (AVX2/AVX-512) produce 16 output columns per pass and pack K in blocks of
 #   16/8 floats, so a rank (N of the first GEMM, K of the second) between multiples of 16 pays for a
 #   partly empty panel; 16 keeps the planner's steps fine enough for 384-wide layers.
@@ -57,7 +57,7 @@ def layer_input_shapes(
     model: ModelProto, layers: Sequence[Layer], shapes: Mapping[str, list[int]] | None = None, batch: int | None = None
 ) -> dict[str, list[int]]:
     """The concrete shape of each layer's data input, by shape inference with the graph inputs fixed
-    (``shapes`` / ``batch`` resolve dynamic dims, as ``--shape`` does)."""
+    (``shapes`` / ``batch`` resolve dynamic dims)."""
     from inhercc.data import with_fixed_inputs
 
     fixed = with_fixed_inputs(model, shapes, batch)
@@ -155,13 +155,14 @@ def latency_aware_plan(
     layer_weights: Mapping[str, float] | None = None,
     margin: float = DEFAULT_MARGIN,
     log: Callable[[str], None] | None = None,
+    ratio: float | None = None,
 ) -> RankPlan:
     """``plan`` with every factorized layer whose chain is not faster than its dense node (by ``margin``,
     5 % by default) set to ``None`` (reason ``kept dense for speed: chain X ms vs dense Y ms``).
 
-    In ``ratio`` mode, with ``spectra``, the remaining layers are re-planned so the parameter budget still
-    holds (a few rounds: new ranks are timed again; ``layer_weights`` as given to the ratio planner). The
-    timings go to ``plan.method["latency_aware"]``."""
+    For a plan made by the ratio planner, given that ``ratio`` and ``spectra``, the remaining layers are
+    re-planned so the parameter budget still holds (a few rounds: new ranks are timed again; ``layer_weights``
+    as given to the ratio planner). The timings go to ``plan.method["latency_aware"]``."""
     say = log or (lambda _msg: None)
     provider = provider.lower()
     default_rank_multiple(provider)  # validates the name
@@ -181,7 +182,7 @@ def latency_aware_plan(
                 input_shapes.update(layer_input_shapes(model, [by_name[name]], shapes, batch))
                 shape = input_shapes.get(name)
             if shape is None:
-                timings[name] = {"rank": rank, "skipped": "input shape unknown (pass --shape)"}
+                timings[name] = {"rank": rank, "skipped": "input shape unknown (give the input shapes)"}
                 continue
             dense_ms, chain_ms = timer(by_name[name], rank, shape)
             timings[name] = {"rank": rank, "input_shape": list(shape), "dense_ms": dense_ms, "chain_ms": chain_ms}
@@ -191,7 +192,8 @@ def latency_aware_plan(
                 new_slow = True
         if not new_slow:
             break
-        replanned = _replan(layers, plan, slow, spectra, min_saving, layer_weights) if attempt < MAX_REPLANS else None
+        again = attempt < MAX_REPLANS and ratio is not None
+        replanned = _replan(layers, plan, ratio, slow, spectra, min_saving, layer_weights) if again else None
         if replanned is None:
             break
         current = replanned
@@ -216,6 +218,7 @@ def latency_aware_plan(
 def _replan(
     layers: Sequence[Layer],
     plan: RankPlan,
+    budget: float,
     slow: Mapping[str, str],
     spectra: Mapping[str, np.ndarray] | None,
     min_saving: float | None,
@@ -235,7 +238,7 @@ def _replan(
     rest = total - held
     if rest <= 0:
         return None
-    ratio = (float(method["value"]) * total - held) / rest
+    ratio = (budget * total - held) / rest
     if not 0.0 < ratio <= 1.0:
         return None
     marked = [dataclasses.replace(la, reason=slow[la.name]) if la.name in slow else la for la in layers]

@@ -143,7 +143,7 @@ def _nonfinite(layer: Layer, init: onnx.TensorProto, allow: bool) -> str | None:
         return f"weight contains {what}"
     raise InherccError(
         f"weight '{layer.weight_name}' of layer '{layer.name}' contains {what}; "
-        "pass allow_nonfinite=True / --allow-nonfinite to compress anyway"
+        "set `select.allow_nonfinite` to compress anyway"
     )
 
 
@@ -177,9 +177,9 @@ def _check(
         return reason
     names = [node.name, f"{path}/{node.name}"] if path else [node.name]
     if checks.includes and not any(p.search(n) for p in checks.includes for n in names):
-        return "excluded by pattern (not matched by --include)"
+        return "excluded by pattern (matches no include pattern)"
     if any(p.search(n) for p in checks.excludes for n in names):
-        return "excluded by pattern (--exclude)"
+        return "excluded by pattern (matches an exclude pattern)"
     if layer.weight_params < checks.min_params:
         return f"too small ({layer.weight_params} params < {checks.min_params})"
     step = max(1, checks.rank_multiple)

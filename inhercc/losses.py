@@ -114,14 +114,14 @@ def parse_loss_overrides(items: Sequence[str]) -> dict[str, tuple[str, float]]:
         kind, _, weight = spec.partition(":")
         if not sep or not name or kind not in LOSS_KINDS:
             raise InherccError(
-                f"bad --loss {item!r}: expected OUTPUT=KIND[:WEIGHT], KIND one of {', '.join(LOSS_KINDS)}"
+                f"bad `distill.losses` {item!r}: expected OUTPUT=KIND[:WEIGHT], KIND one of {', '.join(LOSS_KINDS)}"
             )
         try:
             w = float(weight) if weight else 1.0
         except ValueError:
-            raise InherccError(f"bad --loss {item!r}: weight {weight!r} is not a number") from None
+            raise InherccError(f"bad `distill.losses` {item!r}: weight {weight!r} is not a number") from None
         if w < 0:
-            raise InherccError(f"bad --loss {item!r}: weight must be ≥ 0")
+            raise InherccError(f"bad `distill.losses` {item!r}: weight must be ≥ 0")
         out[name.strip()] = (kind, w)
     return out
 
@@ -142,11 +142,11 @@ class DistillLoss:
         feature_weight: float = 0.0,
     ) -> None:
         if temperature <= 0:
-            raise InherccError(f"--temperature must be positive, got {temperature}")
+            raise InherccError(f"`distill.temperature` must be positive, got {temperature}")
         if not 0.0 <= alpha <= 1.0:
-            raise InherccError(f"--alpha must be in [0, 1], got {alpha}")
+            raise InherccError(f"`distill.alpha` must be in [0, 1], got {alpha}")
         if feature_weight < 0:
-            raise InherccError(f"--feature-loss weight must be ≥ 0, got {feature_weight}")
+            raise InherccError(f"`distill.feature_loss` weight must be ≥ 0, got {feature_weight}")
         self.outputs, self.temperature, self.alpha, self.feature_weight = (
             list(outputs),
             temperature,
@@ -158,7 +158,7 @@ class DistillLoss:
             self.labels_output = next((o.name for o in self.outputs if o.kind == "kd"), None)
             if self.labels_output is None:
                 raise InherccError(
-                    "_labels given, but no output is distilled as logits (kd); set one with --loss NAME=kd"
+                    "_labels given, but no output is distilled as logits (kd); set one with `distill.losses` NAME=kd"
                 )
         if not any(o.kind != "none" and o.weight > 0 for o in self.outputs) and feature_weight == 0:
             raise InherccError("every output has loss 'none' or weight 0: nothing to train on")
@@ -179,7 +179,7 @@ class DistillLoss:
         unknown = set(overrides) - set(examples)
         if unknown:
             raise InherccError(
-                f"--loss names unknown output(s) {', '.join(sorted(unknown))}; outputs: {', '.join(examples)}"
+                f"`distill.losses` names unknown output(s) {', '.join(sorted(unknown))}; outputs: {', '.join(examples)}"
             )
         outputs = []
         for name, value in examples.items():

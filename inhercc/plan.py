@@ -202,7 +202,7 @@ def plan_uniform(
 ) -> RankPlan:
     """The same rank for every layer (per group for grouped convs)."""
     if rank <= 0:
-        raise InherccError(f"--rank must be positive, got {rank}")
+        raise InherccError(f"`plan.rank` must be positive, got {rank}")
     chosen = {}
     for layer in _compressible(layers):
         r = round_rank(min(rank, layer.full_rank), rank_multiple, layer.full_rank)
@@ -220,7 +220,7 @@ def plan_energy(
 ) -> RankPlan:
     """Per layer, the smallest rank keeping ``energy`` of its spectral energy."""
     if not 0.0 < energy <= 1.0:
-        raise InherccError(f"--energy must be in (0, 1], got {energy}")
+        raise InherccError(f"`plan.energy` must be in (0, 1], got {energy}")
     chosen = {}
     for layer in _compressible(layers):
         r = round_rank(rank_keeping(spectra[layer.name], energy), rank_multiple, layer.full_rank)
@@ -245,7 +245,7 @@ def plan_ratio(
     remaining energy for its remaining parameters). The result stays within the budget and misses it by
     less than one step."""
     if not 0.0 < ratio <= 1.0:
-        raise InherccError(f"--ratio must be in (0, 1], got {ratio}")
+        raise InherccError(f"`plan.ratio` must be in (0, 1], got {ratio}")
     cands = _compressible(layers)
     method = {"mode": "ratio", "value": ratio, "rank_multiple": rank_multiple, "spectrum": spectrum}
     method["allocation"] = "sensitivity" if layer_weights is not None else "greedy"
@@ -265,7 +265,7 @@ def plan_ratio(
         spent += layer.factor_params(r0 * layer.groups)
     if spent > budget:
         raise InherccError(
-            f"--ratio {ratio} is too small: the smallest factors (rank {m} per layer) already keep "
+            f"`plan.ratio` {ratio} is too small: the smallest factors (rank {m} per layer) already keep "
             f"{spent / (budget / ratio):.1%} of the compressible parameters"
         )
 
@@ -315,7 +315,7 @@ def plan_proportional(
     """Every layer keeps the same fraction ``ratio`` of its weights (rank rounded down to ``rank_multiple``,
     at least one step): no spectrum involved — the baseline a calibrated allocation has to beat."""
     if not 0.0 < ratio <= 1.0:
-        raise InherccError(f"--ratio must be in (0, 1], got {ratio}")
+        raise InherccError(f"`plan.ratio` must be in (0, 1], got {ratio}")
     m = max(1, rank_multiple)
     chosen = {}
     for layer in _compressible(layers):
@@ -328,7 +328,7 @@ def plan_proportional(
 def apply_plan(layers: list[Layer], plan: RankPlan, *, min_saving: float = DEFAULT_MIN_SAVING) -> RankPlan:
     """Check a user-supplied plan against the model's layers: names exist (with the op and shape the plan
     recorded), ranks are within the layer's full rank (``min(out, in)`` per group), grouped convs get ranks
-    divisible by their groups. As for ``--rank``, a layer whose factors would save under ``min_saving`` of
+    divisible by their groups. As for ``plan.rank``, a layer whose factors would save under ``min_saving`` of
     its weights stays dense, with the reason."""
     by_name = {layer.name: layer for layer in layers}
     unknown = [name for name in plan.ranks if name not in by_name]

@@ -157,18 +157,18 @@ def bench_markdown(result: dict[str, Any], title: str = "Latency") -> str:
 
 
 def check_plot_format(path: str | Path) -> None:
-    """--plot writes exactly ``path``, in the format its extension names (one matplotlib can write without
+    """A plot is written at exactly ``path``, in the format its extension names (one matplotlib can write without
     LaTeX): refused up front rather than after the timing run."""
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError as e:
-        raise InherccError("--plot needs matplotlib (pip install matplotlib)") from e
+        raise InherccError("`plot` needs matplotlib (pip install matplotlib)") from e
     formats = sorted(set(FigureCanvasBase.get_supported_filetypes()) - {"pgf"})
     ext = Path(path).suffix.lower().lstrip(".")
     if not ext:
-        raise InherccError(f"--plot {path} has no extension; add one of .{', .'.join(formats)}")
+        raise InherccError(f"`plot` {path} has no extension; add one of .{', .'.join(formats)}")
     if ext not in formats:
-        raise InherccError(f"--plot {path}: unsupported format .{ext}; choose one of .{', .'.join(formats)}")
+        raise InherccError(f"`plot` {path}: unsupported format .{ext}; choose one of .{', .'.join(formats)}")
 
 
 def plot_bench(result: dict[str, Any], path: str | Path) -> Path:
@@ -180,7 +180,7 @@ def plot_bench(result: dict[str, Any], path: str | Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise InherccError("--plot needs matplotlib (pip install matplotlib)") from e
+        raise InherccError("`plot` needs matplotlib (pip install matplotlib)") from e
     import numpy as np
 
     runs = result["runs"]

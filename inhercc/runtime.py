@@ -162,7 +162,7 @@ def make_session(
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
         if opt_level not in levels:
-            raise InherccError(f"unknown --opt-level {opt_level!r}; choose from {', '.join(levels)}")
+            raise InherccError(f"unknown `opt_level` {opt_level!r}; choose from {', '.join(levels)}")
         so.graph_optimization_level = levels[opt_level]
     names = [provider_name(p) for p in providers]
     if require:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -18,6 +18,7 @@ from onnx import ModelProto
 
 from inhercc.data import Feed, batch_axes, iter_batches, sample_count
 from inhercc.errors import InherccError
+from inhercc.options import option
 from inhercc.runtime import batch_size_for, full_batches, make_session, run_session
 
 MaskT = TypeVar("MaskT")  # a numpy array or a torch tensor
@@ -202,9 +203,21 @@ def parse_output_kinds(items: Iterable[str]) -> dict[str, str]:
         name, sep, kind = item.partition("=")
         if not sep or not name.strip() or kind.strip() not in OUTPUT_KINDS:
             kinds = ", ".join(OUTPUT_KINDS)
-            raise InherccError(f"bad --output-kind {item!r}: expected OUTPUT=KIND, KIND one of {kinds}")
+            raise InherccError(f"bad `output_kinds` {item!r}: expected OUTPUT=KIND, KIND one of {kinds}")
         out[name.strip()] = kind.strip()
     return out
+
+
+def output_kinds_option() -> Any:
+    """The declaration of the ``output_kinds`` option (compress's recipe and distillation both take it)."""
+    return option(
+        {},
+        flag="--output-kind",
+        metavar="OUTPUT=KIND",
+        parse=parse_output_kinds,
+        help="OUTPUT=KIND, KIND logits|probs|embedding|values: what an output is, when the graph does not say "
+        "(top-1 agreement and KD for logits; default: from the graph, then the name, else values).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,13 +7,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from inhercc.passes.base import (
-    PASSES,
     FactorizePass,
     FactorSource,
     OpFamily,
     Pass,
     PassResult,
-    get_pass,
     rewrite_ranks,
     run_passes,
 )
@@ -28,7 +26,6 @@ if TYPE_CHECKING:
     from inhercc.plan import RankPlan
 
 __all__ = [
-    "PASSES",
     "ConvFamily",
     "FactorSource",
     "FactorizeConv",
@@ -40,7 +37,6 @@ __all__ = [
     "OpFamily",
     "Pass",
     "PassResult",
-    "get_pass",
     "rewrite",
     "rewrite_ranks",
     "run_passes",
@@ -49,5 +45,5 @@ __all__ = [
 
 def rewrite(model: ModelProto, plan: RankPlan, layers: list[Layer], factors: FactorSource) -> ModelProto:
     """Apply the factorization passes of every registered family (MatMul, Gemm, Conv) for the planned ranks to
-    a copy of ``model``."""
-    return rewrite_ranks(model, plan.factorized(), layers, factors)
+    a copy of ``model`` (:func:`rewrite_ranks` also says what each pass did)."""
+    return rewrite_ranks(model, plan.factorized(), layers, factors).model

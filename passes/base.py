@@ -14,7 +14,7 @@ registered by op type (:func:`inhercc.families.family_for` finds it). Adding a f
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,26 +40,6 @@ class PassResult:
 
 class Pass(Protocol):
     def __call__(self, model: ModelProto) -> PassResult: ...
-
-
-PASSES: dict[str, type] = {}
-
-
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator: make a pass available by name (``get_pass``)."""
-
-    def deco(cls: type) -> type:
-        PASSES[name] = cls
-        return cls
-
-    return deco
-
-
-def get_pass(name: str) -> type:
-    try:
-        return PASSES[name]
-    except KeyError:
-        raise KeyError(f"no pass named {name!r}; known: {', '.join(sorted(PASSES))}") from None
 
 
 def run_passes(model: ModelProto, passes: Iterable[Pass]) -> PassResult:
@@ -152,7 +132,7 @@ class OpFamily:
         def factors(la: Layer, r: int) -> tuple[np.ndarray, np.ndarray]:
             return linalg.random_factors(la.out_features, la.in_features, r // la.groups, la.groups, seed=seed)
 
-        return dense, rewrite_ranks(dense, {layer.name: rank}, [layer], factors)
+        return dense, rewrite_ranks(dense, {layer.name: rank}, [layer], factors).model
 
 
 def int_dims(dims: Sequence[Dim] | None) -> list[int]:
@@ -169,16 +149,16 @@ def bias_params(node: NodeProto, shapes: Mapping[str, list[Dim]]) -> int:
 
 def rewrite_ranks(
     model: ModelProto, ranks: Mapping[str, int], layers: Sequence[Layer], factors: FactorSource
-) -> ModelProto:
+) -> PassResult:
     """Apply every registered family's factorization pass for ``ranks`` (layer name → total rank) to a copy
-    of ``model``; shapes re-inferred."""
+    of ``model``; shapes re-inferred. The notes say one line per rewritten node."""
     student = ModelProto()
     student.CopyFrom(model)
     by_name = {layer.name: layer for layer in layers}
     result = run_passes(student, [FactorizePass(ranks, by_name, factors, f.op_type) for f in families()])
     out = result.model
     del out.graph.value_info[:]  # stale for the rewritten nodes; re-inferred below
-    return infer_model_shapes(out)
+    return PassResult(infer_model_shapes(out), result.modified, result.notes)
 
 
 class FactorizePass:

@@ -16,7 +16,6 @@ from inhercc.passes.base import (
     copy_attributes,
     factor_chain,
     factor_tensors,
-    register,
 )
 from onnx import NodeProto
 
@@ -94,7 +93,6 @@ class ConvFamily(OpFamily):
         return factor_chain(node, names, a, b, attrs, {"kernel_shape": [1] * len(kernel), "group": g}), [a, b]
 
 
-@register("factorize_conv")
 class FactorizeConv(FactorizePass):
     """The Conv factorization pass (rules: :class:`ConvFamily`)."""
 

@@ -14,7 +14,6 @@ from inhercc.passes.base import (
     copy_attributes,
     factor_chain,
     factor_tensors,
-    register,
 )
 from onnx import NodeProto
 
@@ -70,7 +69,6 @@ class GemmFamily(OpFamily):
         return factor_chain(node, names, a, b, first, second), [a, b]
 
 
-@register("factorize_gemm")
 class FactorizeGemm(FactorizePass):
     """The Gemm factorization pass (rules: :class:`GemmFamily`)."""
 

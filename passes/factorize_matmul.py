@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from inhercc.passes.base import FactorizePass, GraphNames, OpFamily, factor_chain, factor_tensors, register
+from inhercc.passes.base import FactorizePass, GraphNames, OpFamily, factor_chain, factor_tensors
 from onnx import NodeProto
 
 from inhercc.families import Layer, register_family
@@ -36,7 +36,6 @@ class MatMulFamily(OpFamily):
         return factor_chain(node, names, a, b, {}, {}), [a, b]
 
 
-@register("factorize_matmul")
 class FactorizeMatMul(FactorizePass):
     """The MatMul factorization pass (rules: :class:`MatMulFamily`)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -100,21 +101,100 @@ def test_cuda_run_uses_cuda_with_io_binding(models, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"provider": "cpu", "fp16": True}, "--fp16 needs --provider cuda"),
-        ({"provider": "cpu", "cuda_graph": True}, "--cuda-graph needs --provider cuda"),
-        ({"repeat": 10, "duration": 1.0}, "one of --repeat and --duration"),
-        ({"repeat": 1}, "--repeat must be at least 2"),
-        ({"provider": "tpu"}, "unknown --provider"),
-        ({"warmup": -1}, "--warmup must be >= 0"),
+        ({"provider": "cpu", "fp16": True}, "`fp16` needs `provider` cuda or tensorrt"),
+        ({"provider": "cpu", "cuda_graph": True}, "`cuda_graph` needs `provider` cuda"),
+        ({"repeat": 10, "duration": 1.0}, "choose one of `repeat` and `duration`"),
+        ({"repeat": 1}, "`repeat` must be at least 2, got 1"),
+        ({"provider": "tpu"}, "unknown `provider` 'tpu'; choose from cuda, cpu, tensorrt"),
+        ({"warmup": -1}, "`warmup` must be ≥ 0, got -1"),
+        ({"threads": 0}, "`threads` must be positive, got 0"),
+        ({"duration": float("inf")}, "`duration` must be a finite number, got inf"),
+        ({"cudnn_conv_algo_search": "fastest"}, "unknown `cudnn_conv_algo_search` 'fastest'"),
+        ({"resamples": 50}, "`resamples` must be at least 100, got 50"),
+        ({"confidence": 1.0}, r"`confidence` must be in \(0, 1\), got 1.0"),
     ],
 )
-def test_bad_options_are_one_line_errors(options, message) -> None:
-    with pytest.raises(InherccError, match=message):
+def test_bad_options_are_one_line_errors_naming_the_field(options, message) -> None:
+    with pytest.raises(InherccError, match=message) as info:
         BenchOptions(**options).check()
+    assert "--" not in str(info.value)  # the library names fields, never flags
 
 
 def test_default_is_100_rounds() -> None:
     assert BenchOptions().check().repeat == 100
+
+
+def test_check_returns_a_normalized_copy_and_leaves_the_options_alone() -> None:
+    options = BenchOptions(provider="CUDA", cudnn_conv_algo_search="EXHAUSTIVE", shape_sets=[{"x": [2, 8]}])
+    checked = options.check()
+    assert (checked.provider, checked.cudnn_conv_algo_search, checked.repeat) == ("cuda", "exhaustive", 100)
+    assert checked.ort_cudnn_algo_search() == "EXHAUSTIVE" and checked.shape_sets == [{"x": [2, 8]}]
+    assert (options.provider, options.cudnn_conv_algo_search, options.repeat) == ("CUDA", "EXHAUSTIVE", None)
+    assert checked.check() == checked  # idempotent
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.repeat = 5  # type: ignore[misc]
+    assert BenchOptions(duration=0.5).check().repeat is None
+
+
+def test_no_provider_means_cuda_when_a_session_can_use_it_else_cpu(monkeypatch) -> None:
+    import inhercc.runtime
+
+    for usable, expected in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(inhercc.runtime, "cuda_available", lambda usable=usable: usable)
+        assert BenchOptions().provider is None and BenchOptions().check().provider == expected
+        assert BenchOptions(provider="cpu").check().provider == "cpu"  # given: not probed over
+
+
+def test_bench_help_lists_every_command_line_field() -> None:
+    """The options are generated from BenchOptions: a new field shows up in ``--help`` with its help text."""
+    from inhercc.options import flag_of
+
+    text = " ".join(invoke("bench", "--help").output.split())
+    fields = dataclasses.fields(BenchOptions)
+    shown = [f for f in fields if f.metadata["cli"]]
+    assert [flag_of(f) for f in shown] == [
+        "--provider", "--threads", "--opt-level", "--shape", "--batch", "--warmup", "--repeat", "--duration",
+        "--cudnn-algo", "--fp16", "--cuda-graph", "--seed",
+    ]  # fmt: skip
+    for f in shown:
+        assert f"{flag_of(f)} " in text and " ".join(f.metadata["help"].split()) in text, f.name
+    for f in fields:
+        if not f.metadata["cli"]:
+            assert f"--{f.name}" not in text
+    assert "--json FILE" in text and "--markdown FILE" in text and "--plot FILE" in text and "-v, --verbose" in text
+    assert "[default: cuda when a session can really use it, else cpu]" in text and "[default: 100]" in text
+    assert "--cudnn-algo [heuristic|exhaustive|default]" in text and "[default: heuristic]" in text
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "library", "cli_args", "cli"),
+    [
+        ("repeat", 1, "`repeat` must be at least 2, got 1", ["--repeat", "1"],
+         "error: --repeat must be at least 2, got 1"),
+        ("threads", 0, "`threads` must be positive", ["--threads", "0"], "error: --threads must be positive, got 0"),
+        ("batch", -2, "`batch` must be positive", ["--batch", "-2"], "error: --batch must be positive, got -2"),
+        ("fp16", True, "`fp16` needs `provider` cuda", ["--fp16", "--provider", "cpu"],
+         "error: --fp16 needs --provider cuda or tensorrt"),
+        ("cuda_graph", True, "`cuda_graph` needs `provider` cuda", ["--cuda-graph", "--provider", "cpu"],
+         "error: --cuda-graph needs --provider cuda"),
+    ],
+)  # fmt: skip
+def test_a_library_error_names_the_field_the_cli_error_the_flag(models, field, value, library, cli_args, cli) -> None:
+    with pytest.raises(InherccError, match=library):
+        bench([models[0]], BenchOptions(provider="cpu", **{field: value}))
+    r = invoke("bench", models[0], *cli_args)
+    assert r.exit_code == 2 and r.output.startswith(cli)
+    assert "`" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_plot_errors_name_the_parameter_in_the_library_the_flag_on_the_cli(models, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from inhercc.report import check_plot_format
+
+    with pytest.raises(InherccError, match=r"^`plot` \S+ has no extension"):
+        check_plot_format(tmp_path / "plotfile")
+    r = invoke("bench", models[0], "--provider", "cpu", "--plot", tmp_path / "p.xyz")
+    assert r.exit_code == 2 and r.output.startswith(f"error: --plot {tmp_path / 'p.xyz'}: unsupported format .xyz")
 
 
 # --- shape sets ----------------------------------------------------------------------------------------
@@ -132,7 +212,7 @@ def test_a_repeated_name_starts_a_new_shape_set() -> None:
 
 @pytest.mark.parametrize("bad", ["x", "x=", "x=4xq", "x=0x8", "=4x8", "x=4x-8"])
 def test_bad_shape_is_an_error(bad) -> None:
-    with pytest.raises(InherccError, match="bad --shape"):
+    with pytest.raises(InherccError, match="bad `shapes`"):
         parse_shape_sets([bad])
 
 
@@ -309,6 +389,9 @@ def test_real_cpu_bench_on_a_tiny_model(models, tmp_path) -> None:
     env = result["environment"]
     assert env["providers_used"][0] == "CPUExecutionProvider" and env["threads"] == 1
     assert env["cudnn_conv_algo_search"] is None
+    settings = result["settings"]
+    assert (settings["provider"], settings["cudnn_conv_algo_search"], settings["repeat"]) == ("cpu", "HEURISTIC", 30)
+    assert settings["shape_sets"] == [{"x": [32, 128]}, {"x": [4, 128]}] and settings["opt_level"] == "all"
     assert [run["shapes"] for run in result["runs"]] == [{"x": [32, 128]}, {"x": [4, 128]}]
     for run in result["runs"]:
         assert run["rounds"] == 30
@@ -350,7 +433,7 @@ def test_missing_model_and_output_over_input(models, tmp_path) -> None:
 # --- the suite's tables and README block ---------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:no --data given")
+@pytest.mark.filterwarnings("ignore:no `data` given")
 def test_suite_tables_and_readme_block(models, tmp_path) -> None:
     from benchmarks import run_suite as suite
 

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from inhercc.passes import rewrite
 from onnx import helper, numpy_helper
 
 from inhercc import linalg
@@ -19,7 +20,7 @@ from inhercc.cli import cli
 from inhercc.errors import InherccError
 from inhercc.layers import find_layers
 from inhercc.model import float_param_count, prepare_model
-from inhercc.pipeline import Factorizer, compress, inspect_model, rewrite
+from inhercc.pipeline import Factorizer, compress, inspect_model
 from inhercc.plan import RankPlan
 from inhercc.runtime import make_session
 from inhercc.sensitivity import measure_sensitivity, relative_output_error, sensitivity_feeds, sensitivity_weights
@@ -60,7 +61,7 @@ def test_matmul_grams_equal_xtx_whatever_the_batching() -> None:
     split = collect_grams(model, layers, {"x": x}, max_bytes=1)
     for name in grams:
         np.testing.assert_allclose(split[name], collect_grams(model, layers, {"x": x})[name], rtol=1e-12)
-    with pytest.raises(InherccError, match="calib-samples"):
+    with pytest.raises(InherccError, match="`calibration.samples` must be positive, got 0"):
         collect_grams(model, layers, {"x": x}, samples=0)
 
 

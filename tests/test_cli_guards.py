@@ -300,16 +300,16 @@ def test_python_api_checks_outputs_against_inputs_like_the_cli(work: Path) -> No
     from inhercc.errors import InherccError
 
     before = _snapshot(work)
-    with pytest.raises(InherccError, match="--report .* would overwrite the input --data"):
+    with pytest.raises(InherccError, match="`report` .* would overwrite the input `data`"):
         compress_file(work / "teacher.onnx", work / "out" / "a.onnx", rank=8, data=work / "data.npz",
                       report_path=work / "data.npz")  # fmt: skip
-    with pytest.raises(InherccError, match="--save-plan .* would overwrite the input --plan"):
+    with pytest.raises(InherccError, match="`save_plan` .* would overwrite the input `plan.file`"):
         compress_file(work / "teacher.onnx", work / "out" / "a.onnx", plan=work / "plan.json",
                       save_plan=work / "plan.json")  # fmt: skip
-    with pytest.raises(InherccError, match="-o and --checkpoint are the same path"):
+    with pytest.raises(InherccError, match="`output` and `distill.checkpoint` are the same path"):
         finetune_file(work / "student.onnx", work / "teacher.onnx", work / "out" / "t.onnx", work / "data.npz",
                       config=DistillConfig(epochs=1, checkpoint=str(work / "out" / "t.onnx")))  # fmt: skip
-    with pytest.raises(InherccError, match="-o .* would overwrite the input --data"):
+    with pytest.raises(InherccError, match="`output` .* would overwrite the input `data`"):
         finetune_file(work / "student.onnx", work / "teacher.onnx", work / "data.npz", work / "data.npz", epochs=1)
     assert _snapshot(work) == before
 

@@ -126,7 +126,7 @@ def test_split_is_seeded_disjoint_and_held_out():
     assert len(split_indices(100, 0.0)[1]) == 0
     with pytest.raises(InherccError, match="too few"):
         split_indices(1, 0.5)
-    with pytest.raises(InherccError, match="val-split"):
+    with pytest.raises(InherccError, match=r"held-out fraction must be in \[0, 1\), got 1.0"):
         split_indices(10, 1.0)
 
 

@@ -221,7 +221,7 @@ def test_output_kinds_and_overrides() -> None:
         "c": ("none", 1.0),
     }
     for bad in ("a", "a=mse", "a=kd:x", "a=kd:-1"):
-        with pytest.raises(InherccError, match="--loss"):
+        with pytest.raises(InherccError, match="`distill.losses`"):
             parse_loss_overrides([bad])
     with pytest.raises(InherccError, match="unknown output"):
         DistillLoss.for_outputs({"logits": np.zeros((1, 10), np.float32)}, {"nope": ("kd", 1.0)})
@@ -307,7 +307,7 @@ def test_bf16_autocast_trains_and_validates_in_float32(case, monkeypatch) -> Non
     _, val_idx = split_indices(len(case.x), 0.1, 0)
     direct = fidelity(case.teacher, bf16.model, {"x": case.x[val_idx]})
     assert direct["logits"]["cosine"] == pytest.approx(after["cosine"], abs=1e-6)
-    with pytest.raises(InherccError, match="unknown --precision"):
+    with pytest.raises(InherccError, match="unknown `distill.precision`"):
         distill(case.student, case.teacher, case.dir / "train.npz", steps=1, precision="fp8", **FAST)
 
 
@@ -401,7 +401,7 @@ def test_features_choose_the_tensors_the_feature_loss_compares(case, tmp_path) -
             feature_tensors(student, teacher, which)
     with pytest.raises(InherccError, match="no normalization"):
         feature_tensors(case.student, case.teacher, "norms")
-    with pytest.raises(InherccError, match="give --feature-loss"):
+    with pytest.raises(InherccError, match="give `distill.feature_loss`"):
         distill(student, teacher, case.dir / "train.npz", steps=2, features="norms", **FAST)
 
     np.savez(tmp_path / "x.npz", x=case.x)

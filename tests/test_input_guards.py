@@ -270,7 +270,7 @@ def test_corrupt_checkpoint_is_one_line_error(pair, tmp_path, content: bytes | s
         ckpt.write_bytes(content)
     with pytest.raises(InherccError) as info:
         distill(*pair, steps=2, checkpoint=str(tmp_path), resume=True, **FAST)
-    assert str(info.value) == f"checkpoint {ckpt} cannot be read ({why}); remove it or start without --resume"
+    assert str(info.value) == f"checkpoint {ckpt} cannot be read ({why}); remove it or start without `distill.resume`"
     assert "weights_only" not in str(info.value)
 
 
@@ -302,7 +302,7 @@ def test_checkpoint_folder_that_is_a_file_fails_before_training(pair, tmp_path) 
     blocker = tmp_path / "file"
     blocker.write_text("")
     steps: list[int] = []
-    with pytest.raises(InherccError, match=f"--checkpoint {blocker} is a file, not a folder"):
+    with pytest.raises(InherccError, match=f"`distill.checkpoint` {blocker} is a file, not a folder"):
         distill(*pair, steps=2, checkpoint=str(blocker), callback=lambda i: steps.append(i["step"]), **FAST)
     assert steps == []
 
@@ -312,7 +312,7 @@ def test_checkpoint_folder_that_is_a_file_fails_before_training(pair, tmp_path) 
 
 @pytest.mark.parametrize("name", ["weight_decay", "feature_loss"])
 def test_negative_weights_are_refused_by_the_config(name: str) -> None:
-    option = "--" + name.replace("_", "-")
+    option = f"`distill.{name}`"
     with pytest.raises(InherccError, match=f"^{option} must be ≥ 0, got -0.5$"):
         DistillConfig(**{name: -0.5}).check()
 
@@ -320,15 +320,15 @@ def test_negative_weights_are_refused_by_the_config(name: str) -> None:
 @pytest.mark.parametrize("name", ["lr", "weight_decay", "warmup", "clip", "temperature", "alpha", "feature_loss"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_settings_are_refused_naming_the_option(name: str, value: float) -> None:
-    option = "--" + name.replace("_", "-")
+    option = f"`distill.{name}`"
     with pytest.raises(InherccError, match=f"^{option} must be a finite number, got {value}$"):
         DistillConfig(**{name: value}).check()
 
 
 def test_non_finite_val_split_and_loss_weight() -> None:
-    with pytest.raises(InherccError, match="--val-split must be a finite number, got nan"):
+    with pytest.raises(InherccError, match="`distill.val_split` must be a finite number, got nan"):
         DistillConfig(val_split=math.nan).check()
-    with pytest.raises(InherccError, match="--loss y: weight must be a finite number ≥ 0, got nan"):
+    with pytest.raises(InherccError, match="`distill.losses` y: weight must be a finite number ≥ 0, got nan"):
         DistillConfig(losses={"y": ("kd", math.nan)}).check()
     DistillConfig(losses={"y": ("kd", 0.5)}, temperature=2.0, clip=None).check()  # finite values pass
 

@@ -98,8 +98,14 @@ def test_a_chain_must_win_by_the_margin() -> None:
 
 def test_pipeline_hook_reports_the_reason_and_keeps_the_budget() -> None:
     model = three_layer_mlp()
-    result = compress(
-        model, ratio=0.5, shapes=SHAPES, verify=False, latency_aware=True, latency_timer=FakeTimer({"fc1"})
+    result = compress(  # rank multiple 8, not cpu's 16: three small layers
+        model,
+        ratio=0.5,
+        shapes=SHAPES,
+        verify=False,
+        latency_aware=True,
+        rank_multiple=8,
+        latency_timer=FakeTimer({"fc1"}),
     )
     rows = {row["name"]: row for row in result.report["layers"]}
     assert rows["fc1"]["rank"] is None

@@ -92,7 +92,7 @@ def test_top1_only_for_logits_and_the_user_overrides() -> None:
         graph_output_kinds(model, {"out": "class"})
     assert parse_output_kinds(["a=logits", " b = embedding"]) == {"a": "logits", "b": "embedding"}
     for bad in ("a", "a=class", "=logits"):
-        with pytest.raises(InherccError, match="--output-kind"):
+        with pytest.raises(InherccError, match="`output_kinds`"):
             parse_output_kinds([bad])
 
 

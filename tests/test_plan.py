@@ -136,7 +136,7 @@ def test_bad_plans_are_rejected(edit, message) -> None:
 def test_ratio_out_of_range() -> None:
     layers, spectra = layers_and_spectra(spectral_model(np.random.default_rng(7)))
     for bad in (0.0, -0.1, 1.5):
-        with pytest.raises(InherccError, match="ratio must be in"):
+        with pytest.raises(InherccError, match="`plan.ratio` must be in"):
             plan_ratio(layers, spectra, bad)
     with pytest.raises(InherccError, match="too small"):
         plan_ratio(layers, spectra, 0.01, rank_multiple=32)

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper
 
 from inhercc import compress
 from inhercc.cli import cli
+from inhercc.data import split_indices
 from inhercc.layers import find_layers
 from inhercc.pipeline import Factorizer
 from inhercc.runtime import make_session
@@ -90,7 +91,9 @@ def test_compress_with_data_scores_every_output_on_padded_sentences(encoder) -> 
     res = compress(encoder.model, ratio=0.5, data=encoder.feeds, calib_batch_size=8)
     rep = res.report
     assert rep["output_kinds"] == {"sentence_embedding": "embedding", "last_hidden_state": "embedding"}
-    held = {k: v[-8:] for k, v in encoder.feeds.items()}  # compress holds out the last --verify-samples
+    n = len(next(iter(encoder.feeds.values())))
+    _, held_idx = split_indices(n, 8, seed=0)  # the one hold-out rule: verify.samples seeded random samples
+    held = {k: v[held_idx] for k, v in encoder.feeds.items()}
     t_out = make_session(encoder.model).run(None, held)
     s_out = make_session(res.model).run(None, held)
     for (name, mask), t, s in zip(
@@ -166,8 +169,9 @@ def test_ragged_and_integer_outputs_are_scored_or_skipped_with_a_reason() -> Non
     res = compress(model, rank=8, data={"x": x}, calib_batch_size=8, verify_samples=16)
     rep = res.report
     assert rep["output_kinds"] == {"y": "logits", "ids": "integer", "where": "integer"}  # ArgMax reads y
-    t_y, t_ids, _ = make_session(model).run(None, {"x": x[-16:]})
-    s_y, s_ids, _ = make_session(res.model).run(None, {"x": x[-16:]})
+    held = x[split_indices(len(x), 16, seed=0)[1]]  # the samples compress held out
+    t_y, t_ids, _ = make_session(model).run(None, {"x": held})
+    s_y, s_ids, _ = make_session(res.model).run(None, {"x": held})
     assert rep["fidelity"]["ids"] == {"exact_match": pytest.approx(float(np.mean(t_ids == s_ids)))}
     assert rep["fidelity"]["y"]["top1_agreement"] == pytest.approx(float(np.mean(t_ids == s_ids)))
     assert "where" not in rep["fidelity"] and "shapes differ" in rep["fidelity_skipped"]["where"]

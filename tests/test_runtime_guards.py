@@ -198,5 +198,6 @@ def test_bench_refuses_inputs_larger_than_available_memory_before_allocating(tmp
     monkeypatch.setattr(inhercc.bench, "available_memory", lambda: 1 << 20)
     monkeypatch.setattr(inhercc.bench, "synthetic_feeds", lambda *a, **k: pytest.fail("allocated the inputs"))
     options = BenchOptions(provider="cpu", repeat=2, warmup=0, shape_sets=[{"x": [100_000, 64]}])
-    with pytest.raises(InherccError, match=r"--shape x=100000x64: the inputs need 0.1 GiB of memory, only 0.0 GiB"):
+    need = r"`shape_sets` x=100000x64: the inputs need 0.1 GiB of memory, only 0.0 GiB"
+    with pytest.raises(InherccError, match=need):
         bench([str(path)], options)

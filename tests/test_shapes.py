@@ -284,7 +284,7 @@ def test_sequence_dims_default_to_128_capped_by_the_position_table() -> None:
     shapes, note = default_shapes(text_model(positions=64))
     assert shapes == {"input_ids": [1, 64], "attention_mask": [1, 64]}
     assert note == (
-        "dynamic dims chosen: input_ids=1x64 attention_mask=1x64 (sequence: 64); pass --shape to choose other sizes"
+        "dynamic dims chosen: input_ids=1x64 attention_mask=1x64 (sequence: 64); pass `shapes` to choose other sizes"
     )
     shapes, _ = default_shapes(text_model(positions=512), batch=8)
     assert shapes == {"input_ids": [8, 128], "attention_mask": [8, 128]}
@@ -403,12 +403,12 @@ def test_a_model_rejecting_224_gets_the_next_size() -> None:
     model = prepare_model(image_model(bias_side=320))
     shapes, note = confirmed_shapes(model)
     assert shapes == {"x": [1, 3, 320, 320]}
-    assert note == "dynamic dims chosen: x=1x3x320x320 (spatial: 320); pass --shape to choose other sizes"
+    assert note == "dynamic dims chosen: x=1x3x320x320 (spatial: 320); pass `shapes` to choose other sizes"
 
 
 def test_a_model_rejecting_every_size_names_shape() -> None:
     model = prepare_model(image_model(bias_side=100))
-    with pytest.raises(InherccError, match=r"rejects every input size tried \(x=1x3x224x224; x=1x3x320x320.*--shape"):
+    with pytest.raises(InherccError, match=r"rejects every input size tried \(x=1x3x224x224; x=1x3x320x320.*`shapes`"):
         confirmed_shapes(model)
 
 
@@ -418,7 +418,7 @@ def test_plain_compress_chooses_sizes_warns_once_and_reports_them() -> None:
         result = inhercc.compress(text_model(), rank=8)
     notes = [str(w.message) for w in caught if "dynamic dims chosen" in str(w.message)]
     assert notes == [
-        "dynamic dims chosen: input_ids=1x64 attention_mask=1x64 (sequence: 64); pass --shape to choose other sizes"
+        "dynamic dims chosen: input_ids=1x64 attention_mask=1x64 (sequence: 64); pass `shapes` to choose other sizes"
     ]
     report = result.report
     assert report["shapes"] == {"values": {"input_ids": [1, 64], "attention_mask": [1, 64]}, "chosen": "default"}

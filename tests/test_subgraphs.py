@@ -139,7 +139,7 @@ def test_reasons_name_the_subgraph() -> None:
     model, _ = control_flow_model(np.random.default_rng(0))
     m = prepare_model(model)
     layers = {la.name: la for la in find_layers(m, exclude="mm_then", min_params=7000)}
-    assert layers["mm_then"].reason == "inside If 'If_12' then_branch: excluded by pattern (--exclude)"
+    assert layers["mm_then"].reason == "inside If 'If_12' then_branch: excluded by pattern (matches an exclude pattern)"
     assert layers["gemm_loop"].reason == "inside Loop 'Loop_3' body: too small (6400 params < 7000)"
     assert layers["mm_else"].compressible
     # a pattern may name the subgraph a layer lives in

@@ -40,7 +40,7 @@ _RESUME_DEFAULTS: dict[str, Any] = {"precision": "fp32", "features": "layers", "
 
 
 def checkpoint_folder(folder: Path) -> None:
-    """Create the ``--checkpoint`` folder (checked before training, so a bad one costs no training time)."""
+    """Create the ``distill.checkpoint`` folder (checked before training, so a bad one costs no training time)."""
     check_checkpoint_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ _CHECKPOINT_KEYS = ("format", "config", "shapes", "params", "best_params", "opti
 
 def checkpoint_error(path: Path, why: str) -> InherccError:
     """A checkpoint that cannot be resumed from: say why and what to do (never to unpickle it)."""
-    return InherccError(f"checkpoint {path} cannot be read ({why}); remove it or start without --resume")
+    return InherccError(f"checkpoint {path} cannot be read ({why}); remove it or start without `distill.resume`")
 
 
 def _unreadable(path: Path, e: Exception) -> str:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from onnx import ModelProto
 
 from inhercc.errors import InherccError
-from inhercc.losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE
+from inhercc.losses import DEFAULT_ALPHA, DEFAULT_TEMPERATURE, parse_loss_overrides
+from inhercc.options import check_options, fraction, non_negative, option, positive
 from inhercc.runtime import DataWarning
+from inhercc.verify import output_kinds_option
 
 TRAIN_MODES = ("factors", "all")
 DEFAULT_EPOCHS = 3
@@ -19,81 +21,111 @@ DEFAULT_CACHE_BYTES = 1 << 30
 PRECISIONS = ("fp32", "bf16")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillConfig:
-    """Every knob of :func:`distill` (the CLI options map one to one)."""
+    """Every knob of :func:`distill`, declared once (:func:`inhercc.options.option`): the CLI's distillation
+    options are generated from these fields, and a recipe's ``distill`` section is one of these."""
 
-    epochs: int | None = None  # default DEFAULT_EPOCHS unless ``steps`` is given
-    steps: int | None = None  # optimizer steps in all (overrides epochs)
-    lr: float = 5e-4
-    batch_size: int = 32  # per process; the global batch is batch_size × world size
-    weight_decay: float = 0.0  # decay pulls inherited weights away from the teacher's: off by default
-    warmup: float = 0.05  # fraction of the steps with a linear warm-up
-    clip: float | None = 1.0  # gradient-norm clipping
-    temperature: float = DEFAULT_TEMPERATURE
-    alpha: float = DEFAULT_ALPHA  # weight of the cross-entropy on ``_labels``
-    losses: dict[str, tuple[str, float]] = field(default_factory=dict)  # {output: (kind, weight)} overrides
+    epochs: int | None = option(
+        None,
+        check=positive,
+        help="Distil for this many epochs (finetune: 3 unless --steps is given; compress distils only when "
+        "--epochs or --steps is given).",
+    )
+    steps: int | None = option(None, check=positive, help="Distil for this many optimizer steps (not epochs).")
+    lr: float = option(5e-4, check=positive, help="AdamW peak learning rate.")
+    batch_size: int = option(32, check=positive, help="Per process; the global batch is batch size × world size.")
+    val_split: float = option(0.1, check=fraction, help="Held-out fraction.")
+    train: str = option(
+        "factors",
+        help="Which initializers to train: factors (<w>.inherit_in/out), all, or a regex over names "
+        "(never one-element constants).",
+    )
+    temperature: float = option(DEFAULT_TEMPERATURE, help="KD temperature.")
+    alpha: float = option(DEFAULT_ALPHA, help="Weight of CE on _labels.")
+    losses: dict[str, tuple[str, float]] = option(
+        {},
+        name="losses",
+        flag="--loss",
+        metavar="OUTPUT=KIND[:WEIGHT]",
+        parse=parse_loss_overrides,
+        help="OUTPUT=KIND[:WEIGHT], KIND kd|probs|embedding|none (default by the output's kind: kd for logits, "
+        "probs for probabilities, else embedding).",
+    )
     # {output: "logits" | "probs" | "embedding" | "values"}: what an output is, where the graph misleads
-    output_kinds: dict[str, str] = field(default_factory=dict)
-    feature_loss: float = 0.0  # weight of the feature inheritance loss (0 = off)
+    output_kinds: dict[str, str] = output_kinds_option()
+    feature_loss: float = option(
+        0.0,
+        check=non_negative,
+        metavar="[WEIGHT]",
+        help="Feature inheritance loss (intermediate tensors vs the teacher's), optional weight [1].",
+    )
     # what the feature loss compares: "layers" (each factorized layer's output), "norms" (the outputs of the
     # normalization nodes: each block's hidden state, as TinyBERT matches them), or a regex over tensor names
-    features: str = "layers"
-    train: str = "factors"  # "factors" | "all" | a regex over initializer names
-    val_split: float = 0.1
-    seed: int = 0
-    patience: int | None = 3  # evaluations without improvement before stopping (None = never)
-    eval_every: int | None = None  # steps between validations (default: once per epoch)
-    cache_teacher: bool | None = None  # None: cache when the teacher outputs fit in DEFAULT_CACHE_BYTES
-    checkpoint: str | None = None  # folder for checkpoint.pt
-    checkpoint_every: int | None = None  # steps between checkpoints (default: at every validation)
-    resume: bool = False  # continue from the checkpoint in ``checkpoint`` when there is one
-    device: str | None = None  # "cpu" | "cuda" | "cuda:N"; default cuda when available
-    quiet: bool = False  # no progress bar and no per-epoch lines
-    synthetic_samples: int = 256  # samples drawn from the input specs when no data is given
-    rebalance: bool = True  # equalize the scale of each factor pair before training (product unchanged)
-    threads: int | None = None  # torch and ONNX Runtime intra-op threads (default: theirs)
+    features: str = option(
+        "layers",
+        help="What --feature-loss compares: layers (factorized layer outputs), norms (normalization outputs: "
+        "each block's hidden state) or a regex over tensor names.",
+    )
+    # decay pulls inherited weights away from the teacher's: off by default
+    weight_decay: float = option(0.0, check=non_negative, help="AdamW weight decay.")
+    warmup: float = option(0.05, check=fraction, help="Warm-up fraction of the steps.")
+    clip: float | None = option(1.0, check=positive, help="Gradient-norm clipping.")
+    patience: int | None = option(
+        3, check=non_negative, help="Early stop after this many validations without gain (0 or None: never)."
+    )
+    eval_every: int | None = option(None, check=positive, help="Validate every N steps.", default_text="per epoch")
+    cache_teacher: bool | None = option(
+        None, flag="--cache-teacher/--no-cache-teacher", help="Cache teacher outputs.", default_text="when they fit"
+    )
+    checkpoint: str | None = option(None, metavar="DIR", help="Checkpoint folder.")
+    checkpoint_every: int | None = option(
+        None, check=positive, help="Steps between checkpoints.", default_text="every validation"
+    )
+    resume: bool = option(False, help="Continue from the checkpoint in the checkpoint folder when there is one.")
+    device: str | None = option(None, help="cpu, cuda or cuda:N.", default_text="cuda when available")
     # "bf16": the student's training forward under torch.autocast (bfloat16 matrix products, about twice the
     # steps per second on CPUs with AVX512-BF16/AMX and on GPUs); losses, weights, optimizer state and the
     # validation stay float32, so the kept weights are scored exactly as ONNX Runtime will run them
-    precision: str = "fp32"
+    precision: str = option(
+        "fp32",
+        choices=PRECISIONS,
+        help="bf16: the student's training forward in bfloat16 autocast (faster; validation stays fp32).",
+    )
+    threads: int | None = option(None, check=positive, help="torch / ONNX Runtime threads.", default_text="theirs")
+    seed: int = option(0, help="Validation split, shuffling and synthetic inputs.")
+    quiet: bool = option(False, flag="-q --quiet", help="No progress bar and no per-epoch lines.")
+    synthetic_samples: int = option(256, check=positive, cli=False, help="Samples drawn when no data is given.")
+    rebalance: bool = option(
+        True, cli=False, help="Equalize the scale of each factor pair before training (product unchanged)."
+    )
     # the teacher's outputs for the next batch are computed in a worker thread while the student trains on
     # this one (ONNX Runtime releases the GIL), so the teacher costs no time where it has cores to itself.
     # None: on a GPU, or on CPU when ``threads`` leaves as many cores to the teacher (2 cores, threads 1:
     # 0.48 s per MiniLM step against 0.75 s inline; torch and the teacher both on all cores: 0.58 against
     # 0.50 inline, so not then)
-    prefetch: bool | None = None
+    prefetch: bool | None = option(None, cli=False, help="Compute the next batch's teacher outputs meanwhile.")
 
-    def check(self) -> None:
-        """Every setting valid (an :class:`InherccError` naming the option otherwise), before any work."""
-        for f in fields(self):  # NaN passes every comparison below, and ±inf most: refuse them first
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise InherccError(f"--{f.name.replace('_', '-')} must be a finite number, got {v}")
+    def __post_init__(self) -> None:  # (kind, weight) pairs read back from JSON / YAML as lists
+        object.__setattr__(self, "losses", {k: (str(v[0]), float(v[1])) for k, v in self.losses.items()})
+
+    def check(self, prefix: str = "distill.") -> None:
+        """Every setting valid (an :class:`InherccError` naming the field), before any work."""
+        check_options(self, prefix)
         for output, (_kind, weight) in self.losses.items():
             if not math.isfinite(weight) or weight < 0:
-                raise InherccError(f"--loss {output}: weight must be a finite number ≥ 0, got {weight}")
-        for name in ("epochs", "steps", "batch_size", "eval_every", "checkpoint_every", "synthetic_samples", "threads"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise InherccError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        if self.patience is not None and self.patience <= 0:
-            raise InherccError(f"--patience must be positive, got {self.patience}")
-        if not self.lr > 0:
-            raise InherccError(f"--lr must be positive, got {self.lr}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise InherccError(f"--warmup must be in [0, 1), got {self.warmup}")
-        if self.clip is not None and self.clip <= 0:
-            raise InherccError(f"--clip must be positive, got {self.clip}")
-        for name in ("weight_decay", "feature_loss"):
-            if getattr(self, name) < 0:
-                raise InherccError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
+                raise InherccError(f"`{prefix}losses` {output}: weight must be a finite number ≥ 0, got {weight}")
+        if self.epochs is not None and self.steps is not None:
+            raise InherccError(f"choose one of `{prefix}epochs`, `{prefix}steps` (got both)")
         if self.features != "layers" and not self.feature_loss > 0:
-            raise InherccError(f"--features {self.features} chooses what --feature-loss compares: give --feature-loss")
+            raise InherccError(
+                f"`{prefix}features` {self.features} chooses what `{prefix}feature_loss` compares: "
+                f"give `{prefix}feature_loss`"
+            )
         if self.resume and not self.checkpoint:
-            raise InherccError("--resume needs --checkpoint DIR")
-        if self.precision not in PRECISIONS:
-            raise InherccError(f"unknown --precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+            raise InherccError(f"`{prefix}resume` needs `{prefix}checkpoint`")
+        if self.checkpoint_every is not None and self.checkpoint is None:
+            raise InherccError(f"`{prefix}checkpoint_every`: a checkpoint option, only used with `{prefix}checkpoint`")
 
 
 @dataclass

@@ -35,7 +35,7 @@ def select_trainable(model: ModelProto, train: str = "factors") -> list[str]:
         if not chosen:
             raise InherccError(
                 "the student has no factor initializers (<weight>.inherit_in/.inherit_out): is it a compressed "
-                "student? use --train all or a regex to train other weights"
+                "student? use `distill.train` all or a regex to train other weights"
             )
         return chosen
     if train == "all":
@@ -43,10 +43,10 @@ def select_trainable(model: ModelProto, train: str = "factors") -> list[str]:
     try:
         pattern = re.compile(train)
     except re.error as e:
-        raise InherccError(f"--train {train!r} is neither factors, all nor a valid regex: {e}") from None
+        raise InherccError(f"`distill.train` {train!r} is neither factors, all nor a valid regex: {e}") from None
     chosen = [n for n in floats if sizes[n] > 1 and pattern.search(n)]
     if not chosen:
-        raise InherccError(f"--train {train!r} matches no float initializer of the student")
+        raise InherccError(f"`distill.train` {train!r} matches no float initializer of the student")
     return chosen
 
 
@@ -173,7 +173,9 @@ def feature_tensors(student: ModelProto, teacher: ModelProto, which: str = "laye
     if which == "layers":
         found = inherited_outputs(student, teacher)
         if not found:
-            raise InherccError("--feature-loss: the student has no factorized layer whose output the teacher also has")
+            raise InherccError(
+                "`distill.feature_loss`: the student has no factorized layer whose output the teacher also has"
+            )
         return found
     produced = {o for n in teacher.graph.node for o in n.output if o}
     graph_out = {o.name for o in student.graph.output}
@@ -182,14 +184,14 @@ def feature_tensors(student: ModelProto, teacher: ModelProto, which: str = "laye
         found = [o for o in norm_outputs(student) if o in wanted and o not in graph_out]
         if not found:
             raise InherccError(
-                "--features norms: the graphs have no normalization (LayerNormalization, BatchNormalization, … or "
-                "one written out in primitive ops) in common; give a regex over tensor names"
+                "`distill.features` norms: the graphs have no normalization (LayerNormalization, BatchNormalization, "
+                "… or one written out in primitive ops) in common; give a regex over tensor names"
             )
         return found
     try:
         pattern = re.compile(which)
     except re.error as e:
-        raise InherccError(f"--features {which!r} is neither layers, norms nor a valid regex: {e}") from None
+        raise InherccError(f"`distill.features` {which!r} is neither layers, norms nor a valid regex: {e}") from None
     found = list(
         dict.fromkeys(
             o
@@ -199,7 +201,9 @@ def feature_tensors(student: ModelProto, teacher: ModelProto, which: str = "laye
         )
     )
     if not found:
-        raise InherccError(f"--features {which!r} matches no tensor computed by both the student and the teacher")
+        raise InherccError(
+            f"`distill.features` {which!r} matches no tensor computed by both the student and the teacher"
+        )
     return found
 
 

@@ -52,10 +52,10 @@ def resolve_device(device: str | None, procs: Processes | None = None) -> torch.
     """``cpu``, ``cuda`` (this rank's GPU under torchrun) or ``cuda:N``; default cuda when available."""
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise InherccError(f"unknown --device {name!r}; choose cpu or cuda")
+        raise InherccError(f"unknown `distill.device` {name!r}; choose cpu or cuda")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InherccError(f"--device {name} but torch sees no CUDA GPU")
+            raise InherccError(f"`distill.device` {name} but torch sees no CUDA GPU")
         if name == "cuda":
             return torch.device("cuda", (procs.local_rank if procs else 0) % torch.cuda.device_count())
     return torch.device(name)

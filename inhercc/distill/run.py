@@ -135,8 +135,8 @@ def finetune_file(
 
     config = kwargs.get("config")
     check_paths(
-        [("STUDENT", student_path), ("--teacher", teacher_path), ("--data", path_or_none(data))],
-        {"-o": output_path, "--report": report_path},
+        [("`student`", student_path), ("`teacher`", teacher_path), ("`data`", path_or_none(data))],
+        {"`output`": output_path, "`report`": report_path},
         models=(student_path, teacher_path),
         checkpoint=kwargs.get("checkpoint") or (config.checkpoint if config is not None else None),
     )

@@ -227,7 +227,9 @@ class Trainer:
         probe_out = teacher.run(probe, features=bool(self.features))
         not_float = [f for f, v in zip(self.features, probe_out[n_out:]) if not np.issubdtype(v.dtype, np.floating)]
         if not_float:
-            raise InherccError(f"--features: {', '.join(not_float[:3])} not float; the feature loss compares floats")
+            raise InherccError(
+                f"`distill.features`: {', '.join(not_float[:3])} not float; the feature loss compares floats"
+            )
         self.loss_fn = DistillLoss.for_outputs(
             dict(zip(teacher.outputs, probe_out[:n_out])),
             cfg.losses,
@@ -367,7 +369,7 @@ class Trainer:
             s_out, self._on_device(t_out), self.labels_of(feeds), s_feat, self._on_device(t_feat), mask
         )
         if not torch.isfinite(loss):
-            raise InherccError(f"the loss became {float(loss)} at step {self.state.step + 1}; lower --lr")
+            raise InherccError(f"the loss became {float(loss)} at step {self.state.step + 1}; lower `distill.lr`")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip:
@@ -419,7 +421,7 @@ class Trainer:
                 self.best_params = {k: v.detach().cpu().clone() for k, v in self.trainable.items()}
             else:
                 state.bad += 1
-                stop = self.cfg.patience is not None and state.bad >= self.cfg.patience
+                stop = bool(self.cfg.patience) and state.bad >= self.cfg.patience
         state.history.append(entry)
         val_txt = f", val cosine {val['score']:.5f}, val loss {val['loss']:.4g}" if val else ""
         loss_txt = f"loss {entry['loss']:.4g}" if entry["loss"] is not None else "no step"
