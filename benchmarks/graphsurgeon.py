@@ -564,7 +564,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         run_child(args.child[0], Path(args.child[1]), args.save)
         return 0
-    import onnx_graphsurgeon as gs
+    try:
+        import onnx_graphsurgeon as gs
+    except ImportError:
+        print("this benchmark needs onnx-graphsurgeon: pip install onnx-graphsurgeon", file=sys.stderr)
+        return 2
 
     out: dict[str, Any] = {
         "machine": {

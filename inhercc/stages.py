@@ -110,16 +110,19 @@ def unchanged(state: CompressState) -> StageResult:
 
 def run_stages(stages: Sequence[Stage], state: CompressState) -> CompressState:
     """Run ``stages`` in order: each one that modified the state is timed into ``state.timings`` (by the
-    stage's name) and its notes go to ``state.say``."""
+    stage's name) and said on ``state.say`` with its time and notes (the stages themselves only work)."""
     t0 = time.perf_counter()
     for stage in stages:
         t = time.perf_counter()
         result = stage(state)
         state = result.state
         if result.modified:
-            state.timings[stage.__name__] = round(time.perf_counter() - t, 3)
-        for note in result.notes:
-            state.say(note)
+            seconds = state.timings[stage.__name__] = round(time.perf_counter() - t, 3)
+            one = f": {result.notes[0]}" if len(result.notes) == 1 else ""
+            state.say(f"{stage.__name__} ({seconds:.1f} s){one}")
+        if len(result.notes) > 1 or not result.modified:
+            for note in result.notes:
+                state.say(f"  {note}")
     state.timings["total"] = round(time.perf_counter() - t0, 3)
     if "time_s" in state.report or state.student is not None:
         state.report["time_s"] = dict(state.timings)
@@ -211,17 +214,17 @@ def calibrate(state: CompressState) -> StageResult:
         return unchanged(state)
     from inhercc.calibrate import collect_grams
 
-    state.say("calibrating (Gram matrices of the layer inputs)")
+    compressible = [la for la in state.layers if la.compressible]
     state.grams = collect_grams(
         state.teacher,
-        [la for la in state.layers if la.compressible],
+        compressible,
         state.calibration,
         samples=options.samples,
         batch_size=options.batch_size,
         progress=state.progress,
         source=state.data_source,
     )
-    return StageResult(state, True)
+    return StageResult(state, True, [f"Gram matrices of the inputs of {len(compressible)} layer(s)"])
 
 
 def sensitivity(state: CompressState) -> StageResult:
@@ -239,7 +242,6 @@ def sensitivity(state: CompressState) -> StageResult:
         return unchanged(state)
     from inhercc.sensitivity import measure_sensitivity, sensitivity_feeds, sensitivity_weights
 
-    state.say("measuring each layer's effect on the outputs")
     options = recipe.calibration
     measured = measure_sensitivity(
         state.teacher,
@@ -253,7 +255,7 @@ def sensitivity(state: CompressState) -> StageResult:
         source=state.data_source,
     )
     state.layer_weights = sensitivity_weights(measured)
-    return StageResult(state, True)
+    return StageResult(state, True, [f"the effect on the outputs of {len(measured)} layer(s) measured"])
 
 
 def plan(state: CompressState) -> StageResult:
@@ -309,7 +311,7 @@ def latency(state: CompressState) -> StageResult:
     from inhercc.latency import latency_aware_plan
 
     assert state.plan is not None
-    state.say(f"timing {len(state.plan.factorized())} chain(s) against their dense layers on {options.provider}")
+    planned = len(state.plan.factorized())
     state.plan = latency_aware_plan(
         state.teacher,
         state.layers,
@@ -326,7 +328,8 @@ def latency(state: CompressState) -> StageResult:
     )
     if not state.plan.factorized():
         raise InherccError("every factor chain is slower than its dense layer on this provider: nothing to do")
-    return StageResult(state, True)
+    dense = len(state.plan.method["latency_aware"]["kept_dense"])
+    return StageResult(state, True, [f"{planned} chain(s) timed on {options.provider}, {dense} kept dense for speed"])
 
 
 def sequential(state: CompressState) -> StageResult:
@@ -344,7 +347,6 @@ def sequential(state: CompressState) -> StageResult:
     def build(done: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> ModelProto:
         return rewrite_graph(model, RankPlan({n: planned.rank(n) for n in done}), layers, lambda la, _r: done[la.name])
 
-    state.say("sequential calibration (each layer fitted on the student's own inputs)")
     compensated = sequential_factors(
         model,
         layers,
@@ -363,13 +365,12 @@ def sequential(state: CompressState) -> StageResult:
 
     state.factors = chosen
     planned.method["sequential"] = True
-    return StageResult(state, True)
+    return StageResult(state, True, [f"{len(compensated)} layer(s) fitted on the student's own inputs"])
 
 
 def rewrite(state: CompressState) -> StageResult:
     """The student: every planned layer replaced by its factor chain (:func:`inhercc.passes.rewrite`)."""
     assert state.plan is not None and state.factors is not None and state.factorizer is not None
-    state.say(f"rewriting {len(state.plan.factorized())} layer(s)")
     result = rewrite_ranks(state.teacher, state.plan.factorized(), state.layers, state.factors)
     state.student = result.model
     state.factorizer.release()
@@ -383,7 +384,6 @@ def distil(state: CompressState) -> StageResult:
     if config is None:
         return unchanged(state)
     assert state.student is not None
-    state.say("distilling from the teacher")
     tuned = run_distill(state.student, state.teacher, state.samples, config=config, shapes=state.recipe.shapes)
     state.student = tuned.model
     state.report.update(tuned.report)
@@ -396,7 +396,7 @@ def distil(state: CompressState) -> StageResult:
             output_kinds=state.recipe.output_kinds,
         )
         state.report.update(scores.report("fidelity_verify_data"))
-    return StageResult(state, True)
+    return StageResult(state, True, ["the student distilled from the teacher"])
 
 
 def verify(state: CompressState) -> StageResult:
@@ -406,7 +406,6 @@ def verify(state: CompressState) -> StageResult:
     if not recipe.verify.enabled or recipe.training():
         return unchanged(state)
     assert state.student is not None
-    state.say("verifying in ONNX Runtime")
     feeds = state.held_out
     if not feeds:
         n = recipe.verify.samples
@@ -417,7 +416,7 @@ def verify(state: CompressState) -> StageResult:
     scores = score_models(state.teacher, state.student, feeds, source=source, output_kinds=recipe.output_kinds)
     state.report.update(scores.report())
     state.report["fidelity_inputs"] = "data" if state.held_out else "synthetic"
-    return StageResult(state, True)
+    return StageResult(state, True, [f"teacher and student compared in ONNX Runtime on {source}"])
 
 
 def report(state: CompressState) -> StageResult:

@@ -14,6 +14,7 @@ registered by op type (:func:`inhercc.families.family_for` finds it). Adding a f
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,7 +27,7 @@ from inhercc import linalg
 from inhercc.errors import InherccError
 from inhercc.families import FactorSource, Layer, families, family_for
 from inhercc.graph import Dim, node_flops
-from inhercc.model import graph_scopes, implicit_inputs, infer_model_shapes
+from inhercc.model import copy_without, graph_scopes, implicit_inputs, infer_model_shapes
 
 
 @dataclass
@@ -152,13 +153,21 @@ def rewrite_ranks(
 ) -> PassResult:
     """Apply every registered family's factorization pass for ``ranks`` (layer name → total rank) to a copy
     of ``model``; shapes re-inferred. The notes say one line per rewritten node."""
-    student = ModelProto()
-    student.CopyFrom(model)
     by_name = {layer.name: layer for layer in layers}
+    student = copy_without(model, replaced_weights(model, ranks, by_name))
     result = run_passes(student, [FactorizePass(ranks, by_name, factors, f.op_type) for f in families()])
     out = result.model
     del out.graph.value_info[:]  # stale for the rewritten nodes; re-inferred below
     return PassResult(infer_model_shapes(out), result.modified, result.notes)
+
+
+def replaced_weights(model: ModelProto, ranks: Mapping[str, int], layers: Mapping[str, Layer]) -> set[str]:
+    """The main-graph weights the rewrite replaces and nothing else reads (not graph inputs): the student's copy
+    leaves them out rather than copying and then dropping them."""
+    reads = Counter(name for scope in graph_scopes(model) for node in scope.graph.node for name in node.input)
+    inputs = {i.name for i in model.graph.input}
+    planned = [layers[n] for n in ranks if n in layers and layers[n].subgraph is None]
+    return {la.weight_name for la in planned if reads[la.weight_name] == 1 and la.weight_name not in inputs}
 
 
 class FactorizePass:

@@ -215,7 +215,8 @@ def test_stages_run_as_passes_and_a_custom_list_runs_from_python() -> None:
     stages.insert([s.__name__ for s in stages].index("plan") + 1, count)
     state = open_state(model, Recipe.of(rank=16), say=seen.append)
     state = run_stages(stages, state)
-    assert "2 layers planned (custom stage)" in seen and "fidelity" not in state.report
+    assert "  2 layers planned (custom stage)" in seen and "fidelity" not in state.report
+    assert any(line.startswith("rewrite (") for line in seen) and "  fc1: MatMul [64, 96] -> rank 16" in seen
     timed = state.report["time_s"]
     assert {"load", "find", "plan", "rewrite", "report", "total"} <= set(timed) and "count" not in timed
     assert "calibrate" not in timed and "latency" not in timed  # nothing to do: not modified, not timed
