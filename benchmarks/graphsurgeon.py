@@ -165,10 +165,9 @@ def lean_rewrite_ranks(
 ) -> onnx.ModelProto:
     """``inhercc.passes.base.rewrite_ranks`` with one change: the student starts as a copy of the teacher
     without the weights the rewrite replaces (read by that one node only, not a graph input)."""
-    from inhercc.passes.base import FactorizePass, run_passes
-
     from inhercc.families import families
     from inhercc.model import graph_scopes, infer_model_shapes
+    from inhercc.passes.base import FactorizePass, run_passes
 
     by_name = {layer.name: layer for layer in layers}
     reads = Counter(name for scope in graph_scopes(model) for node in scope.graph.node for name in node.input)
@@ -253,10 +252,9 @@ def child_compress(work: Path, way: str) -> tuple[dict[str, Any], onnx.ModelProt
 
 def child_rewrite(work: Path, way: str) -> tuple[dict[str, Any], onnx.ModelProto]:
     """The rewrite alone, factors loaded before the clock starts; shape inference timed apart."""
-    from inhercc.passes import rewrite
-
     from inhercc.layers import find_layers
     from inhercc.model import infer_model_shapes
+    from inhercc.passes import rewrite
 
     model, plan, arrays = load_inputs(work)
     layers = find_layers(model, load_weights=False)

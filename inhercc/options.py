@@ -136,10 +136,10 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict") and not isinstance(value, type):  # e.g. a RankPlan: its own JSON form
+        return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_dict(value)
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     if isinstance(value, Mapping):

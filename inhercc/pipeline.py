@@ -36,8 +36,7 @@ from inhercc.stages import (
 
 __all__ = ["CompressResult", "Factorizer", "Recipe", "compress", "compress_file", "inspect_model", "as_model"]
 
-# The runtime arguments of compress (not options of the student, so not in the Recipe).
-Log = Callable[[str], None]
+Log = Callable[[str], None]  # compress's log: one line per stage (a runtime argument, not in the Recipe)
 
 
 @dataclass

@@ -281,8 +281,7 @@ def choose_plan(
     options, min_saving = recipe.plan, recipe.select.min_saving
     multiple = options.rank_multiple or 1
     if options.file is not None:
-        given = options.file if isinstance(options.file, RankPlan) else RankPlan.load(options.file)
-        return apply_plan(layers, given, min_saving=min_saving)
+        return apply_plan(layers, given_plan(options.file), min_saving=min_saving)
     if options.rank is not None:
         return plan_uniform(layers, options.rank, rank_multiple=multiple, min_saving=min_saving)
     if options.energy is not None:
@@ -300,6 +299,15 @@ def choose_plan(
         spectrum=spectrum,
         layer_weights=layer_weights if options.allocation == "sensitivity" else None,
     )
+
+
+def given_plan(file: Any) -> RankPlan:
+    """A plan given as a RankPlan, a plan file, or a plan's dict (a replayed report of an API run)."""
+    if isinstance(file, RankPlan):
+        return file
+    if isinstance(file, Mapping):
+        return RankPlan.from_dict(file, source="`plan.file`")
+    return RankPlan.load(file)
 
 
 def latency(state: CompressState) -> StageResult:

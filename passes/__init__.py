@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from onnx import ModelProto
+
+from inhercc.families import Layer
 from inhercc.passes.base import (
     FactorizePass,
     FactorSource,
@@ -18,9 +21,6 @@ from inhercc.passes.base import (
 from inhercc.passes.factorize_conv import ConvFamily, FactorizeConv
 from inhercc.passes.factorize_gemm import FactorizeGemm, GemmFamily
 from inhercc.passes.factorize_matmul import FactorizeMatMul, MatMulFamily
-from onnx import ModelProto
-
-from inhercc.families import Layer
 
 if TYPE_CHECKING:
     from inhercc.plan import RankPlan

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import NodeProto
+
+from inhercc.errors import InherccError
+from inhercc.families import Layer, register_family
+from inhercc.graph import Dim, node_attr
 from inhercc.passes.base import (
     FactorizePass,
     GraphNames,
@@ -17,11 +22,6 @@ from inhercc.passes.base import (
     factor_chain,
     factor_tensors,
 )
-from onnx import NodeProto
-
-from inhercc.errors import InherccError
-from inhercc.families import Layer, register_family
-from inhercc.graph import Dim, node_attr
 
 
 @register_family

@@ -6,6 +6,10 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
+from onnx import NodeProto
+
+from inhercc.families import Layer, register_family
+from inhercc.graph import Dim, node_attr
 from inhercc.passes.base import (
     FactorizePass,
     GraphNames,
@@ -15,10 +19,6 @@ from inhercc.passes.base import (
     factor_chain,
     factor_tensors,
 )
-from onnx import NodeProto
-
-from inhercc.families import Layer, register_family
-from inhercc.graph import Dim, node_attr
 
 
 @register_family

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from inhercc.passes.base import FactorizePass, GraphNames, OpFamily, factor_chain, factor_tensors
 from onnx import NodeProto
 
 from inhercc.families import Layer, register_family
+from inhercc.passes.base import FactorizePass, GraphNames, OpFamily, factor_chain, factor_tensors
 
 
 @register_family

@@ -24,6 +24,7 @@ from inhercc.cli import cli
 from inhercc.errors import InherccError
 from inhercc.model import float_param_count
 from inhercc.pipeline import compress
+from inhercc.recipe import Recipe
 from inhercc.runtime import cuda_available, make_session, provider_usable
 from tests.helpers import mlp
 
@@ -42,7 +43,7 @@ def models(tmp_path_factory) -> tuple[str, str]:
     teacher = mlp(np.random.default_rng(0), (128, 512, 128))
     t, s = d / "teacher.onnx", d / "student.onnx"
     onnx.save(teacher, str(t))
-    onnx.save(compress(teacher, ratio=0.25, verify=False).model, str(s))
+    onnx.save(compress(teacher, Recipe.of(ratio=0.25, verify=False)).model, str(s))
     return str(t), str(s)
 
 
@@ -441,7 +442,7 @@ def test_suite_tables_and_readme_block(models, tmp_path) -> None:
     result = bench(
         [teacher, student], BenchOptions(provider="cpu", threads=1, repeat=5, warmup=1, batch=4), labels=["t", "s"]
     )
-    report = compress(teacher, ratio=0.25, verify=True).report
+    report = compress(teacher, Recipe.of(ratio=0.25, verify=True)).report
     spec = suite.SuiteTeacher("tiny", "Tiny MLP", {"x": [4, 128]}, dict, dict, cpu_repeat=5, cuda_repeat=5)
     variant = suite.Variant("ratio 0.25", 0.25, False, tmp_path / "s.onnx", report)
     s = suite.summarize(spec, tmp_path / "t.onnx", [variant], result, None, ["CUDA: skipped"])

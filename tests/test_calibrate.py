@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from inhercc.passes import rewrite
 from onnx import helper, numpy_helper
 
 from inhercc import linalg
@@ -20,8 +19,10 @@ from inhercc.cli import cli
 from inhercc.errors import InherccError
 from inhercc.layers import find_layers
 from inhercc.model import float_param_count, prepare_model
+from inhercc.passes import rewrite
 from inhercc.pipeline import Factorizer, compress, inspect_model
 from inhercc.plan import RankPlan
+from inhercc.recipe import Recipe
 from inhercc.runtime import make_session
 from inhercc.sensitivity import measure_sensitivity, relative_output_error, sensitivity_feeds, sensitivity_weights
 from inhercc.verify import fidelity
@@ -125,11 +126,11 @@ def test_compress_calibrates_on_every_length_bucket(tmp_path) -> None:
     }
     for p, name in ((short, "a"), (long, "b")):
         np.savez(tmp_path / f"{name}.npz", **p)
-    kwargs = {"rank": 1, "rank_multiple": 1, "min_params": 0, "calib_samples": None, "verify": False}
+    recipe = Recipe.of(rank=1, rank_multiple=1, min_params=0, calib_samples=None, verify=False)
     held = {k: v[:2] for k, v in long.items()}
-    ref = compress(model, data=padded, verify_data=held, **kwargs).model
+    ref = compress(model, recipe, data=padded, verify_data=held).model
     for data in ([short, long], tmp_path):
-        got = compress(model, data=data, verify_data=held, **kwargs).model
+        got = compress(model, recipe, data=data, verify_data=held).model
         w = {i.name: numpy_helper.to_array(i) for i in got.graph.initializer}
         w_ref = {i.name: numpy_helper.to_array(i) for i in ref.graph.initializer}
         np.testing.assert_allclose(
@@ -290,7 +291,7 @@ def test_whitened_beats_svd_on_layer_outputs_and_end_to_end() -> None:
         assert errors["whitened"] < 0.8 * errors["svd"]
     results = {}
     for init in ("svd", "whitened"):
-        res = compress(model, rank=8, rank_multiple=1, min_params=0, init=init, data=train, verify=False)
+        res = compress(model, Recipe.of(rank=8, rank_multiple=1, min_params=0, init=init, verify=False), data=train)
         results[init] = (fidelity(model, res.model, held)["y"], res.report["params"]["student"])
     assert results["svd"][1] == results["whitened"][1]  # same parameter count
     # measured: rel_l2 0.184 (whitened) vs 0.240 (svd) on held-out inputs
@@ -301,9 +302,9 @@ def test_whitened_beats_svd_on_layer_outputs_and_end_to_end() -> None:
 def test_random_init_builds_the_same_architecture() -> None:
     rng = np.random.default_rng(4)
     model = prepare_model(mlp(rng, (64, 96, 48)))
-    kwargs = {"rank": 16, "rank_multiple": 1, "min_params": 0, "verify": False}
-    svd = compress(model, init="svd", **kwargs).model
-    rand = compress(model, init="random", **kwargs).model
+    recipe = Recipe.of(rank=16, rank_multiple=1, min_params=0, verify=False)
+    svd = compress(model, Recipe.of(recipe, init="svd")).model
+    rand = compress(model, Recipe.of(recipe, init="random")).model
     shapes = {t.name: list(t.dims) for t in svd.graph.initializer}
     assert shapes == {t.name: list(t.dims) for t in rand.graph.initializer}
     assert float_param_count(svd) == float_param_count(rand)
@@ -313,7 +314,7 @@ def test_random_init_builds_the_same_architecture() -> None:
     a_svd = numpy_helper.to_array(next(t for t in svd.graph.initializer if t.name == factor))
     assert not np.allclose(a_rand, a_svd)
     assert np.abs(a_rand).max() <= np.sqrt(6 / 64) + 1e-6  # Kaiming-uniform bound, fan_in = 64
-    again = compress(model, init="random", **kwargs).model  # seeded: the same student every run
+    again = compress(model, Recipe.of(recipe, init="random")).model  # seeded: the same student every run
     np.testing.assert_array_equal(
         a_rand, numpy_helper.to_array(next(t for t in again.graph.initializer if t.name == factor))
     )
@@ -363,10 +364,9 @@ def test_sequential_calibration_compensates_earlier_errors() -> None:
     model = prepare_model(make_model(nodes, {"x": ["N", 48]}, ["y"], w))
     x = correlated(rng, 800, 48, decay=0.9)
     train, held = {"x": x[:600]}, {"x": x[600:]}
-    kwargs = {"rank": 8, "rank_multiple": 1, "min_params": 0, "data": train, "verify_data": held, "verify": False}
-    kwargs["calib_samples"] = None  # all 600
-    plain = compress(model, **kwargs)
-    seq = compress(model, sequential=True, **kwargs)
+    recipe = Recipe.of(rank=8, rank_multiple=1, min_params=0, calib_samples=None, verify=False)  # None: all 600
+    plain = compress(model, recipe, data=train, verify_data=held)
+    seq = compress(model, Recipe.of(recipe, sequential=True), data=train, verify_data=held)
     assert seq.plan.method["sequential"] is True and "sequential" in seq.report["time_s"]
     assert float_param_count(seq.model) == float_param_count(plain.model)
 
@@ -387,7 +387,7 @@ def test_sequential_calibration_compensates_earlier_errors() -> None:
     out = model.graph.output[0].name  # and on held-out inputs too
     assert fidelity(model, seq.model, held)[out]["rel_l2"] < fidelity(model, plain.model, held)[out]["rel_l2"]
     with pytest.raises(InherccError, match="sequential"):
-        compress(model, rank=8, rank_multiple=1, min_params=0, sequential=True, verify=False)
+        compress(model, Recipe.of(rank=8, rank_multiple=1, min_params=0, sequential=True, verify=False))
 
 
 def test_sequential_stages_start_where_the_one_before_stopped(monkeypatch) -> None:
@@ -464,7 +464,9 @@ def test_sensitivity_finds_the_layer_that_matters() -> None:
         assert len(m["ranks"]) == 2 and m["errors"][0] > m["errors"][1] > 0  # more rank, less error
     weights = sensitivity_weights(measured)
     assert weights["branch_b"] > 30 * weights["branch_a"]  # 8² = 64 times the output energy
-    res = compress(model, ratio=0.5, rank_multiple=1, min_params=0, data=feeds, allocation="sensitivity", verify=False)
+    res = compress(
+        model, Recipe.of(ratio=0.5, rank_multiple=1, min_params=0, allocation="sensitivity", verify=False), data=feeds
+    )
     assert res.plan.method["allocation"] == "sensitivity"
     assert res.plan.rank("branch_b") > res.plan.rank("branch_a")
 
@@ -476,22 +478,26 @@ def test_pipeline_defaults_and_errors() -> None:
     rng = np.random.default_rng(8)
     model = prepare_model(mlp(rng, (64, 96, 48)))
     feeds = {"x": correlated(rng, 100, 64)}
-    res = compress(model, ratio=0.5, rank_multiple=1, min_params=0, data=feeds, calib_samples=40)
+    res = compress(model, Recipe.of(ratio=0.5, rank_multiple=1, min_params=0, calib_samples=40), data=feeds)
     assert res.report["init"] == "whitened" and res.plan.method["allocation"] == "sensitivity"
     assert "sensitivity" in res.report["time_s"]
     assert "calibrate" in res.report["time_s"]
-    greedy = compress(model, ratio=0.5, rank_multiple=1, min_params=0, data=feeds, allocation="greedy", verify=False)
+    greedy = compress(
+        model, Recipe.of(ratio=0.5, rank_multiple=1, min_params=0, allocation="greedy", verify=False), data=feeds
+    )
     assert greedy.plan.method["allocation"] == "greedy" and greedy.plan.method["spectrum"] == "whitened"
     with pytest.raises(InherccError, match="allocation"):
-        compress(model, data=feeds, allocation="best", verify=False)
-    uniform = compress(model, ratio=0.5, rank_multiple=1, min_params=0, data=feeds, allocation="uniform", verify=False)
+        compress(model, Recipe.of(allocation="best", verify=False), data=feeds)
+    uniform = compress(
+        model, Recipe.of(ratio=0.5, rank_multiple=1, min_params=0, allocation="uniform", verify=False), data=feeds
+    )
     assert uniform.plan.method["allocation"] == "uniform"
     assert uniform.plan.rank("fc1") == int(0.5 * 64 * 96 / (64 + 96))  # keeps half of its own weights
     with pytest.raises(InherccError, match="sensitivity"):
-        compress(model, min_params=0, allocation="sensitivity", verify=False)
+        compress(model, Recipe.of(min_params=0, allocation="sensitivity", verify=False))
     with pytest.raises(InherccError, match="sensitivity"):
-        compress(model, min_params=0, data=feeds, init="random", allocation="sensitivity", verify=False)
-    assert compress(model, min_params=0, verify=False).plan.method["allocation"] == "greedy"  # no data
+        compress(model, Recipe.of(min_params=0, init="random", allocation="sensitivity", verify=False), data=feeds)
+    assert compress(model, Recipe.of(min_params=0, verify=False)).plan.method["allocation"] == "greedy"  # no data
 
 
 def test_inspect_shows_whitened_spectra() -> None:
@@ -547,7 +553,7 @@ def test_minilm_whitened_beats_svd_at_the_same_parameter_count() -> None:
     held = teachers.encode(teachers.english_sentences("heldout", 64), max_length=128)
     results = {}
     for init in ("svd", "whitened"):
-        res = compress(teacher, rank=128, init=init, data=calib, calib_samples=128, verify=False)
+        res = compress(teacher, Recipe.of(rank=128, init=init, calib_samples=128, verify=False), data=calib)
         results[init] = (fidelity(teacher, res.model, held)["sentence_embedding"], float_param_count(res.model))
     assert results["svd"][1] == results["whitened"][1]
     assert results["svd"][1] < float_param_count(teacher) - 5_000_000  # half of the 10.6 M MatMul weights

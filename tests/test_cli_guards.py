@@ -295,16 +295,16 @@ def test_sigterm_during_save_cleans_up_like_ctrl_c(work: Path) -> None:
 
 def test_python_api_checks_outputs_against_inputs_like_the_cli(work: Path) -> None:
     """compress_file / finetune_file (what the CLI calls) refuse the same clashes before any work."""
-    from inhercc import compress_file
+    from inhercc import Recipe, compress_file
     from inhercc.distill import DistillConfig, finetune_file
     from inhercc.errors import InherccError
 
     before = _snapshot(work)
     with pytest.raises(InherccError, match="`report` .* would overwrite the input `data`"):
-        compress_file(work / "teacher.onnx", work / "out" / "a.onnx", rank=8, data=work / "data.npz",
+        compress_file(work / "teacher.onnx", work / "out" / "a.onnx", Recipe.of(rank=8), data=work / "data.npz",
                       report_path=work / "data.npz")  # fmt: skip
     with pytest.raises(InherccError, match="`save_plan` .* would overwrite the input `plan.file`"):
-        compress_file(work / "teacher.onnx", work / "out" / "a.onnx", plan=work / "plan.json",
+        compress_file(work / "teacher.onnx", work / "out" / "a.onnx", Recipe.of(plan=work / "plan.json"),
                       save_plan=work / "plan.json")  # fmt: skip
     with pytest.raises(InherccError, match="`output` and `distill.checkpoint` are the same path"):
         finetune_file(work / "student.onnx", work / "teacher.onnx", work / "out" / "t.onnx", work / "data.npz",

@@ -42,6 +42,7 @@ from inhercc.losses import (
     parse_loss_overrides,
     relative_mse,
 )
+from inhercc.recipe import Recipe
 from inhercc.runtime import make_session
 from inhercc.verify import fidelity, token_mask
 from tests.helpers import make_model
@@ -102,7 +103,7 @@ def case(tmp_path_factory) -> SimpleNamespace:
     x, y = load_digits(return_X_y=True)
     x, y = (x / 16.0).astype(np.float32), y.astype(np.int64)
     teacher = digits_teacher(x, y)
-    student = compress(teacher, rank=8, init="svd", verify=False).model
+    student = compress(teacher, Recipe.of(rank=8, init="svd", verify=False)).model
     onnx.save(teacher, str(d / "teacher.onnx"))
     onnx.save(student, str(d / "student.onnx"))
     np.savez(d / "train.npz", x=x, **{LABELS_KEY: y})
@@ -190,7 +191,7 @@ def test_training_passes_the_batch_attention_mask_to_the_feature_loss(monkeypatc
     )
     teacher = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     teacher.ir_version = 8
-    student = compress(teacher, rank=2, init="svd", rank_multiple=1, min_params=0, verify=False).model
+    student = compress(teacher, Recipe.of(rank=2, init="svd", rank_multiple=1, min_params=0, verify=False)).model
     x = rng.standard_normal((40, 5, 8)).astype(np.float32)
     mask = (np.arange(5)[None] < rng.integers(1, 6, 40)[:, None]).astype(np.int64)
     seen: list[tuple[np.ndarray, tuple[int, ...]]] = []
@@ -388,7 +389,7 @@ def test_feature_loss_compares_factorized_layer_outputs(case) -> None:
 
 def test_features_choose_the_tensors_the_feature_loss_compares(case, tmp_path) -> None:
     teacher = digits_teacher(case.x, case.y, norm=True)
-    student = compress(teacher, rank=8, init="svd", verify=False).model
+    student = compress(teacher, Recipe.of(rank=8, init="svd", verify=False)).model
     assert feature_tensors(student, teacher) == ["h0", "h1"]  # layers: the factorized layers' outputs
     assert feature_tensors(student, teacher, "norms") == ["n0"]
     assert feature_tensors(student, teacher, "^(a1|n0)$") == ["n0", "a1"]  # regex, student order
@@ -442,7 +443,7 @@ def test_norms_found_where_exporters_write_them_out_in_primitive_ops(tmp_path) -
         teacher = onnx.load_from_string(buf.getvalue())
         ops = {n.op_type for n in teacher.graph.node}
         assert ("LayerNormalization" in ops) == (opset == 17)
-        student = compress(teacher, rank=4, init="svd", rank_multiple=1, min_params=0, verify=False).model
+        student = compress(teacher, Recipe.of(rank=4, init="svd", rank_multiple=1, min_params=0, verify=False)).model
         found = feature_tensors(student, teacher, "norms")
         assert len(found) == 2, (opset, found)
         exposed, names = with_outputs(teacher, found)
@@ -462,7 +463,7 @@ def test_features_must_be_float_tensors(tmp_path) -> None:
         helper.make_node("Reshape", ["h1", "shape"], ["y"], name="reshape"),
     ]
     teacher = make_model(nodes, {"x": ["N", 64]}, ["y"], w)
-    student = compress(teacher, rank=8, rank_multiple=1, min_params=0, init="svd", verify=False).model
+    student = compress(teacher, Recipe.of(rank=8, rank_multiple=1, min_params=0, init="svd", verify=False)).model
     np.savez(tmp_path / "x.npz", x=rng.standard_normal((64, 64)).astype(np.float32))
     with pytest.raises(InherccError, match="shape not float"):
         distill(student, teacher, tmp_path / "x.npz", steps=2, feature_loss=1.0, features="^shape$", **FAST)
@@ -550,7 +551,7 @@ def test_early_stop_and_best_weights(case) -> None:
 
 def test_compress_then_distil_in_one_go(case) -> None:
     cfg = DistillConfig(**FAST)
-    result = compress(case.teacher, rank=8, data=case.dir / "train.npz", epochs=2, distill=cfg)
+    result = compress(case.teacher, Recipe.of(rank=8, epochs=2, distill=cfg), data=case.dir / "train.npz")
     rep = result.report
     assert rep["init"] == "whitened"  # calibrated on the training split
     assert rep["training"]["epochs"] == 2
@@ -559,7 +560,9 @@ def test_compress_then_distil_in_one_go(case) -> None:
     assert "fidelity_verify_data" not in rep
     # --verify-data is scored after training too (the validation split stays the model-selection set)
     held = {"x": case.x[-100:]}
-    verified = compress(case.teacher, rank=8, data=case.dir / "train.npz", verify_data=held, epochs=1, distill=cfg)
+    verified = compress(
+        case.teacher, Recipe.of(rank=8, epochs=1, distill=cfg), data=case.dir / "train.npz", verify_data=held
+    )
     expected = fidelity(case.teacher, verified.model, held)["logits"]
     assert verified.report["fidelity_verify_data"]["logits"] == pytest.approx(expected)
     assert "on --verify-data after distillation: cosine" in summary_table(verified.report)

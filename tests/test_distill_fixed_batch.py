@@ -18,6 +18,7 @@ from inhercc import compress
 from inhercc.cli import cli
 from inhercc.distill import DistillConfig, distill
 from inhercc.errors import InherccError
+from inhercc.recipe import Recipe
 from inhercc.runtime import DataWarning, model_fixed_batch
 from inhercc.verify import fidelity
 
@@ -57,8 +58,12 @@ def test_a_fixed_batch_model_distils(batch, tmp_path) -> None:
     cfg = DistillConfig(steps=24, lr=3e-3, threads=1, quiet=True, val_split=0.2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = compress(teacher, rank=8, init="svd", data={"x": x}, distill=cfg, verify=False) if batch > 1 else None
-        student = compress(teacher, rank=8, init="svd", verify=False).model
+        res = (
+            compress(teacher, Recipe.of(rank=8, init="svd", distill=cfg, verify=False), data={"x": x})
+            if batch > 1
+            else None
+        )
+        student = compress(teacher, Recipe.of(rank=8, init="svd", verify=False)).model
         tuned = distill(student, teacher, {"x": x}, config=cfg, callback=lambda e: losses.append(e["loss"]))
     notes = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
     assert f"distilling in batches of {batch}, not 32" in " ".join(notes)
@@ -80,7 +85,7 @@ def test_a_fixed_batch_model_distils(batch, tmp_path) -> None:
 def test_fixed_batch_scores_equal_a_direct_verification(tmp_path) -> None:
     teacher = exported(4, tmp_path / "t.onnx")
     x = np.random.default_rng(1).standard_normal((40, 64)).astype(np.float32)
-    student = compress(teacher, rank=8, init="svd", verify=False).model
+    student = compress(teacher, Recipe.of(rank=8, init="svd", verify=False)).model
     cfg = DistillConfig(steps=2, batch_size=4, threads=1, quiet=True, val_split=0.2)
     res = distill(student, teacher, {"x": x}, config=cfg)
     from inhercc.data import split_indices
@@ -95,7 +100,7 @@ def test_finetune_refuses_a_teacher_that_takes_other_inputs(tmp_path) -> None:
     """Same input name, another width: once caught by torch mid-training and blamed on the student."""
     teacher = exported(4, tmp_path / "t.onnx")
     other = exported(4, tmp_path / "other.onnx", width=32)
-    onnx.save(compress(teacher, rank=8, init="svd", verify=False).model, str(tmp_path / "s.onnx"))
+    onnx.save(compress(teacher, Recipe.of(rank=8, init="svd", verify=False)).model, str(tmp_path / "s.onnx"))
     np.savez(tmp_path / "d.npz", x=np.zeros((8, 64), np.float32))
     with pytest.raises(InherccError, match=r"student inputs x float32 \[4, 64\] differ from teacher inputs x float32"):
         distill(str(tmp_path / "s.onnx"), other, None)
@@ -108,7 +113,7 @@ def test_finetune_refuses_a_teacher_that_takes_other_inputs(tmp_path) -> None:
 def test_synthetic_samples_for_a_fixed_batch_model(tmp_path) -> None:
     """Without data, one synthetic draw gives only the fixed batch: enough draws make the sample count."""
     teacher = exported(4, tmp_path / "t.onnx")
-    student = compress(teacher, rank=8, init="svd", verify=False).model
+    student = compress(teacher, Recipe.of(rank=8, init="svd", verify=False)).model
     with pytest.warns(UserWarning, match="synthetic inputs"):
         res = distill(student, teacher, None, config=DistillConfig(steps=2, threads=1, quiet=True))
     t = res.report["training"]
@@ -140,7 +145,7 @@ def test_a_validation_split_smaller_than_the_fixed_batch_goes_back_to_training(t
         "the model's batch dim is fixed at 4, so 2 of 18 training samples (other ones each epoch) are left out",
     ]
     assert fixed_batch_split(samples, train_idx, val_idx, None) == (train_idx, val_idx)
-    student = compress(teacher, rank=8, init="svd", verify=False).model
+    student = compress(teacher, Recipe.of(rank=8, init="svd", verify=False)).model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
         res = distill(student, teacher, {"x": x}, config=DistillConfig(steps=3, threads=1, quiet=True))

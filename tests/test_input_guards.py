@@ -23,6 +23,7 @@ from inhercc.layers import find_layers
 from inhercc.model import prepare_model
 from inhercc.pipeline import compress
 from inhercc.plan import RankPlan, apply_plan
+from inhercc.recipe import Recipe
 from tests.helpers import make_model, mlp
 
 FAST: dict[str, Any] = {"threads": 1, "quiet": True, "batch_size": 16, "lr": 1e-3}
@@ -112,7 +113,7 @@ def test_malformed_plan_file_on_the_command_line_exits_2_with_one_line(teacher, 
 
 
 def test_saved_plan_still_loads_and_replays(teacher, layers, tmp_path) -> None:
-    result = compress(teacher, rank=16, rank_multiple=8, min_params=0, verify=False)
+    result = compress(teacher, Recipe.of(rank=16, rank_multiple=8, min_params=0, verify=False))
     path = tmp_path / "plan.json"
     result.plan.save(path, result.layers)
     replayed = apply_plan(layers, RankPlan.load(path))
@@ -132,7 +133,7 @@ def test_replay_records_this_runs_init_not_the_plan_files(teacher, tmp_path) -> 
     data = plan_dict()
     data["method"] |= {"init": "bogus", "split": "bogus"}
     path.write_text(json.dumps(data))
-    result = compress(teacher, plan=path, min_params=0, verify=False)
+    result = compress(teacher, Recipe.of(plan=path, min_params=0, verify=False))
     assert result.plan.method["init"] == "svd" and result.plan.method["split"] == "output"
     assert result.plan.method["replayed"] is True and result.plan.method["value"] == 0.5
 
@@ -240,7 +241,7 @@ def test_non_npz_shard_in_a_folder(teacher, tmp_path) -> None:
 def pair(tmp_path_factory, teacher):
     """(student, teacher, data): a rank-8 student of the tiny MLP and 48 samples."""
     d = tmp_path_factory.mktemp("pair")
-    student = compress(teacher, rank=8, rank_multiple=8, min_params=0, verify=False).model
+    student = compress(teacher, Recipe.of(rank=8, rank_multiple=8, min_params=0, verify=False)).model
     np.savez(d / "train.npz", x=np.random.default_rng(2).standard_normal((48, 64)).astype(np.float32))
     return student, teacher, d / "train.npz"
 

@@ -22,6 +22,7 @@ from inhercc.latency import (
 from inhercc.layers import find_layers
 from inhercc.pipeline import compress
 from inhercc.plan import RankPlan
+from inhercc.recipe import Recipe
 from inhercc.runtime import cuda_available, make_session
 from tests.helpers import make_model
 
@@ -100,11 +101,7 @@ def test_pipeline_hook_reports_the_reason_and_keeps_the_budget() -> None:
     model = three_layer_mlp()
     result = compress(  # rank multiple 8, not cpu's 16: three small layers
         model,
-        ratio=0.5,
-        shapes=SHAPES,
-        verify=False,
-        latency_aware=True,
-        rank_multiple=8,
+        Recipe.of(ratio=0.5, shapes=SHAPES, verify=False, latency_aware=True, rank_multiple=8),
         latency_timer=FakeTimer({"fc1"}),
     )
     rows = {row["name"]: row for row in result.report["layers"]}
@@ -119,7 +116,7 @@ def test_pipeline_hook_reports_the_reason_and_keeps_the_budget() -> None:
     kept = sum(row["params_after"] for row in rows.values())
     assert kept <= 0.5 * compressible
     assert result.plan.method["latency_aware"]["rebalanced"]
-    plain = compress(model, ratio=0.5, shapes=SHAPES, verify=False)
+    plain = compress(model, Recipe.of(ratio=0.5, shapes=SHAPES, verify=False))
     plain_rows = {row["name"]: row for row in plain.report["layers"]}
     assert sum(rows[n]["params_after"] for n in ("fc2", "fc3")) < sum(
         plain_rows[n]["params_after"] for n in ("fc2", "fc3")
@@ -142,7 +139,10 @@ def test_replanning_keeps_the_measured_sensitivity(monkeypatch) -> None:
     model = three_layer_mlp()
     data = {"x": np.random.default_rng(0).standard_normal((64, 4, 64)).astype(np.float32)}
     result = compress(
-        model, ratio=0.5, data=data, verify=False, latency_aware=True, latency_timer=FakeTimer({"fc1"}), shapes=SHAPES
+        model,
+        Recipe.of(ratio=0.5, verify=False, latency_aware=True, shapes=SHAPES),
+        data=data,
+        latency_timer=FakeTimer({"fc1"}),
     )
     assert result.plan.method["allocation"] == "sensitivity"
     weights = seen["layer_weights"]
@@ -151,7 +151,9 @@ def test_replanning_keeps_the_measured_sensitivity(monkeypatch) -> None:
 
 def test_the_saved_plan_keeps_the_reason(tmp_path) -> None:
     model = three_layer_mlp()
-    result = compress(model, rank=16, shapes=SHAPES, verify=False, latency_aware=True, latency_timer=FakeTimer({"fc3"}))
+    result = compress(
+        model, Recipe.of(rank=16, shapes=SHAPES, verify=False, latency_aware=True), latency_timer=FakeTimer({"fc3"})
+    )
     path = tmp_path / "plan.json"
     result.plan.save(path, result.layers)
     rows = {row["name"]: row for row in json.loads(path.read_text())["layers"]}

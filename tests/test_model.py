@@ -12,6 +12,7 @@ from onnx import helper, numpy_helper
 from inhercc.errors import InherccError
 from inhercc.model import constants_to_initializers, float_param_count, load_model, opset_of, save_model
 from inhercc.pipeline import compress
+from inhercc.recipe import Recipe
 from tests.helpers import make_model, mlp, rel_err, run
 
 
@@ -22,7 +23,7 @@ def test_external_data_load_and_compress(tmp_path) -> None:
     assert (tmp_path / "t.onnx.data").exists()
     loaded = load_model(path)
     assert float_param_count(loaded) == 128 * 256 + 256 * 64 + 64
-    res = compress(path, ratio=0.5, verify=False)
+    res = compress(path, Recipe.of(ratio=0.5, verify=False))
     assert res.report["params"]["teacher"] == 128 * 256 + 256 * 64 + 64
 
 
@@ -31,7 +32,7 @@ def test_opset_below_13_is_upgraded() -> None:
     w = rng.standard_normal((64, 64)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"])]
     old = make_model(nodes, {"x": [2, 64]}, ["y"], {"W": w}, opset=11)
-    prepared = compress(old, rank=8, min_params=0, verify=False)
+    prepared = compress(old, Recipe.of(rank=8, min_params=0, verify=False))
     assert opset_of(prepared.model) == 13
     x = rng.standard_normal((2, 64)).astype(np.float32)
     assert run(prepared.model, {"x": x})[0].shape == (2, 64)
@@ -49,7 +50,7 @@ def test_weight_constants_become_initializers_and_are_compressed() -> None:
     m.CopyFrom(teacher)
     assert constants_to_initializers(m) == 1
     assert [n.op_type for n in m.graph.node] == ["MatMul"]
-    res = compress(teacher, rank=48, rank_multiple=1, min_params=0, min_saving=-1.0, verify=False)
+    res = compress(teacher, Recipe.of(rank=48, rank_multiple=1, min_params=0, min_saving=-1.0, verify=False))
     x = rng.standard_normal((3, 64)).astype(np.float32)
     assert rel_err(run(res.model, {"x": x})[0], run(teacher, {"x": x})[0]) < 1e-4
 
@@ -58,7 +59,7 @@ def test_names_io_and_metadata_kept() -> None:
     teacher = mlp(np.random.default_rng(3))
     teacher.doc_string = "teacher doc"
     helper.set_model_props(teacher, {"author": "me"})
-    res = compress(teacher, rank=8, min_params=0, verify=False)
+    res = compress(teacher, Recipe.of(rank=8, min_params=0, verify=False))
     s = res.model
     assert [i.name for i in s.graph.input] == ["x"] and [o.name for o in s.graph.output] == ["y"]
     assert s.doc_string == "teacher doc"
@@ -71,12 +72,12 @@ def test_input_file_never_modified_and_save_is_atomic(tmp_path) -> None:
     path = tmp_path / "t.onnx"
     onnx.save(teacher, str(path))
     before = path.read_bytes()
-    res = compress(path, rank=8, min_params=0, verify=False)
+    res = compress(path, Recipe.of(rank=8, min_params=0, verify=False))
     assert path.read_bytes() == before
     with pytest.raises(InherccError, match="overwrite the input"):
         from inhercc.pipeline import compress_file
 
-        compress_file(path, path, rank=8)
+        compress_file(path, path, Recipe.of(rank=8))
     out = tmp_path / "s.onnx"
     save_model(res.model, out)
     assert sorted(os.listdir(tmp_path)) == ["s.onnx", "t.onnx"]  # no temp leftovers
@@ -87,7 +88,7 @@ def test_input_file_never_modified_and_save_is_atomic(tmp_path) -> None:
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch) -> None:
-    res = compress(mlp(np.random.default_rng(5)), rank=8, min_params=0, verify=False)
+    res = compress(mlp(np.random.default_rng(5)), Recipe.of(rank=8, min_params=0, verify=False))
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
@@ -132,7 +133,7 @@ def test_inferred_shapes_never_reach_a_written_file(tmp_path) -> None:
     loaded = load_model(bare)
     assert loaded.graph.value_info  # inferred for the passes
     for teacher in (str(bare), loaded):
-        student = compress(teacher, ratio=0.5, verify=False).model
+        student = compress(teacher, Recipe.of(ratio=0.5, verify=False)).model
         assert not student.graph.value_info and not student.metadata_props
     save_model(loaded, tmp_path / "roundtrip.onnx")
     again = onnx.load(str(tmp_path / "roundtrip.onnx"))
@@ -141,7 +142,7 @@ def test_inferred_shapes_never_reach_a_written_file(tmp_path) -> None:
     shaped = onnx.shape_inference.infer_shapes(mlp(rng))
     assert shaped.graph.value_info
     onnx.save(shaped, str(tmp_path / "shaped.onnx"))
-    student = compress(load_model(tmp_path / "shaped.onnx"), ratio=0.5, verify=False).model
+    student = compress(load_model(tmp_path / "shaped.onnx"), Recipe.of(ratio=0.5, verify=False)).model
     assert student.graph.value_info and not student.metadata_props
     save_model(student, tmp_path / "student.onnx")
     assert onnx.load(str(tmp_path / "student.onnx")).graph.value_info

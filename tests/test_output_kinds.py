@@ -14,6 +14,7 @@ from inhercc import compress
 from inhercc.cli import cli
 from inhercc.errors import InherccError
 from inhercc.losses import DistillLoss, probs_loss
+from inhercc.recipe import Recipe
 from inhercc.verify import (
     OutputScore,
     fidelity,
@@ -79,15 +80,15 @@ def test_top1_only_for_logits_and_the_user_overrides() -> None:
     now it is an embedding, unless the user says otherwise."""
     model = head([helper.make_node("LpNormalization", ["h"], ["out"], axis=1, p=2)])
     x = RNG.standard_normal((64, 64)).astype(np.float32)
-    student = compress(model, rank=4, rank_multiple=1, verify=False).model
+    student = compress(model, Recipe.of(rank=4, rank_multiple=1, verify=False)).model
     fid = fidelity(model, student, {"x": x})["out"]
     assert set(fid) == {"cosine", "rel_l2"}
     forced = fidelity(model, student, {"x": x}, output_kinds={"out": "logits"})["out"]
     assert forced["cosine"] == fid["cosine"] and 0.0 <= forced["top1_agreement"] <= 1.0
-    res = compress(model, rank=4, rank_multiple=1, data={"x": x}, output_kinds={"out": "probs"})
+    res = compress(model, Recipe.of(rank=4, rank_multiple=1, output_kinds={"out": "probs"}), data={"x": x})
     assert res.report["output_kinds"] == {"out": "probs"} and "top1_agreement" in res.report["fidelity"]["out"]
     with pytest.raises(InherccError, match="unknown output.*nope"):
-        compress(model, rank=4, output_kinds={"nope": "logits"})
+        compress(model, Recipe.of(rank=4, output_kinds={"nope": "logits"}))
     with pytest.raises(InherccError, match="unknown kind 'class'"):
         graph_output_kinds(model, {"out": "class"})
     assert parse_output_kinds(["a=logits", " b = embedding"]) == {"a": "logits", "b": "embedding"}
@@ -138,7 +139,7 @@ def test_cli_finetune_output_kind(tmp_path) -> None:
 
     model = head([helper.make_node("Relu", ["h"], ["out"])])
     onnx.save(model, str(tmp_path / "t.onnx"))
-    onnx.save(compress(model, rank=8, verify=False).model, str(tmp_path / "s.onnx"))
+    onnx.save(compress(model, Recipe.of(rank=8, verify=False)).model, str(tmp_path / "s.onnx"))
     np.savez(tmp_path / "d.npz", x=RNG.standard_normal((40, 64)).astype(np.float32))
     args = ["finetune", str(tmp_path / "s.onnx"), "--teacher", str(tmp_path / "t.onnx"), "-o", str(tmp_path / "o.onnx")]
     args += ["--data", str(tmp_path / "d.npz"), "--steps", "2", "-q", "--report", str(tmp_path / "r.json")]
@@ -174,7 +175,7 @@ def test_a_sigmoid_map_is_values_and_gets_no_top1() -> None:
     assert kinds(heatmap) == "values"
     assert kinds(typed(head([helper.make_node("Sigmoid", ["h"], ["out"])]), ["batch", 128])) == "probs"
     x = RNG.standard_normal((32, 64)).astype(np.float32)
-    student = compress(heatmap, rank=4, rank_multiple=1, verify=False).model
+    student = compress(heatmap, Recipe.of(rank=4, rank_multiple=1, verify=False)).model
     assert set(fidelity(heatmap, student, {"x": x})["out"]) == {"cosine", "rel_l2"}
     # forced to probs, still no class axis to take a top-1 over
     assert "top1_agreement" not in fidelity(heatmap, student, {"x": x}, output_kinds={"out": "probs"})["out"]
@@ -191,7 +192,7 @@ def test_top1_over_the_axis_an_argmax_reads() -> None:
     model = head(tail, extra=shape)
     assert graph_class_axes(model) == {"out": 1}
     x = RNG.standard_normal((32, 64)).astype(np.float32)
-    student = compress(model, rank=2, rank_multiple=1, verify=False).model
+    student = compress(model, Recipe.of(rank=2, rank_multiple=1, verify=False)).model
     t = run(model, {"x": x})[0]
     s = run(student, {"x": x})[0]
     want = float(np.mean(np.argmax(t, 1) == np.argmax(s, 1)))

@@ -19,6 +19,7 @@ from inhercc.cli import cli
 from inhercc.data import split_indices
 from inhercc.layers import find_layers
 from inhercc.pipeline import Factorizer
+from inhercc.recipe import Recipe
 from inhercc.runtime import make_session
 from inhercc.sensitivity import measure_sensitivity, relative_output_error
 from inhercc.verify import OutputScore, Scores, pooled_fidelity, token_mask
@@ -88,7 +89,7 @@ def masked_scores(t: np.ndarray, s: np.ndarray, mask: np.ndarray | None) -> tupl
 def test_compress_with_data_scores_every_output_on_padded_sentences(encoder) -> None:
     """The README's recommended path (whitened init, sensitivity allocation) on padded data: no crash, and
     the fidelity of the token-level output is its padding-free score, exactly as computed by hand."""
-    res = compress(encoder.model, ratio=0.5, data=encoder.feeds, calib_batch_size=8)
+    res = compress(encoder.model, Recipe.of(ratio=0.5, calib_batch_size=8), data=encoder.feeds)
     rep = res.report
     assert rep["output_kinds"] == {"sentence_embedding": "embedding", "last_hidden_state": "embedding"}
     n = len(next(iter(encoder.feeds.values())))
@@ -131,7 +132,7 @@ def test_sensitivity_pools_batches_cut_to_different_lengths(encoder) -> None:
 @pytest.mark.parametrize("options", [{"sequential": True}, {"init": "whitened", "allocation": "greedy"}, {"steps": 3}])
 def test_every_calibrated_path_takes_token_level_outputs(encoder, options) -> None:
     """--sequential, --init whitened and distillation died the same way; each now reports both outputs."""
-    res = compress(encoder.model, ratio=0.5, data=encoder.feeds, calib_batch_size=8, **options)
+    res = compress(encoder.model, Recipe.of(ratio=0.5, calib_batch_size=8, **options), data=encoder.feeds)
     fid = res.report["fidelity"]
     assert set(fid) == {"sentence_embedding", "last_hidden_state"}
     assert all(0.3 < fid[n]["cosine"] <= 1.0 and np.isfinite(fid[n]["rel_l2"]) for n in fid)
@@ -166,7 +167,7 @@ def ragged_model() -> onnx.ModelProto:
 def test_ragged_and_integer_outputs_are_scored_or_skipped_with_a_reason() -> None:
     model = ragged_model()
     x = np.random.default_rng(1).standard_normal((40, 32)).astype(np.float32)
-    res = compress(model, rank=8, data={"x": x}, calib_batch_size=8, verify_samples=16)
+    res = compress(model, Recipe.of(rank=8, calib_batch_size=8, verify_samples=16), data={"x": x})
     rep = res.report
     assert rep["output_kinds"] == {"y": "logits", "ids": "integer", "where": "integer"}  # ArgMax reads y
     held = x[split_indices(len(x), 16, seed=0)[1]]  # the samples compress held out
@@ -228,7 +229,7 @@ def test_outputs_batched_on_another_axis_are_scored_per_sample() -> None:
     data["h0"] = data["h0"].astype(np.float32)
     shapes = {"x": [1, 64], "h0": [2, 1, 16]}
     for options in ({}, {"sequential": True}):
-        rep = compress(model, rank=8, data=data, calib_batch_size=8, shapes=shapes, **options).report
+        rep = compress(model, Recipe.of(rank=8, calib_batch_size=8, shapes=shapes, **options), data=data).report
         assert rep["fidelity"]["h"] == {"cosine": 1.0, "rel_l2": 0.0}  # the state is not compressed
         assert 0.3 < rep["fidelity"]["y"]["cosine"] < 1.0
     score = OutputScore("h", "values")

@@ -9,6 +9,7 @@ import pytest
 
 from inhercc.model import float_param_count, load_model
 from inhercc.pipeline import compress_file
+from inhercc.recipe import Recipe
 from inhercc.runtime import make_session
 
 teachers = pytest.importorskip("benchmarks.teachers")
@@ -33,7 +34,7 @@ def test_minilm_compress_half(tmp_path) -> None:
     out = tmp_path / "student.onnx"
     sentences = teachers.english_sentences("heldout", n=16)
     feeds = teachers.encode(sentences, max_length=64)
-    res = compress_file(teacher, out, ratio=0.5, init="svd", verify_data=feeds)
+    res = compress_file(teacher, out, Recipe.of(ratio=0.5, init="svd"), verify_data=feeds)
     _check_student(res.report, out, teacher)
     s_out = make_session(out).run(None, feeds)[0]
     t_out = make_session(teacher).run(None, feeds)[0]
@@ -47,7 +48,7 @@ def test_mobilenet_v2_compress_half(tmp_path) -> None:
     teacher = teachers.cached_teacher("mobilenetv2")
     out = tmp_path / "student.onnx"
     images = teachers.imagenet_images(4, seed=0)
-    res = compress_file(teacher, out, ratio=0.5, init="svd", verify_data={"images": images})
+    res = compress_file(teacher, out, Recipe.of(ratio=0.5, init="svd"), verify_data={"images": images})
     _check_student(res.report, out, teacher)
     ops = [r["op"] for r in res.report["layers"] if r["rank"] is not None]
     assert "Conv" in ops

@@ -222,3 +222,15 @@ def test_stages_run_as_passes_and_a_custom_list_runs_from_python() -> None:
     assert "calibrate" not in timed and "latency" not in timed  # nothing to do: not modified, not timed
     full = compress(model, Recipe.of(rank=16))
     assert same_student(full.model, state.student) and "fidelity" in full.report
+
+
+def test_a_plan_given_from_python_is_embedded_and_replays() -> None:
+    """A RankPlan passed as ``plan.file`` goes into the report's recipe as the plan itself, and replays."""
+    from inhercc.plan import RankPlan
+
+    model = mlp(np.random.default_rng(0))
+    first = compress(model, Recipe.of(plan=RankPlan({"fc1": 16, "fc2": 24}), verify=False))
+    embedded = json.loads(json.dumps(first.report["recipe"]))
+    assert embedded["plan"]["file"]["format"] == "inhercc-plan"
+    again = compress(model, Recipe.from_dict(embedded))
+    assert same_student(first.model, again.model) and again.plan.factorized() == {"fc1": 16, "fc2": 24}

@@ -17,6 +17,7 @@ from inhercc.distill import distill
 from inhercc.errors import InherccError
 from inhercc.layers import find_layers
 from inhercc.pipeline import compress, inspect_model
+from inhercc.recipe import Recipe
 from inhercc.runtime import (
     DataWarning,
     _max_ir_version,
@@ -97,12 +98,12 @@ def test_fidelity_and_compress_cast_float64_float16_and_int32_data() -> None:
     for dtype in (np.float64, np.float16):
         fid = fidelity(model, model, {"x": x.astype(dtype)})
         assert fid["y"]["cosine"] == pytest.approx(1.0)
-    result = compress(model, ratio=0.5, data={"x": x.astype(np.float64)}, verify_samples=4)
+    result = compress(model, Recipe.of(ratio=0.5, verify_samples=4), data={"x": x.astype(np.float64)})
     assert result.report["fidelity_inputs"] == "data" and result.report["fidelity"]["y"]["cosine"] > 0.5
     ids = ids_model()
     feeds = {"ids": rng.integers(0, 10, (12, 3)).astype(np.int32)}
     assert fidelity(ids, ids, feeds)["y"]["cosine"] == pytest.approx(1.0)
-    compress(ids, ratio=0.5, data=feeds, verify_samples=4, min_params=1)
+    compress(ids, Recipe.of(ratio=0.5, verify_samples=4, min_params=1), data=feeds)
 
 
 def test_run_session_casts_without_copying_arrays_of_the_right_dtype() -> None:
@@ -129,9 +130,11 @@ def test_fixed_batch_models_calibrate_verify_and_compress_in_batches_of_that_siz
         assert fidelity(model, model, {"x": x})["y"]["cosine"] == pytest.approx(1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
-        result = compress(model, ratio=0.5, data={"x": x}, verify_samples=4, min_params=1)
+        result = compress(model, Recipe.of(ratio=0.5, verify_samples=4, min_params=1), data={"x": x})
         assert result.report["fidelity_inputs"] == "data"
-        greedy = compress(model, ratio=0.5, data={"x": x}, init="svd", allocation="greedy", verify=False, min_params=1)
+        greedy = compress(
+            model, Recipe.of(ratio=0.5, init="svd", allocation="greedy", verify=False, min_params=1), data={"x": x}
+        )
         assert greedy.report["flops"]["student"] < greedy.report["flops"]["teacher"]
         report = inspect_model(model, data={"x": x}, min_params=1)
         assert report["spectrum"] == "whitened"
@@ -145,7 +148,7 @@ def test_fixed_batch_with_fewer_samples_than_one_batch_is_a_one_line_error() -> 
     x8 = np.random.default_rng(0).standard_normal((8, 32)).astype(np.float32)
     with warnings.catch_warnings():  # fixed-batch models distil in batches of exactly that size
         warnings.simplefilter("ignore")
-        result = compress(model, ratio=0.5, data={"x": x8}, epochs=1, min_params=1)
+        result = compress(model, Recipe.of(ratio=0.5, epochs=1, min_params=1), data={"x": x8})
         tuned = distill(model, model, {"x": x8}, steps=1, train="all")  # finetune: the same rule
     assert result.report["training"]["batch_size"] == 4
     assert tuned.report["training"]["batch_size"] == 4

@@ -30,6 +30,7 @@ from inhercc.data import (
 )
 from inhercc.errors import InherccError
 from inhercc.model import prepare_model
+from inhercc.recipe import Recipe
 from inhercc.runtime import full_batches, make_session, model_fixed_batch, run_session
 from tests.helpers import run
 
@@ -323,7 +324,7 @@ def test_audio_and_scalar_inputs_get_plausible_defaults() -> None:
 def test_plain_compress_of_a_model_with_a_state_and_a_sample_rate() -> None:
     """Was: "synthetic inputs has 1 sample(s), but the model's batch dim is fixed at 2" (the state's 2)."""
     with pytest.warns(UserWarning, match=r"dynamic dims chosen: input=1x16000 \(audio: 16000\)"):
-        result = inhercc.compress(audio_model(), rank=16)
+        result = inhercc.compress(audio_model(), Recipe.of(rank=16))
     assert result.report["shapes"]["values"] == {"input": [1, 16000], "state": [2, 1, 128], "sr": []}
     assert set(result.report["fidelity"]) == {"output", "stateN"}
     assert result.report["flops"]["teacher"] == 2 * 40 * 400 * 64  # 40 frames of 400 samples × 64
@@ -356,7 +357,7 @@ def test_a_tabular_input_takes_its_features_from_the_first_weight(first: str) ->
     assert default_shapes(model) == ({"x": [1, 80]}, "")  # read from the model, not chosen: no note
     assert confirmed_shapes(prepare_model(model)) == ({"x": [1, 80]}, "")
     assert synthetic_feeds(model, batch=3, seed=0)["x"].shape == (3, 80)
-    result = inhercc.compress(model, rank=4)
+    result = inhercc.compress(model, Recipe.of(rank=4))
     assert result.report["shapes"]["values"] == {"x": [1, 80]}
     assert result.report["flops"]["teacher"] == 2 * 80 * 64 + 2 * 64 * 8
     assert set(result.report["fidelity"]) == {"y"}
@@ -415,7 +416,7 @@ def test_a_model_rejecting_every_size_names_shape() -> None:
 def test_plain_compress_chooses_sizes_warns_once_and_reports_them() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = inhercc.compress(text_model(), rank=8)
+        result = inhercc.compress(text_model(), Recipe.of(rank=8))
     notes = [str(w.message) for w in caught if "dynamic dims chosen" in str(w.message)]
     assert notes == [
         "dynamic dims chosen: input_ids=1x64 attention_mask=1x64 (sequence: 64); pass `shapes` to choose other sizes"
@@ -426,7 +427,7 @@ def test_plain_compress_chooses_sizes_warns_once_and_reports_them() -> None:
     assert report["flops"]["symbolic_dims_counted_as_1"] == []
     assert report["layers"][0]["flops_before"] == 2 * 64 * 64 * 64
     assert report["fidelity"]["y"]["cosine"] > 0.1
-    given = inhercc.compress(text_model(), rank=8, shapes={"input_ids": [2, 16]}).report["shapes"]
+    given = inhercc.compress(text_model(), Recipe.of(rank=8, shapes={"input_ids": [2, 16]})).report["shapes"]
     assert given == {"values": {"input_ids": [2, 16], "attention_mask": [2, 16]}, "chosen": "given"}
 
 
@@ -498,7 +499,7 @@ def test_byte_inputs_span_their_table_and_mixed_dtype_outputs_verify() -> None:
     feeds = synthetic_feeds(model, batch=4, seed=0)
     b = feeds["bytes"]
     assert b.dtype == np.uint8 and b.shape == (4, 512) and b.min() == 0 and b.max() == 255
-    result = inhercc.compress(model, rank=16)
+    result = inhercc.compress(model, Recipe.of(rank=16))
     assert set(result.report["fidelity"]) == {"logits", "label"}
     assert 0.0 <= result.report["fidelity"]["label"]["exact_match"] <= 1.0
 

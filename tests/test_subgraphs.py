@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from inhercc.passes import FactorizeConv, run_passes
 from onnx import TensorProto, helper, numpy_helper
 
 from inhercc.layers import SUBGRAPH_NOTE, find_layers
 from inhercc.model import prepare_model
+from inhercc.passes import FactorizeConv, run_passes
 from inhercc.pipeline import Factorizer, compress, inspect_model
+from inhercc.recipe import Recipe
 from tests.helpers import rel_err, run
 
 N_IN, N_HID = 96, 80
@@ -171,7 +172,7 @@ def test_body_constants_are_moved_to_initializers_with_unique_names() -> None:
 
 def test_plain_compress_factorizes_subgraph_layers() -> None:
     model, weights = control_flow_model(np.random.default_rng(0))
-    result = compress(model, rank=16)
+    result = compress(model, Recipe.of(rank=16))
     rows = {row["name"]: row for row in result.report["layers"]}
     assert {n: rows[n]["rank"] for n in weights} == {"mm_then": 16, "mm_else": 16, "gemm_loop": 16}
     factor = 16 * (N_IN + N_HID) * 2 + 16 * (N_HID + N_HID)
@@ -188,7 +189,7 @@ def test_calibrated_compress_takes_plain_svd_inside_subgraphs() -> None:
     rng = np.random.default_rng(4)
     data = {"x": rng.standard_normal((64, N_IN)).astype(np.float32)}
     for sequential in (False, True):
-        result = compress(model, ratio=0.5, data=data, sequential=sequential)
+        result = compress(model, Recipe.of(ratio=0.5, sequential=sequential), data=data)
         rows = {row["name"]: row for row in result.report["layers"]}
         assert result.report["init"] == "whitened"
         for name in weights:
@@ -219,7 +220,7 @@ def test_silero_vad_weights_in_if_branches() -> None:
     convs = [la for la in layers if la.op == "Conv"]
     assert len(convs) == 12 and all(la.subgraph and la.subgraph.startswith("If_0/") for la in convs)
     assert sum(la.compressible for la in convs) == 10  # the 1×1 decoder convs [1, 128, 1] are too small
-    result = compress(str(path), rank=32, shapes={"input": [2, 512], "state": [2, 2, 128]}, verify=False)
+    result = compress(str(path), Recipe.of(rank=32, shapes={"input": [2, 512], "state": [2, 2, 128]}, verify=False))
     assert sum(row["rank"] == 32 for row in result.report["layers"]) == 10
     full = {la.name: la.full_rank for la in convs if la.compressible}
     exact = run_passes(

@@ -7,6 +7,7 @@ import pytest
 from onnx import numpy_helper
 
 from inhercc.pipeline import compress
+from inhercc.recipe import Recipe
 from inhercc.verify import Scores, fidelity, output_fidelity, pooled_fidelity
 from tests.helpers import masked_model
 
@@ -55,7 +56,7 @@ def test_verification_covers_every_length_bucket(tmp_path) -> None:
     np.savez(folder / "a.npz", **short)
     np.savez(folder / "b.npz", **long)
     calib = {"x": rng.standard_normal((20, 5, 4)).astype(np.float32), "attention_mask": np.ones((20, 5), np.int64)}
-    res = compress(model, rank=1, rank_multiple=1, min_params=0, data=calib, verify_data=folder)
+    res = compress(model, Recipe.of(rank=1, rank_multiple=1, min_params=0), data=calib, verify_data=folder)
     student = res.model
     assert {i.name for i in student.graph.initializer} >= {"w.inherit_in", "w.inherit_out"}
     both = fidelity(model, student, [short, long])

@@ -15,6 +15,7 @@ from onnx import numpy_helper
 from inhercc.errors import InherccError
 from inhercc.model import save_model
 from inhercc.pipeline import compress, compress_file
+from inhercc.recipe import Recipe
 from tests.helpers import mlp, rel_err, run
 from tests.test_cli import invoke
 
@@ -35,7 +36,7 @@ def poisoned(value: float, count: int, weight: str = "fc1.weight") -> onnx.Model
 )
 def test_nonfinite_weight_is_refused_naming_the_tensor(value: float, count: int, words: str) -> None:
     with pytest.raises(InherccError) as e:
-        compress(poisoned(value, count), rank=8)
+        compress(poisoned(value, count), Recipe.of(rank=8))
     message = str(e.value)
     assert message == (
         f"weight 'fc1.weight' of layer 'fc1' contains {words}; set `select.allow_nonfinite` to compress anyway"
@@ -44,7 +45,7 @@ def test_nonfinite_weight_is_refused_naming_the_tensor(value: float, count: int,
 
 def test_allow_nonfinite_leaves_the_layer_dense() -> None:
     model = poisoned(np.nan, 3)
-    result = compress(model, rank=8, allow_nonfinite=True, verify=False)
+    result = compress(model, Recipe.of(rank=8, allow_nonfinite=True, verify=False))
     rows = {row["name"]: row for row in result.report["layers"]}
     assert rows["fc1"]["rank"] is None and rows["fc1"]["reason"] == "weight contains NaN (3 values)"
     assert rows["fc2"]["rank"] == 8
@@ -54,7 +55,7 @@ def test_allow_nonfinite_leaves_the_layer_dense() -> None:
 
 def test_nonfinite_weight_of_an_excluded_layer_is_not_checked() -> None:
     model = poisoned(np.nan, 3)
-    result = compress(model, rank=8, exclude="fc1", verify=False)
+    result = compress(model, Recipe.of(rank=8, exclude="fc1", verify=False))
     assert [row["rank"] for row in result.report["layers"]] == [None, 8]
 
 
@@ -82,7 +83,7 @@ def test_longest_legal_output_name_is_written(tmp_path: Path) -> None:
     onnx.save(teacher, str(tmp_path / "t.onnx"))
     name = "s" * (_name_max(tmp_path) - len(".onnx")) + ".onnx"  # exactly NAME_MAX bytes
     report = "r" * (_name_max(tmp_path) - len(".json")) + ".json"
-    compress_file(tmp_path / "t.onnx", tmp_path / name, rank=8, report_path=tmp_path / report)
+    compress_file(tmp_path / "t.onnx", tmp_path / name, Recipe.of(rank=8), report_path=tmp_path / report)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["t.onnx", name, report])  # no temp left
     x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
     (ys,) = run(onnx.load(str(tmp_path / name)), {"x": x})
@@ -107,7 +108,7 @@ def test_output_name_too_long_is_refused_before_any_work(tmp_path: Path, what: s
         expected = "output path is too long ("
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(InherccError) as e:
-        compress_file(tmp_path / "t.onnx", out, rank=8, data={"x": np.zeros((4, 64), np.float32)})
+        compress_file(tmp_path / "t.onnx", out, Recipe.of(rank=8), data={"x": np.zeros((4, 64), np.float32)})
     assert expected in str(e.value) and "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     r = invoke("compress", tmp_path / "t.onnx", "-o", out, "--rank", "8")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from inhercc.passes import FactorizeGemm
 from onnx import helper
 
 from inhercc.layers import find_layers
 from inhercc.model import prepare_model
+from inhercc.passes import FactorizeGemm
 from inhercc.pipeline import Factorizer
 from tests.helpers import make_model, rel_err, run
 

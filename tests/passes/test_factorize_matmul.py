@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from inhercc.passes import FactorizeMatMul
 from onnx import TensorProto, helper
 
 from inhercc import linalg
 from inhercc.layers import find_layers
 from inhercc.model import prepare_model
+from inhercc.passes import FactorizeMatMul
 from inhercc.pipeline import Factorizer, compress
+from inhercc.recipe import Recipe
 from tests.helpers import factor_product, make_model, rel_err, run
 
 
@@ -84,7 +85,7 @@ def test_names_derive_from_teacher_and_bias_add_untouched() -> None:
 
     rng = np.random.default_rng(5)
     teacher = mlp(rng)
-    res = compress(teacher, rank=16, rank_multiple=8, min_params=0, verify=False)
+    res = compress(teacher, Recipe.of(rank=16, rank_multiple=8, min_params=0, verify=False))
     names = {t.name for t in res.model.graph.initializer}
     assert {
         "fc1.weight.inherit_in",
@@ -103,7 +104,7 @@ def test_anonymous_exporter_names_use_the_module_path() -> None:
     w = rng.standard_normal((24, 24)).astype(np.float32)
     node = helper.make_node("MatMul", ["x", "onnx::MatMul_123"], ["y"], name="/encoder/layer.0/query/MatMul")
     teacher = make_model([node], {"x": [2, 24]}, ["y"], {"onnx::MatMul_123": w})
-    res = compress(teacher, rank=8, min_params=0, verify=False)
+    res = compress(teacher, Recipe.of(rank=8, min_params=0, verify=False))
     names = {t.name for t in res.model.graph.initializer}
     assert names == {"encoder.layer.0.query.weight.inherit_in", "encoder.layer.0.query.weight.inherit_out"}
 

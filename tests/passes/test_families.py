@@ -8,8 +8,6 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import onnx
 import pytest
-from inhercc.passes import rewrite
-from inhercc.passes.base import GraphNames, OpFamily, factor_chain, factor_tensors
 from onnx import NodeProto, TensorProto, helper
 
 from inhercc import linalg
@@ -19,8 +17,11 @@ from inhercc.graph import Dim
 from inhercc.latency import micro_models
 from inhercc.layers import find_layers
 from inhercc.model import prepare_model
+from inhercc.passes import rewrite
+from inhercc.passes.base import GraphNames, OpFamily, factor_chain, factor_tensors
 from inhercc.pipeline import compress
 from inhercc.plan import RankPlan
+from inhercc.recipe import Recipe
 from inhercc.sensitivity import stored_weight
 from tests.helpers import make_model, rel_err, run
 
@@ -118,7 +119,7 @@ def test_compress_factorizes_the_new_family(einsum_family: OpFamily) -> None:
     rng = np.random.default_rng(2)
     w = rng.standard_normal((IN, OUT)).astype(np.float32)
     x = rng.standard_normal((64, SEQ, IN)).astype(np.float32)
-    result = compress(einsum_model(w), ratio=0.5, data={"x": x}, min_params=0)
+    result = compress(einsum_model(w), Recipe.of(ratio=0.5, min_params=0), data={"x": x})
     assert [n.op_type for n in result.model.graph.node] == ["Einsum", "Einsum"]
     r = result.plan.ranks["proj"]
     assert r is not None and r < IN

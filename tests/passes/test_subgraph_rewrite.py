@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from inhercc.passes import FactorizeGemm, FactorizeMatMul, run_passes
 from onnx import TensorProto, helper, numpy_helper
 
 from inhercc.layers import find_layers
 from inhercc.model import prepare_model
+from inhercc.passes import FactorizeGemm, FactorizeMatMul, run_passes
 from inhercc.pipeline import Factorizer
 from tests.helpers import run
 from tests.test_subgraphs import N_HID, all_nodes, both_branches, control_flow_model, effective_weight, tensor_info
