@@ -136,37 +136,13 @@ def gs_micro_models(
 # --- the proposal: inhercc's rewrite without the full copy --------------------------------------------------
 
 
-def copy_without(model: onnx.ModelProto, drop: set[str]) -> onnx.ModelProto:
-    """A copy of ``model`` leaving out the main-graph initializers named in ``drop``: no memcpy of weights
-    that are about to be replaced (``CopyFrom`` copies them all, 340 MB for BERT-base)."""
-
-    def put(dst: Any, name: str, value: Any) -> None:
-        if hasattr(value, "MergeFrom"):
-            getattr(dst, name).MergeFrom(value)  # a message
-        elif hasattr(value, "extend"):
-            getattr(dst, name).extend(value)  # a repeated field
-        else:
-            setattr(dst, name, value)
-
-    student = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            put(student, field.name, value)
-    for field, value in model.graph.ListFields():
-        if field.name == "initializer":
-            student.graph.initializer.extend(t for t in value if t.name not in drop)
-        else:
-            put(student.graph, field.name, value)
-    return student
-
-
 def lean_rewrite_ranks(
     model: onnx.ModelProto, ranks: Mapping[str, int], layers: Sequence[Any], factors: Any
 ) -> onnx.ModelProto:
     """``inhercc.passes.base.rewrite_ranks`` with one change: the student starts as a copy of the teacher
     without the weights the rewrite replaces (read by that one node only, not a graph input)."""
     from inhercc.families import families
-    from inhercc.model import graph_scopes, infer_model_shapes
+    from inhercc.model import copy_without, graph_scopes, infer_model_shapes
     from inhercc.passes.base import FactorizePass, run_passes
 
     by_name = {layer.name: layer for layer in layers}
@@ -458,7 +434,7 @@ def lines_of_code() -> dict[str, dict[str, Any]]:
         out["rewrite"][""]
         - code_lines(lookup("inhercc.passes.base:rewrite_ranks"))
         + code_lines(lean_rewrite_ranks)
-        + code_lines(copy_without)
+        + code_lines(lookup("inhercc.model:copy_without"))
     )
     return out
 
