@@ -76,6 +76,8 @@ class Layer:
     transposed: bool = False  # the stored weight is [in, out] (MatMul, Gemm transB=0)
     subgraph: str | None = None  # where a layer inside an If / Loop / Scan body lives ("If_12/then_branch")
     note: str | None = None  # how a factorized layer was initialized when not as the others (SUBGRAPH_NOTE)
+    heads: int = 1  # output heads mixed by a softmax gate (InherNet); 1: the plain two-factor chain
+    seed: int = 0  # seeds the random part of the layer's rewrite (the heads' gate)
 
     @property
     def compressible(self) -> bool:
@@ -99,9 +101,15 @@ class Layer:
         return min(self.out_features, self.in_features)
 
     def factor_params(self, rank: int) -> int:
-        """Weight parameters of the factor chain at a total rank ``rank`` (``rank/groups`` per group)."""
+        """Weight parameters of the factor chain at a total rank ``rank`` (``rank/groups`` per group): the input
+        factor ``r·in``, the ``heads`` output factors ``H·r·out`` and, with more than one head, the gate ``r·H``."""
         per_group = rank // self.groups
-        return linalg.factor_params(self.out_features, self.in_features, per_group, self.groups)
+        chain = linalg.factor_params(self.heads * self.out_features, self.in_features, per_group, self.groups)
+        return chain + self.gate_params(rank)
+
+    def gate_params(self, rank: int) -> int:
+        """Parameters of the heads' gate (linear ``r→H`` on the bottleneck); 0 with one head."""
+        return (rank // self.groups) * self.groups * self.heads if self.heads > 1 else 0
 
     def rank_step(self) -> int:
         """Total rank grows in steps of ``groups`` (one per group)."""
@@ -111,6 +119,9 @@ class Layer:
         """FLOPs per sample of the factor chain at total rank ``rank``."""
         if self.weight_params == 0:
             return 0
+        if self.heads > 1 and family_for(self.op).pooled_gate:  # one gate per sample, on the pooled bottleneck
+            chain = self.factor_params(rank) - self.gate_params(rank)
+            return int(self.flops * chain / self.weight_params) + 2 * self.gate_params(rank)
         return int(self.flops * self.factor_params(rank) / self.weight_params)
 
     def matrix(self) -> np.ndarray:

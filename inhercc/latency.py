@@ -77,9 +77,9 @@ def layer_input_shapes(
 def micro_models(
     model: ModelProto, layer: Layer, rank: int, input_shape: Sequence[int], seed: int = 0
 ) -> tuple[ModelProto, ModelProto]:
-    """The dense node alone (one node) and the chain the passes emit for it at ``rank`` (two nodes), both
-    reading one input of ``input_shape`` (built by the layer's op family). Factor values are random: only their
-    shapes matter for timing."""
+    """The dense node alone (one node) and the chain the passes emit for it at ``rank`` (two nodes; with
+    ``layer.heads`` > 1 the gated multi-head form), both reading one input of ``input_shape`` (built by the layer's
+    op family). Factor values are random: only their shapes matter for timing."""
     node = next((n for n in model.graph.node if n.name == layer.name), None)
     if node is None:
         raise InherccError(f"no node named {layer.name}")
@@ -111,7 +111,7 @@ class OrtLayerTimer:
     def _key(self, layer: Layer, input_shape: Sequence[int]) -> tuple[Any, ...]:
         node = next(n for n in self.model.graph.node if n.name == layer.name)
         attrs = tuple(sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in node.attribute))
-        return (layer.op, layer.weight_shape, attrs, tuple(input_shape), len(node.input) > 2)
+        return (layer.op, layer.weight_shape, attrs, tuple(input_shape), len(node.input) > 2, layer.heads)
 
     def _session(self, model: ModelProto) -> Any:
         from inhercc.runtime import make_session

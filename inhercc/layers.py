@@ -38,6 +38,7 @@ def find_layers(
     min_saving: float = DEFAULT_MIN_SAVING,
     load_weights: bool = True,
     allow_nonfinite: bool = True,
+    heads: int = 1,
 ) -> list[Layer]:
     """Every node of a registered op family (MatMul/Gemm/Conv), in graph order — the main graph's, then those
     inside If / Loop / Scan bodies at any depth (``Layer.subgraph`` says where) — as a :class:`Layer`;
@@ -46,14 +47,13 @@ def find_layers(
     weight shared with other nodes, NaN / Inf in the weight), prefixed by the subgraph it lives in.
     ``include`` / ``exclude`` patterns are searched in the node name and in ``<subgraph>/<node name>``. A
     NaN / Inf in a weight that would be factorized is an error unless ``allow_nonfinite`` (then the layer
-    stays dense)."""
+    stays dense). ``heads``: the output heads of every chain (the saving check counts them and their gate)."""
     scopes = graph_scopes(model)
     shapes = tensor_shapes(model)
     uses = Counter(name for scope in scopes for node in scope.graph.node for name in node.input)
     lookup = _WeightLookup(scopes)
-    checks = _Checks(
-        {i.name for i in model.graph.input}, uses, _patterns(include), _patterns(exclude), min_params, rank_multiple
-    )
+    patterns = _patterns(include), _patterns(exclude)
+    checks = _Checks({i.name for i in model.graph.input}, uses, *patterns, min_params, rank_multiple, heads)
     layers: list[Layer] = []
     for scope in scopes:
         for node in scope.graph.node:
@@ -75,6 +75,7 @@ class _Checks:
     excludes: list[re.Pattern[str]]
     min_params: int
     rank_multiple: int
+    heads: int = 1
 
 
 class _WeightLookup:
@@ -117,6 +118,7 @@ def _find_layer(
         layer.reason = "weight is not a constant (computed at run time)"
     else:
         layer = _describe(node, init, shapes, load)
+        layer.heads = checks.heads
         layer.reason = _check(node, init, layer, checks, scope.path, min_saving)
         if layer.reason is None:
             layer.reason = _nonfinite(layer, init, allow_nonfinite)

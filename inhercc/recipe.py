@@ -119,6 +119,12 @@ class FactorOptions:
         default_text="whitened with --data, else svd",
     )
     split: str = option("output", choices=SPLITS, help="Where the singular values go (output = InherNet).")
+    heads: int = option(
+        1,
+        check=positive,
+        help="Output heads per factorized layer, mixed by a softmax gate on the rank-r bottleneck (InherNet); "
+        "every head starts as the same output factor, so the student starts as the one-head student.",
+    )
 
 
 @dataclass(frozen=True)

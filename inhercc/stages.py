@@ -197,11 +197,14 @@ def find(state: CompressState) -> StageResult:
         rank_multiple=state.recipe.plan.rank_multiple or 1,
         min_saving=select.min_saving,
         allow_nonfinite=select.allow_nonfinite,
+        heads=state.recipe.factors.heads,
     )
     if not any(layer.compressible for layer in layers):
         none = "no MatMul/Gemm/Conv with a constant weight"
         found = f"{len(layers)} candidate(s), none compressible" if layers else none
         raise InherccError(f"no compressible layer in the model ({found}){skip_reason(layers)}")
+    for layer in layers:  # the seed of the heads' gate
+        layer.seed = state.recipe.seed
     state.layers = layers
     n = sum(1 for la in layers if la.compressible)
     return StageResult(state, True, [f"{n} of {len(layers)} candidate layer(s) compressible"])
@@ -263,6 +266,7 @@ def plan(state: CompressState) -> StageResult:
     rank_plan = choose_plan(state.layers, state.spectra, state.recipe, state.layer_weights)
     rank_plan.method.setdefault("init", state.recipe.factors.init)
     rank_plan.method.setdefault("split", state.recipe.factors.split)
+    rank_plan.method["heads"] = state.recipe.factors.heads  # this run's, also when a plan file is replayed
     if not rank_plan.factorized():
         raise InherccError("the plan factorizes no layer (every layer would stay dense)")
     state.plan = rank_plan
@@ -592,6 +596,7 @@ def layer_row(layer: Layer, plan: RankPlan) -> dict[str, Any]:
         "op": layer.op,
         "shape": layer.shape,
         "rank": r,
+        "heads": layer.heads if r is not None else None,
         "params_before": layer.params,
         "params_after": layer.factor_params(r) + layer.bias_params if r is not None else layer.params,
         "flops_before": layer.flops,

@@ -14,6 +14,7 @@ registered by op type (:func:`inhercc.families.family_for` finds it). Adding a f
 from __future__ import annotations
 
 import re
+import zlib
 from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from inhercc import linalg
 from inhercc.errors import InherccError
 from inhercc.families import FactorSource, Layer, families, family_for
 from inhercc.graph import Dim, node_flops
-from inhercc.model import copy_without, graph_scopes, implicit_inputs, infer_model_shapes
+from inhercc.model import MIN_OPSET, copy_without, graph_scopes, implicit_inputs, infer_model_shapes, opset_of
 
 
 @dataclass
@@ -60,6 +61,7 @@ class OpFamily:
 
     op_type: str = ""
     order: int = 100  # the rewrite runs the families' passes in this order
+    pooled_gate: bool = False  # True: the heads' gate reads the globally pooled bottleneck (one per sample)
     computed_weight_is_layer: bool = True  # False: a node whose weight is computed at run time is no layer
 
     def describe(self, node: NodeProto, layer: Layer, shapes: Mapping[str, list[Dim]]) -> None:
@@ -154,6 +156,12 @@ def rewrite_ranks(
     """Apply every registered family's factorization pass for ``ranks`` (layer name → total rank) to a copy
     of ``model``; shapes re-inferred. The notes say one line per rewritten node."""
     by_name = {layer.name: layer for layer in layers}
+    heads = [n for n in ranks if n in by_name and by_name[n].heads > 1]
+    if heads and opset_of(model) < MIN_OPSET:
+        raise InherccError(
+            f"gated heads need opset >= {MIN_OPSET}, the model has {opset_of(model)} "
+            "(inhercc.model.prepare_model upgrades it)"
+        )
     student = copy_without(model, replaced_weights(model, ranks, by_name))
     result = run_passes(student, [FactorizePass(ranks, by_name, factors, f.op_type) for f in families()])
     out = result.model
@@ -217,7 +225,8 @@ class FactorizePass:
                 n.metadata_props.extend(node.metadata_props)
             new_nodes.extend(replacement)
             factors.extend(tensors)
-            notes.append(f"{node.name}: {self.op_type} {list(layer.weight_shape)} -> rank {rank}")
+            heads = f" x {layer.heads} heads" if layer.heads > 1 else ""
+            notes.append(f"{node.name}: {self.op_type} {list(layer.weight_shape)} -> rank {rank}{heads}")
         if notes:
             del graph.node[:]
             graph.node.extend(new_nodes)
@@ -334,3 +343,137 @@ def remove_unused_initializers(model: ModelProto) -> int:
             del g.input[:]
             g.input.extend(graph_inputs)
     return removed
+
+
+GATE_STD = 0.01  # the heads' gate starts N(0, GATE_STD²): near-even mixing, random enough for the heads to diverge
+INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """How a family's heads sit in the wide head output ``[..., C, *spatial]`` and how its gate reads the rank-r
+    bottleneck. ``dims`` replaces the channel axis C (``(H, out)``; a grouped conv's channels are group-major:
+    ``(g, H, out/g)``) and ``head_axis`` is the axis of H after that reshape."""
+
+    heads: int
+    rank: int  # total rank: the bottleneck's channels, the gate's inputs
+    dims: tuple[int, ...]
+    channel_axis: int  # 1 (Gemm, Conv) or -1 (MatMul: the last axis)
+    head_axis: int
+    spatial: int = 0  # axes after the channel axis (a conv's spatial axes)
+    pooled: bool = False  # one gate per sample from GlobalAveragePool(bottleneck), else one per row / token
+
+    @property
+    def grouped(self) -> bool:
+        return len(self.dims) > 2
+
+
+def stacked_heads(output_factor: np.ndarray, heads: int) -> np.ndarray:
+    """``heads`` copies of each group's output factor stacked along its output axis: ``[g, out, r]`` becomes
+    ``[g, heads·out, r]`` (head-major within a group). Every head starts as the same factor, so the gated mix of
+    the heads equals the one-head chain exactly whatever the gate (the function-preserving init)."""
+    if heads == 1:
+        return output_factor
+    g, out, r = output_factor.shape
+    return np.broadcast_to(output_factor[:, None], (g, heads, out, r)).reshape(g, heads * out, r)
+
+
+def gate_tensor(names: GraphNames, node: NodeProto, layer: Layer, rank: int) -> onnx.TensorProto:
+    """The heads' gate ``<weight>.inherit_gate`` ``[r, H]`` (a linear r→H on the bottleneck), drawn from
+    N(0, GATE_STD²) seeded by the layer's seed and name: the same student for the same recipe."""
+    rng = np.random.default_rng([layer.seed % 2**32, zlib.crc32(layer.name.encode())])
+    gate = rng.normal(0.0, GATE_STD, (rank, layer.heads)).astype(layer.weight_dtype)
+    return numpy_helper.from_array(gate, names.fresh(f"{weight_base_name(node, layer.weight_name)}.inherit_gate"))
+
+
+class _Emitter:
+    """Collects the nodes and constants of one rewrite, each named after the node it replaces."""
+
+    def __init__(self, node: NodeProto, names: GraphNames) -> None:
+        self.node, self.names = node, names
+        self.nodes: list[NodeProto] = []
+        self.tensors: list[onnx.TensorProto] = []
+
+    def add(
+        self, op: str, inputs: Sequence[str], what: str, last: bool = False, label: str = "", **attrs: object
+    ) -> str:
+        """One node named ``<node>.inherit_<label or what>``; its output is the teacher node's output when
+        ``last``, else a fresh ``<output>.inherit_<what>``."""
+        out = self.node.output[0] if last else self.names.fresh(f"{self.node.output[0]}.inherit_{what}")
+        name = self.names.fresh(f"{self.node.name}.inherit_{label or what}")
+        self.nodes.append(onnx.helper.make_node(op, list(inputs), [out], name=name, **attrs))
+        return out
+
+    def const(self, what: str, values: Iterable[float] | float, dtype: np.dtype | type = np.int64) -> str:
+        """A constant vector: shape, axes, slice bounds (int64), or a scale in the layer's dtype."""
+        name = self.names.fresh(f"{self.node.name}.inherit_{what}")
+        array = np.asarray(list(values) if isinstance(values, Iterable) else values, dtype)
+        self.tensors.append(numpy_helper.from_array(array, name))
+        return name
+
+
+def heads_chain(
+    node: NodeProto,
+    names: GraphNames,
+    layer: Layer,
+    factors: tuple[onnx.TensorProto, onnx.TensorProto],
+    attrs: tuple[dict[str, object], dict[str, object]],
+    layout: HeadLayout,
+    beta: float = 1.0,
+) -> tuple[list[NodeProto], list[onnx.TensorProto]]:
+    """The gated multi-head chain replacing ``node`` (its output name kept): ``z = op(x, A)``; the heads as ONE
+    wide product ``w = op(z, B_wide)``; the gate ``softmax(z·G)`` per row / token, or
+    ``softmax(Flatten(GlobalAveragePool(z))·G)`` per sample; ``y = ReduceSum(reshape(w)·gate) + beta·bias`` with
+    the optional bias (third input) added once, after the mix. Returns the nodes and the initializers (factors,
+    gate, constants)."""
+    emit = _Emitter(node, names)
+    (a, b), bias = factors, node.input[2] if len(node.input) > 2 and node.input[2] else None
+    gate = gate_tensor(names, node, layer, layout.rank)
+    emit.tensors += [a, b, gate]
+    mid = emit.add(node.op_type, [node.input[0], a.name], "mid", label="in", **attrs[0])
+    wide = emit.add(node.op_type, [mid, b.name], "heads", label="out", **attrs[1])
+    source = mid
+    if layout.pooled:
+        source = emit.add("Flatten", [emit.add("GlobalAveragePool", [mid], "pool")], "pooled", axis=1)
+    weights = emit.add("Softmax", [emit.add("MatMul", [source, gate.name], "gate_logits")], "gate", axis=-1)
+    if layout.pooled:  # [N, H] → [N, 1…, H, 1…]: broadcast over the reshaped heads [N, *dims, *spatial]
+        ones = [layout.heads if i == layout.head_axis else 1 for i in range(1, len(layout.dims) + 1 + layout.spatial)]
+        weights = emit.add("Reshape", [weights, emit.const("gate_shape", [0, *ones])], "gate_b")
+    else:  # [..., H] → [..., H, 1]
+        weights = emit.add("Unsqueeze", [weights, emit.const("gate_axes", [-1])], "gate_b")
+    prefix, suffix = _around_channels(emit, wide, layout)
+    by_head = emit.add("Reshape", [wide, _shape(emit, prefix, layout.dims, suffix, "head_shape")], "by_head")
+    weighted = emit.add("Mul", [by_head, weights], "weighted")
+    last = bias is None and not layout.grouped
+    y = emit.add("ReduceSum", [weighted, emit.const("head_axis", [layout.head_axis])], "mixed", last, keepdims=0)
+    if layout.grouped:  # [N, g, out/g, *spatial] → [N, out, *spatial]
+        channels = int(np.prod(layout.dims)) // layout.heads
+        restore = _shape(emit, prefix, (channels,), suffix, "out_shape")
+        y = emit.add("Reshape", [y, restore], "restored", last=bias is None)
+    if bias is not None:
+        if beta != 1.0:
+            bias = emit.add("Mul", [bias, emit.const("beta", beta, layer.weight_dtype)], "beta_bias")
+        if layout.spatial:  # a conv bias [out] → [out, 1, …]
+            bias = emit.add("Unsqueeze", [bias, emit.const("bias_axes", range(1, layout.spatial + 1))], "bias")
+        emit.add("Add", [y, bias], "bias_add", last=True)
+    return emit.nodes, emit.tensors
+
+
+def _around_channels(emit: _Emitter, wide: str, layout: HeadLayout) -> tuple[list[str] | None, list[str]]:
+    """The wide output's dims before and after its channel axis, read at run time (Shape, Slice) where they may
+    be symbolic; None for a Gemm's 2-D ``[N, C]`` (a Reshape's 0 keeps N)."""
+    if layout.channel_axis == 1 and layout.spatial == 0:
+        return None, []
+    shape = emit.add("Shape", [wide], "shape")
+    prefix = [emit.add("Slice", [shape, emit.const("start", [0]), emit.const("end", [layout.channel_axis])], "lead")]
+    if layout.spatial == 0:
+        return prefix, []
+    bounds = [emit.const("after", [layout.channel_axis + 1]), emit.const("stop", [INT64_MAX])]
+    return prefix, [emit.add("Slice", [shape, *bounds], "trail")]
+
+
+def _shape(emit: _Emitter, prefix: list[str] | None, dims: Sequence[int], suffix: list[str], what: str) -> str:
+    """The target shape ``prefix + dims + suffix`` of a Reshape (a constant ``[0, *dims]`` without a prefix)."""
+    if prefix is None:
+        return emit.const(what, [0, *dims])
+    return emit.add("Concat", [*prefix, emit.const(f"{what}_dims", dims), *suffix], what, axis=0)

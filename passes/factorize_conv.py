@@ -16,11 +16,14 @@ from inhercc.graph import Dim, node_attr
 from inhercc.passes.base import (
     FactorizePass,
     GraphNames,
+    HeadLayout,
     OpFamily,
     bias_params,
     copy_attributes,
     factor_chain,
     factor_tensors,
+    heads_chain,
+    stacked_heads,
 )
 
 
@@ -37,10 +40,14 @@ class ConvFamily(OpFamily):
        ``Y = Conv(T, W_out[out, r/g, 1, …], bias)``, a 1×1 conv with the same ``group``.
     2. Each group is factorized on its own ``[out/g, in/g·kh·kw]`` matrix; group ``j``'s rank channels
        feed only group ``j``'s outputs, so the chain equals the grouped original at full rank.
+    3. With ``heads`` H > 1 (InherNet), the 1×1 conv is the H heads at once (``r → H·out``, channels
+       group-major: ``[g, H, out/g]``), reshaped to expose the head axis and mixed per sample by
+       ``softmax(Flatten(GlobalAveragePool(T))·G)`` (``G = [r, H]``); the bias is added once after the mix.
     """
 
     op_type = "Conv"
     order = 2
+    pooled_gate = True
 
     def describe(self, node: NodeProto, layer: Layer, shapes: Mapping[str, list[Dim]]) -> None:
         dims = layer.weight_shape
@@ -86,11 +93,17 @@ class ConvFamily(OpFamily):
         in_per_group = layer.weight_shape[1]
         kernel = tuple(layer.kernel)
         w_in = input_factor.reshape(g * rg, in_per_group, *kernel)
-        w_out = output_factor.reshape(g * layer.out_features, rg, *([1] * len(kernel)))
+        h, out = layer.heads, layer.out_features
+        w_out = stacked_heads(output_factor, h).reshape(g * h * out, rg, *([1] * len(kernel)))
         a, b = factor_tensors(names, node, layer, w_in, w_out)
         attrs = copy_attributes(node)
         attrs["kernel_shape"] = list(kernel)
-        return factor_chain(node, names, a, b, attrs, {"kernel_shape": [1] * len(kernel), "group": g}), [a, b]
+        second = {"kernel_shape": [1] * len(kernel), "group": g}
+        if h == 1:
+            return factor_chain(node, names, a, b, attrs, second), [a, b]
+        dims, axis = ((h, out), 1) if g == 1 else ((g, h, out), 2)
+        layout = HeadLayout(h, g * rg, dims, 1, axis, spatial=len(kernel), pooled=self.pooled_gate)
+        return heads_chain(node, names, layer, (a, b), (attrs, second), layout)
 
 
 class FactorizeConv(FactorizePass):

@@ -13,11 +13,14 @@ from inhercc.graph import Dim, node_attr
 from inhercc.passes.base import (
     FactorizePass,
     GraphNames,
+    HeadLayout,
     OpFamily,
     bias_params,
     copy_attributes,
     factor_chain,
     factor_tensors,
+    heads_chain,
+    stacked_heads,
 )
 
 
@@ -34,6 +37,8 @@ class GemmFamily(OpFamily):
     3. The teacher's weight layout is kept: with ``transB = 1`` the factors are stored ``[r, in]`` and
        ``[out, r]`` (torch ``Linear`` layout) with ``transB = 1``; with ``transB = 0`` as ``[in, r]``, ``[r, out]``.
     4. ``C`` (constant, broadcast or computed) and ``beta`` move to the second Gemm unchanged.
+    5. With ``heads`` H > 1, ``B2`` is the H heads stacked along ``out`` (one Gemm to ``[N, H·out]``), reshaped
+       to ``[N, H, out]`` and mixed per row by ``softmax(T·G)``; ``beta·C`` is added once after the mix.
     """
 
     op_type = "Gemm"
@@ -59,14 +64,18 @@ class GemmFamily(OpFamily):
         self, node: NodeProto, layer: Layer, input_factor: np.ndarray, output_factor: np.ndarray, names: GraphNames
     ) -> tuple[list[NodeProto], list[onnx.TensorProto]]:
         trans_b = 0 if layer.transposed else 1
+        heads = stacked_heads(output_factor, layer.heads)
         if trans_b:
-            a, b = factor_tensors(names, node, layer, input_factor[0], output_factor[0])
+            a, b = factor_tensors(names, node, layer, input_factor[0], heads[0])
         else:
-            a, b = factor_tensors(names, node, layer, input_factor[0].T, output_factor[0].T)
+            a, b = factor_tensors(names, node, layer, input_factor[0].T, heads[0].T)
         attrs = copy_attributes(node, skip=("alpha", "beta", "transB", "transA"))
         beta = copy_attributes(node).get("beta", 1.0)
         first, second = {"transB": trans_b, **attrs}, {"transB": trans_b, "beta": beta, **attrs}
-        return factor_chain(node, names, a, b, first, second), [a, b]
+        if layer.heads == 1:
+            return factor_chain(node, names, a, b, first, second), [a, b]
+        layout = HeadLayout(layer.heads, input_factor.shape[1], (layer.heads, layer.out_features), 1, 1)
+        return heads_chain(node, names, layer, (a, b), (first, first), layout, beta=float(beta))
 
 
 class FactorizeGemm(FactorizePass):

@@ -19,6 +19,8 @@ TRAIN_MODES = ("factors", "all")
 DEFAULT_EPOCHS = 3
 DEFAULT_CACHE_BYTES = 1 << 30
 PRECISIONS = ("fp32", "bf16")
+IE_SPLITS = ("half", "random")
+IE_EXPLORE = ("l1", "cos")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class DistillConfig:
     val_split: float = option(0.1, check=fraction, help="Held-out fraction.")
     train: str = option(
         "factors",
-        help="Which initializers to train: factors (<w>.inherit_in/out), all, or a regex over names "
+        help="Which initializers to train: factors (<w>.inherit_in/out/gate), all, or a regex over names "
         "(never one-element constants).",
     )
     temperature: float = option(DEFAULT_TEMPERATURE, help="KD temperature.")
@@ -66,6 +68,28 @@ class DistillConfig:
         "layers",
         help="What --feature-loss compares: layers (factorized layer outputs), norms (normalization outputs: "
         "each block's hidden state) or a regex over tensor names.",
+    )
+    # IE-KD (inhercc.distill.ie): a frozen factor auto-encoder on the teacher's feature, two trainable encoders
+    # on the student's (an inheritance and an exploration half); the encoders exist in training only
+    ie: bool = option(
+        False, help="IE-KD: inheritance and exploration losses on one feature tensor (the exported model unchanged)."
+    )
+    ie_feature: str | None = option(
+        None,
+        metavar="NAME",
+        help="The tensor --ie compares (computed by both graphs).",
+        default_text="input of the last global pooling, else the last normalization output",
+    )
+    ie_ae_steps: int = option(200, check=positive, help="Training steps of the teacher's factor auto-encoder.")
+    ie_split: str = option(
+        "half", choices=IE_SPLITS, help="Student channels: two fixed halves, or a seeded random permutation."
+    )
+    ie_inherit_weight: float = option(1.0, check=non_negative, help="Weight of the inheritance term.")
+    ie_explore_weight: float = option(1.0, check=non_negative, help="Weight of the exploration term.")
+    ie_explore: str = option(
+        "l1",
+        choices=IE_EXPLORE,
+        help="Exploration term: l1 (− distance of the normalized factors) or cos (+ |cosine|, toward orthogonal).",
     )
     # decay pulls inherited weights away from the teacher's: off by default
     weight_decay: float = option(0.0, check=non_negative, help="AdamW weight decay.")
@@ -121,6 +145,10 @@ class DistillConfig:
             raise InherccError(
                 f"`{prefix}features` {self.features} chooses what `{prefix}feature_loss` compares: "
                 f"give `{prefix}feature_loss`"
+            )
+        if self.ie_feature is not None and not self.ie:
+            raise InherccError(
+                f"`{prefix}ie_feature` {self.ie_feature} chooses what `{prefix}ie` compares: give `{prefix}ie`"
             )
         if self.resume and not self.checkpoint:
             raise InherccError(f"`{prefix}resume` needs `{prefix}checkpoint`")

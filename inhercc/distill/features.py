@@ -16,11 +16,13 @@ from inhercc.data import input_specs
 from inhercc.errors import InherccError
 from inhercc.model import FLOAT_TYPES
 
-FACTOR_PATTERN = re.compile(r"\.inherit_(in|out)(_\d+)?$")
+# the heads' gate counts as an output factor: rebalancing divides it by c too, so the gate's logits keep their values
+FACTOR_PATTERN = re.compile(r"\.inherit_(in|out|gate)(_\d+)?$")
 
 
 def factor_names(names: Iterable[str]) -> list[str]:
-    """The factor initializers (``<weight>.inherit_in`` / ``.inherit_out``) among ``names``."""
+    """The factor initializers (``<weight>.inherit_in`` / ``.inherit_out`` / the heads' ``.inherit_gate``)
+    among ``names``."""
     return [n for n in names if FACTOR_PATTERN.search(n)]
 
 

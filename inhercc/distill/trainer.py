@@ -8,11 +8,12 @@ AdamW with a warm-up + cosine schedule and gradient clipping; validation fidelit
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from inhercc.distill.checkpoint import (
 )
 from inhercc.distill.config import DEFAULT_EPOCHS, DistillConfig, DistillResult
 from inhercc.distill.features import feature_tensors, rebalance_factors, select_trainable
+from inhercc.distill.ie import IEKD, resolve_ie_feature
 from inhercc.distill.processes import Processes, sum_over_processes
 from inhercc.distill.teacher import Teacher, onnx_fidelity, with_teacher
 from inhercc.errors import InherccError
@@ -141,6 +143,7 @@ class Trainer:
         self.t0 = time.perf_counter() if t0 is None else t0
         self.state = TrainState()
         self.best_params: dict[str, torch.Tensor] | None = None
+        self.ie: IEKD | None = None
         self.resumed_from: int | None = None
         self.report: dict[str, Any] = {}
 
@@ -162,6 +165,7 @@ class Trainer:
         self._build_student()
         self._build_teacher()
         self._build_loss()
+        self._build_ie()
         self._build_optimizer()
         self._fidelity_before()
         self._open_checkpoint()
@@ -177,10 +181,13 @@ class Trainer:
         self.features = (
             feature_tensors(self.student_model, self.teacher_model, cfg.features) if cfg.feature_loss > 0 else []
         )
+        # IE-KD's feature: exposed after the feature-loss tensors (once, if it is one of them)
+        self.ie_feature = resolve_ie_feature(self.student_model, self.teacher_model, cfg.ie_feature) if cfg.ie else None
+        self.exposed = self.features + [f for f in [self.ie_feature] if f is not None and f not in self.features]
         self.mask_name = mask_input(self.student_model)  # padding: out of the feature and token-level output losses
         names = select_trainable(self.student_model, cfg.train)
         torch.manual_seed(cfg.seed)
-        self.module = OnnxModule(self.student_model, extra_outputs=self.features).to(self.device)
+        self.module = OnnxModule(self.student_model, extra_outputs=self.exposed).to(self.device)
         self.module.set_trainable(names)
         params = self.module.onnx_parameters()
         self.trainable = {n: params[n] for n in names if n in params}
@@ -201,7 +208,7 @@ class Trainer:
         self.prefetch = prefetch
         self.teacher = Teacher(
             self.teacher_model,
-            self.features,
+            self.exposed,
             provider,
             device.index or 0,
             cfg.cache_teacher,
@@ -224,7 +231,7 @@ class Trainer:
         teacher, cfg = self.teacher, self.cfg
         n_out = len(teacher.outputs)
         probe = next(teacher.batches(self.samples, self.train_idx, teacher.fixed or 1))[1]
-        probe_out = teacher.run(probe, features=bool(self.features))
+        probe_out = teacher.run(probe, features=bool(self.exposed))
         not_float = [f for f, v in zip(self.features, probe_out[n_out:]) if not np.issubdtype(v.dtype, np.floating)]
         if not_float:
             raise InherccError(
@@ -240,6 +247,41 @@ class Trainer:
             kinds=teacher.kinds,
         )
 
+    def _build_ie(self) -> None:
+        """IE-KD (``ie``): both graphs' feature probed on a batch, the teacher's factor auto-encoder trained on the
+        teacher's feature and frozen (a resumed run takes it from the checkpoint), the student's encoders made."""
+        cfg, teacher = self.cfg, self.teacher
+        if self.ie_feature is None:
+            return
+        at = self.exposed.index(self.ie_feature)
+        _idx, feeds = next(teacher.batches(self.samples, self.train_idx, teacher.fixed or 2))
+        t_feat = teacher.run(feeds, features=True)[len(teacher.outputs) + at]
+        if not np.issubdtype(t_feat.dtype, np.floating):
+            raise InherccError(f"`distill.ie_feature` {self.ie_feature!r} is {t_feat.dtype}; IE-KD compares floats")
+        with torch.no_grad():
+            s_feat = self.module(**_as_torch(feeds, self.student_model, self.device))[len(teacher.outputs) + at]
+        self.ie = IEKD(self.ie_feature, tuple(t_feat.shape), tuple(s_feat.shape), cfg).to(self.device)
+        resuming = cfg.resume and cfg.checkpoint and (Path(cfg.checkpoint) / CHECKPOINT_FILE).exists()
+        if resuming:
+            self.ie.freeze()
+            return
+        self.say(f"IE-KD: training the teacher's factor auto-encoder on {self.ie_feature} ({cfg.ie_ae_steps} steps)")
+        self.ie.train_teacher_ae(self._teacher_features(at), cfg.ie_ae_steps)
+
+    def _teacher_features(self, at: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Shuffled batches of the teacher's IE feature (and the attention mask), epoch after epoch."""
+        cfg, teacher = self.cfg, self.teacher
+        for epoch in itertools.count():
+            rng = np.random.default_rng([cfg.seed, epoch, 1])
+            any_batch = False
+            for idx, feeds in self.samples.batches(self.train_idx, cfg.batch_size, rng, min_rows=teacher.fixed or 1):
+                _, t_feat = teacher(idx, feeds, features=True)
+                mask = torch.as_tensor(np.asarray(feeds[self.mask_name])).to(self.device) if self.mask_name else None
+                any_batch = True
+                yield torch.from_numpy(np.ascontiguousarray(t_feat[at])).to(self.device), mask
+            if not any_batch:
+                return
+
     def _build_optimizer(self) -> None:
         """DDP around the module when there are several processes; AdamW and the warm-up + cosine schedule."""
         cfg, device = self.cfg, self.device
@@ -250,7 +292,10 @@ class Trainer:
             self.model = DistributedDataParallel(
                 self.module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
             )
-        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups: list[Any] = list(self.trainable.values())
+        if self.ie is not None:  # the IE encoders train alongside, without decay
+            groups = [{"params": groups}, {"params": list(self.ie.encoders.parameters()), "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, cfg.warmup))
 
     def _fidelity_before(self) -> None:
@@ -290,10 +335,43 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.state = TrainState(**ckpt["state"])
             self.best_params = ckpt["best_params"]
+            if self.ie is not None:
+                self._resume_ie(ckpt)
             self.resumed_from = self.state.step
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
             raise checkpoint_error(self.ckpt_path, f"its contents do not fit this run: {one_line(e)}") from e
         self.say(f"resuming from {self.ckpt_path} at step {self.state.step} (epoch {self.state.epoch + 1})")
+
+    def _ie_checkpoint(self) -> dict[str, Any]:
+        """What a checkpoint keeps of IE-KD: its settings, its modules' state, the recorded terms."""
+        assert self.ie is not None
+        return {
+            "config": self._ie_settings(),
+            "state": self.ie.state_dict(),
+            "ae_l1": self.ie.ae_l1,
+            "terms": self.ie.terms,
+        }
+
+    def _ie_settings(self) -> dict[str, Any]:
+        """The IE-KD settings a resumed run must share."""
+        cfg = self.cfg
+        names = ("ie_split", "ie_explore", "ie_inherit_weight", "ie_explore_weight", "ie_ae_steps")
+        return {"ie_feature": self.ie_feature} | {k: getattr(cfg, k) for k in names}
+
+    def _resume_ie(self, ckpt: dict[str, Any]) -> None:
+        """IE-KD's modules and terms from a checkpoint written by a run with the same IE-KD settings."""
+        assert self.ie is not None and self.ckpt_path is not None
+        saved = ckpt.get("ie")
+        if not isinstance(saved, dict):
+            raise checkpoint_error(self.ckpt_path, "it was written without `distill.ie`")
+        ours, theirs = self._ie_settings(), saved.get("config", {})
+        diff = [k for k in ours if theirs.get(k) != ours[k]]
+        if diff:
+            detail = ", ".join(f"{k} {theirs.get(k)!r} → {ours[k]!r}" for k in diff)
+            raise InherccError(f"cannot resume from {self.ckpt_path}: settings differ ({detail})")
+        self.ie.load_state_dict(saved["state"])
+        self.ie.ae_l1 = list(saved["ae_l1"])
+        self.ie.terms = {k: list(v) for k, v in saved["terms"].items()}
 
     # -- training ------------------------------------------------------------------------------------------
 
@@ -335,7 +413,7 @@ class Trainer:
         stop = False
         # resumed inside this epoch: the batches before state.batch were trained on already
         for b, feeds, t_out, t_feat in with_teacher(
-            self.teacher, batches, bool(self.features), self.procs, state.batch, self.prefetch
+            self.teacher, batches, bool(self.exposed), self.procs, state.batch, self.prefetch
         ):
             loss = self.step(feeds, t_out, t_feat)
             state.batch = b + 1
@@ -365,21 +443,38 @@ class Trainer:
         if cfg.precision != "fp32":
             s_out, s_feat = _as_float32(s_out), _as_float32(s_feat)
         mask = torch.as_tensor(np.asarray(feeds[self.mask_name])).to(self.device) if self.mask_name else None
+        t_feat_dev, n_feat = self._on_device(t_feat), len(self.features)
         loss, _parts = self.loss_fn(
-            s_out, self._on_device(t_out), self.labels_of(feeds), s_feat, self._on_device(t_feat), mask
+            s_out, self._on_device(t_out), self.labels_of(feeds), s_feat[:n_feat], t_feat_dev[:n_feat], mask
         )
+        if self.ie is not None:
+            at = self.exposed.index(self.ie_feature)  # type: ignore[arg-type]
+            loss = loss + self.ie(s_feat[at], t_feat_dev[at], mask)[0]
         if not torch.isfinite(loss):
             raise InherccError(f"the loss became {float(loss)} at step {self.state.step + 1}; lower `distill.lr`")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip:
             torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), cfg.clip)
+        if self.ie is not None:
+            self._ie_gradients()
         self.optimizer.step()
         self.scheduler.step()
         value = float(loss.detach())
         self.state.step += 1
         self.state.losses.append(value)
         return value
+
+    def _ie_gradients(self) -> None:
+        """The IE encoders' gradients averaged over the processes (DDP covers only the student) and clipped."""
+        assert self.ie is not None
+        params = [p for p in self.ie.encoders.parameters() if p.grad is not None]
+        if self.procs.world > 1:
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(self.procs.world)
+        if self.cfg.clip:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
 
     def validate(self) -> dict[str, Any] | None:
         """Fidelity per output pooled over this rank's share of the held-out samples, summed over ranks; the mean
@@ -444,7 +539,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "state": asdict(self.state),
-            },
+            }
+            | ({"ie": self._ie_checkpoint()} if self.ie is not None else {}),
         )
 
     # -- finish --------------------------------------------------------------------------------------------
@@ -495,8 +591,10 @@ class Trainer:
                 {"features": f"{len(self.features)} tensors ({cfg.features}) x {cfg.feature_loss}"}
                 if self.features
                 else {}
-            ),
+            )
+            | ({"ie": f"IE-KD on {self.ie_feature} ({cfg.ie_explore})"} if self.ie is not None else {}),
             "lr": cfg.lr,
+            **({"ie": self.ie.report()} if self.ie is not None else {}),
             "wall_s": round(time.perf_counter() - self.t0, 2),
             "history": state.history,
         }
