@@ -99,13 +99,7 @@ def recipe_with_legacy(recipe: Recipe | None, legacy: Mapping[str, Any]) -> Reci
         DeprecationWarning,
         stacklevel=3,
     )
-    flat = dict(legacy)
-    for key in ("include", "exclude"):
-        if flat.get(key) is None:
-            flat.pop(key, None)
-    if flat.get("rank_multiple") == DEFAULT_RANK_MULTIPLE and not flat.get("latency_aware"):
-        flat.pop("rank_multiple")
-    return Recipe.of(recipe, **{k: v for k, v in flat.items() if not (k == "distill" and v is None)})
+    return Recipe.of(recipe, **legacy)
 
 
 def compress_file(

@@ -198,8 +198,9 @@ class Recipe:
     @classmethod
     def of(cls, base: Recipe | None = None, **flat: Any) -> Recipe:
         """A recipe from flat keywords — the CLI's option names (``ratio``, ``calib_samples``,
-        ``latency_aware``, ``epochs`` …) — over ``base``. Any distillation keyword turns distillation on
-        (``distill=DistillConfig(…)`` gives the whole section)."""
+        ``latency_aware``, ``epochs`` …) — over ``base``. A distillation keyword given a value turns distillation
+        on (None is "not set" there unless ``base`` distils; ``distill=DistillConfig(…)`` gives the whole
+        section)."""
         recipe = base or cls()
         paths = flat_paths()
         unknown = sorted(set(flat) - set(paths) - {"distill"})
@@ -212,6 +213,8 @@ class Recipe:
             head, _, leaf = paths[name].rpartition(".")
             sections.setdefault(head, {})[leaf] = value
         top = sections.pop("", {})
+        if recipe.distill is None and all(v is None for v in sections.get("distill", {}).values()):
+            sections.pop("distill", None)
         for head, values in sections.items():
             current = getattr(recipe, head) or (DistillConfig() if head == "distill" else None)
             top[head] = replace(current, **values)

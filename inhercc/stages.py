@@ -124,8 +124,7 @@ def run_stages(stages: Sequence[Stage], state: CompressState) -> CompressState:
             for note in result.notes:
                 state.say(f"  {note}")
     state.timings["total"] = round(time.perf_counter() - t0, 3)
-    if "time_s" in state.report or state.student is not None:
-        state.report["time_s"] = dict(state.timings)
+    state.report["time_s"] = dict(state.timings)
     return state
 
 

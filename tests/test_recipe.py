@@ -234,3 +234,15 @@ def test_a_plan_given_from_python_is_embedded_and_replays() -> None:
     assert embedded["plan"]["file"]["format"] == "inhercc-plan"
     again = compress(model, Recipe.from_dict(embedded))
     assert same_student(first.model, again.model) and again.plan.factorized() == {"fc1": 16, "fc2": 24}
+
+
+def test_unset_distillation_keywords_do_not_switch_training_on() -> None:
+    """``epochs=None`` (the old API's "no distillation") leaves the recipe without a distillation section; a value
+    switches it on; over a recipe that distils, None is a value like any other."""
+    assert Recipe.of(epochs=None, steps=None).distill is None
+    assert Recipe.of(epochs=None, lr=1e-3).distill == DistillConfig(lr=1e-3)
+    distilling = Recipe.of(epochs=2, device="cpu")
+    assert Recipe.of(distilling, device=None).distill == DistillConfig(epochs=2)
+    with pytest.warns(DeprecationWarning):
+        old = compress(mlp(np.random.default_rng(0)), rank=16, epochs=None, steps=None, include=None, verify=False)
+    assert "training" not in old.report and old.report["recipe"]["distill"] is None

@@ -10,7 +10,7 @@ import click
 from inhercc.cli.common import cli, remember_flags
 from inhercc.cli.options import given, options_of, parsed
 from inhercc.errors import InherccError
-from inhercc.recipe import Recipe
+from inhercc.recipe import DEFAULT_RANK_MULTIPLE, Recipe
 from inhercc.report import format_table, human_count
 
 # the Recipe options inspect shares with compress (declared there once)
@@ -40,7 +40,7 @@ def inspect(ctx: click.Context, model: str, as_json: bool, data: str | None, qui
         include=recipe.select.include or None,
         exclude=recipe.select.exclude or None,
         min_params=recipe.select.min_params,
-        rank_multiple=recipe.plan.rank_multiple or 8,
+        rank_multiple=recipe.plan.rank_multiple or DEFAULT_RANK_MULTIPLE,
         data=data,
         calib_samples=recipe.calibration.samples,
         calib_batch_size=recipe.calibration.batch_size,
