@@ -11,7 +11,10 @@ epochs and data for all, over ``--seeds`` seeds:
 * ``random-init``: the same factor architecture as ``inhernet``, ``--init random`` + KD;
 * ``conventional``: ``MnistResNet(width=w)``, ``w`` matching the budget, from scratch, ``finetune --train all``;
 * ``inhernet-ie`` / ``conventional-ie``: IE-KD (``--ie``) on top of ``inhernet`` / ``conventional``;
-* ``labels-only``: ``conventional`` trained on the labels alone (``alpha`` 1: the KD term has weight 0).
+* ``labels-only``: ``conventional`` trained on the labels alone (``alpha`` 1: the KD term has weight 0);
+* ``conventional-bn``: the same thinner network trained in PyTorch *with* batch norm (the export folds it, so
+  ``finetune`` trains the folded net without it), the same KD + CE objective (:func:`inhercc.losses.kd_loss`),
+  training samples, optimizer, schedule, epochs and batch size — the baseline a PyTorch user would train.
 
 Scored on the 10,000 real test labels in ONNX Runtime; params, FLOPs per image and CPU latency (batch 1,
 interleaved against the teacher, :func:`inhercc.bench.bench`). Mean ± std over seeds.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -40,17 +44,20 @@ import numpy as np
 from onnx import ModelProto
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = (
+VARIANTS = (  # in the order they run: the claim's baselines first, the slowest variant (heads) last
     "inhernet",
-    "inhernet-h3",
-    "random-init",
+    "conventional-bn",
     "conventional",
+    "random-init",
+    "labels-only",
     "inhernet-ie",
     "conventional-ie",
-    "labels-only",
+    "inhernet-h3",
 )
 INHERITED = {"inhernet": {}, "inhernet-h3": {"heads": 3}, "random-init": {"init": "random"}, "inhernet-ie": {}}
 CONVENTIONAL = {"conventional": {}, "conventional-ie": {"ie": True}, "labels-only": {"alpha": 1.0}}
+RECIPE_SETTINGS = ("epochs", "low_epochs", "full_images", "lr", "batch_size", "temperature", "alpha", "patience")
+TORCH_TRAINED = ("conventional-bn",)  # trained outside inhercc (same objective and schedule), same width
 REGIMES = {"full": None, "low": 1000}  # training images (None: all 60,000)
 LOW_SEED = 1234  # which 1,000 images make the low-data regime: the same for every variant and seed
 
@@ -66,11 +73,11 @@ class Settings:
     budgets: tuple[float, ...] = (0.10, 0.03)
     regimes: tuple[str, ...] = ("full", "low")
     variants: tuple[str, ...] = VARIANTS
-    lr: float = 5e-4
+    lr: float = 3e-3
     batch_size: int = 64
     temperature: float = 4.0
     alpha: float = 0.3
-    patience: int | None = 3
+    patience: int | None = 0  # never: 10 % of 1,000 images is too few to stop on (every variant alike)
     rank_multiple: int = 1
     threads: int = 1
     bench_repeat: int = 200
@@ -116,6 +123,8 @@ def match_ratio(
     linearly): bracketed false position (a bisection step when one end stalls), from ratio 0 (≈ no parameters)
     and 1 (≈ the teacher's). Returns the closest ``{"ratio", "params", "plan"}`` seen; stops within ``tol``.
     ``kw``: recipe keywords, and ``grams`` (:func:`calibration_grams`)."""
+    from inhercc.errors import InherccError
+
     lo, hi = (0.0, 0.0), (1.0, float(onnx_params(teacher)))
     best: dict[str, Any] | None = None
     last_side = ""
@@ -123,7 +132,11 @@ def match_ratio(
         mid = lo[0] + (target - lo[1]) * (hi[0] - lo[0]) / max(hi[1] - lo[1], 1e-9)
         if not lo[0] < mid < hi[0] or last_side.endswith("lolo") or last_side.endswith("hihi"):
             mid = (lo[0] + hi[0]) / 2
-        params, plan = compressed_params(teacher, data, mid, **kw)
+        try:
+            params, plan = compressed_params(teacher, data, mid, **kw)
+        except InherccError:  # below the smallest plan (rank 1 everywhere): raise the low end
+            lo, last_side = (mid, lo[1]), last_side + "lolo"
+            continue
         if best is None or abs(params - target) < abs(best["params"] - target):
             best = {"ratio": mid, "params": params, "plan": plan}
         if abs(params - target) <= tol * target:
@@ -264,6 +277,59 @@ def conventional_student(
         return distill(str(path), teacher, str(data), config=cfg).model
 
 
+def teacher_logits(teacher: ModelProto, images: np.ndarray, threads: int) -> np.ndarray:
+    """The teacher's logits for ``images`` (ONNX Runtime, batches of 1,000)."""
+    from inhercc.runtime import make_session
+
+    sess = make_session(teacher, ["CPUExecutionProvider"], threads=threads)
+    name = input_name(teacher)
+    return np.concatenate([sess.run(None, {name: images[i : i + 1000]})[0] for i in range(0, len(images), 1000)])
+
+
+def torch_bn_student(
+    teacher: ModelProto, data: Path, budget: Budget, s: Settings, seed: int, build: Callable[[int], Any],
+    export: Callable[[Any, Path], Path], regime: str = "full",
+) -> ModelProto:  # fmt: skip
+    """``conventional-bn``: ``build(width)`` trained in PyTorch with its batch norms, on the samples distillation
+    trains on (the same validation split held out), with the same objective, AdamW, warm-up + cosine schedule,
+    clipping, epochs and batch size as :func:`distill_config`; then exported (batch norm folded)."""
+    import onnx
+    import torch
+    import torch.nn.functional as F
+
+    from inhercc.data import split_indices
+    from inhercc.distill.config import CNN_LR
+    from inhercc.distill.trainer import lr_schedule
+    from inhercc.losses import kd_loss
+
+    cfg = distill_config(s, seed, regime)
+    with np.load(data) as z:
+        x, y = z[input_name(teacher)], z["_labels"]
+    keep, _ = split_indices(len(x), cfg.val_split, cfg.seed)
+    x, y = x[keep], y[keep]
+    zt = torch.from_numpy(teacher_logits(teacher, x, s.threads))
+    torch.manual_seed(seed)
+    model = build(budget.width)
+    lr = CNN_LR if cfg.lr is None else cfg.lr  # what distillation resolves for this CNN
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    per_epoch = -(-len(x) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(per_epoch * int(cfg.epochs or 1), cfg.warmup))
+    rng = np.random.default_rng(seed)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    model.train()
+    for _ in range(int(cfg.epochs or 1)):
+        for b in np.array_split(rng.permutation(len(x)), per_epoch):
+            out = model(xs[b])
+            loss = (1 - cfg.alpha) * kd_loss(out, zt[b], cfg.temperature) + cfg.alpha * F.cross_entropy(out, ys[b])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
+            opt.step()
+            sched.step()
+    with tempfile.TemporaryDirectory() as tmp:
+        return onnx.load(str(export(model.eval(), Path(tmp) / "student.onnx")))
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
@@ -294,7 +360,11 @@ def plan_budgets(
         target = fraction * total
         kw = {"rank_multiple": s.rank_multiple, "threads": s.threads, "grams": grams}
         plans = {h: match_ratio(teacher, target, str(data), heads=h, **kw) for h in heads}
-        width = conventional_width(plans[1]["params"], build, export) if set(variants) & set(CONVENTIONAL) else 0
+        width = (
+            conventional_width(plans[1]["params"], build, export)
+            if set(variants) & {*CONVENTIONAL, *TORCH_TRAINED}
+            else 0
+        )
         width_params = 0
         if width:
             with tempfile.TemporaryDirectory() as tmp:
@@ -307,8 +377,10 @@ def plan_budgets(
     return out
 
 
-def run(s: Settings) -> dict[str, Any]:
-    """The whole benchmark: per regime and budget, every variant over the seeds, then latency per architecture."""
+def run(s: Settings, out: Path | None = None) -> dict[str, Any]:
+    """The whole benchmark: per regime and budget, every variant over the seeds; each architecture's latency timed
+    interleaved against the teacher when it first appears. With ``out``, the results so far are saved there
+    after every variant (``inherit.json`` / ``.md``), so a run cut short still leaves its finished rows."""
     import onnx
     import torch
 
@@ -317,63 +389,117 @@ def run(s: Settings) -> dict[str, Any]:
     torch.set_num_threads(s.threads)
     teacher_path, teacher_acc_torch = cached_mnist_teacher()
     teacher = onnx.load(str(teacher_path))
-    name = input_name(teacher)
     x, y = load_mnist("train")
     xt, yt = load_mnist("test")
-    teacher_acc = accuracy(teacher, xt, yt, s.threads)
     low_idx = np.sort(np.random.default_rng(LOW_SEED).choice(len(x), REGIMES["low"], replace=False))
-    results: dict[str, Any] = {
+    results = start_results(s, teacher, teacher_path, teacher_acc_torch, low_idx, xt, yt)
+    keep = Path(tempfile.mkdtemp(prefix="bench_inherit_"))
+    ctx = {"teacher": teacher, "teacher_path": teacher_path, "xt": xt, "yt": yt, "keep": keep, "s": s}
+    for regime in s.regimes:
+        idx = low_idx if regime == "low" else np.random.default_rng(LOW_SEED).permutation(len(x))[: s.full_images]
+        data = write_npz(keep / f"{regime}.npz", input_name(teacher), x[idx], y[idx])
+        entries = results["regimes"].setdefault(regime, {"train_images": int(len(idx)), "entries": []})["entries"]
+        for b in plan_budgets(teacher, data, s, s.variants, MnistResNet, export):
+            for v in s.variants:
+                entries.append(run_variant(ctx, results, regime, data, b, v, x[idx[:1000]]))
+                if out is not None:
+                    save(finish(results, s, teacher_acc_torch), out, quiet=True)
+    shutil.rmtree(keep, ignore_errors=True)
+    return finish(results, s, teacher_acc_torch)
+
+
+def start_results(
+    s: Settings, teacher: ModelProto, teacher_path: Path, torch_acc: float, low_idx: np.ndarray, xt: Any, yt: Any
+) -> dict[str, Any]:
+    """The results' header: the teacher scored in ONNX Runtime, the settings, which images make the low regime."""
+    acc = accuracy(teacher, xt, yt, s.threads)
+    print(f"teacher: {onnx_params(teacher):,} params, test accuracy {acc:.4f}", flush=True)
+    return {
         "teacher": {
-            "path": str(teacher_path), "params": onnx_params(teacher), "accuracy": teacher_acc,
-            "flops": flops(teacher, name, xt.shape[1:]),
+            "path": str(teacher_path), "params": onnx_params(teacher), "accuracy": acc,
+            "flops": flops(teacher, input_name(teacher), xt.shape[1:]), "torch_accuracy": torch_acc,
         },
         "settings": asdict(s),
         "low_regime_indices_sha256": hashlib.sha256(low_idx.tobytes()).hexdigest(),
         "regimes": {},
+        "latency": {},
     }  # fmt: skip
-    print(f"teacher: {results['teacher']['params']:,} params, test accuracy {teacher_acc:.4f}", flush=True)
-    keep = Path(tempfile.mkdtemp(prefix="bench_inherit_"))
-    paths: dict[str, Path] = {}
-    for regime in s.regimes:
-        idx = low_idx if regime == "low" else np.random.default_rng(LOW_SEED).permutation(len(x))[: s.full_images]
-        data = write_npz(keep / f"{regime}.npz", name, x[idx], y[idx])
-        budgets = plan_budgets(teacher, data, s, s.variants, MnistResNet, export)
-        bn_images = x[idx[:1000]]
-        entries = []
-        for b in budgets:
-            for v in s.variants:
-                accs, models, t0 = [], [], time.perf_counter()
-                for seed in range(s.seeds):
-                    if v in INHERITED:
-                        m = inherited_student(teacher, data, b, v, s, seed, regime)
-                    else:
-                        m = conventional_student(teacher, data, b, v, s, seed, MnistResNet, export, regime, bn_images)
-                    accs.append(accuracy(m, xt, yt, s.threads))
-                    models.append(m)
-                    print(f"{regime} {b.fraction:.0%} {v} seed {seed}: {accs[-1]:.4f}", flush=True)
-                arch = f"{b.fraction:g}-" + ("h3" if v == "inhernet-h3" else "inh" if v in INHERITED else "conv")
-                if arch not in paths:
-                    paths[arch] = keep / f"{arch}.onnx"
-                    onnx.save(models[0], str(paths[arch]))
-                mean, std = mean_std(accs)
-                entries.append({
-                    "budget": b.fraction, "variant": v, "accuracies": accs, "mean": mean, "std": std,
-                    "params": onnx_params(models[0]), "flops": flops(models[0], name, xt.shape[1:]), "arch": arch,
-                    "ratio": b.plans[3 if v == "inhernet-h3" else 1]["ratio"] if v in INHERITED else None,
-                    "width": b.width if v in CONVENTIONAL else None, "time_s": round(time.perf_counter() - t0, 1),
-                })  # fmt: skip
-        results["regimes"][regime] = {"train_images": int(len(idx)), "entries": entries}
-    lat = latency(paths, teacher_path, s)  # one architecture per budget and kind, from the first regime
-    shutil.rmtree(keep, ignore_errors=True)
-    results["latency"] = lat
-    results["teacher"]["latency_ms"] = lat["teacher"]["median_ms"]
+
+
+def run_variant(
+    ctx: dict[str, Any], results: dict[str, Any], regime: str, data: Path, b: Budget, v: str, bn_images: np.ndarray
+) -> dict[str, Any]:
+    """One variant over the seeds: its entry (accuracies, mean ± std, params, FLOPs); its architecture's latency
+    timed against the teacher the first time it appears."""
+    import onnx
+
+    from benchmarks.mnist import MnistResNet, export
+
+    teacher, s, xt, yt = ctx["teacher"], ctx["s"], ctx["xt"], ctx["yt"]
+    accs, models, t0 = [], [], time.perf_counter()
+    for seed in range(s.seeds):
+        if v in INHERITED:
+            m = inherited_student(teacher, data, b, v, s, seed, regime)
+        elif v in TORCH_TRAINED:
+            m = torch_bn_student(teacher, data, b, s, seed, MnistResNet, export, regime)
+        else:
+            m = conventional_student(teacher, data, b, v, s, seed, MnistResNet, export, regime, bn_images)
+        accs.append(accuracy(m, xt, yt, s.threads))
+        models.append(m)
+        print(f"{regime} {b.fraction:.0%} {v} seed {seed}: {accs[-1]:.4f}", flush=True)
+    arch = f"{b.fraction:g}-" + ("h3" if v == "inhernet-h3" else "inh" if v in INHERITED else "conv")
+    if arch not in results["latency"]:
+        path = ctx["keep"] / f"{arch}.onnx"
+        onnx.save(models[0], str(path))
+        lat = latency({arch: path}, ctx["teacher_path"], s)
+        results["latency"][arch] = {"median_ms": lat[arch]["median_ms"], "teacher_ms": lat["teacher"]["median_ms"]}
+    mean, std = mean_std(accs)
+    return {
+        "budget": b.fraction, "variant": v, "accuracies": accs, "mean": mean, "std": std,
+        "params": onnx_params(models[0]), "flops": flops(models[0], input_name(teacher), xt.shape[1:]), "arch": arch,
+        "ratio": b.plans[3 if v == "inhernet-h3" else 1]["ratio"] if v in INHERITED else None,
+        "width": None if v in INHERITED else b.width, "time_s": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+
+
+def finish(results: dict[str, Any], s: Settings, torch_acc: float) -> dict[str, Any]:
+    """The teacher's latency (median of its interleaved runs) and the machine, added to ``results``."""
+    import torch
+
+    teacher_ms = [v["teacher_ms"] for v in results["latency"].values()]
+    results["teacher"]["latency_ms"] = float(np.median(teacher_ms)) if teacher_ms else None
     results["machine"] = {
         "cpus": os.cpu_count(), "threads": s.threads, "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(), "torch": torch.__version__,
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
     }  # fmt: skip
-    results["teacher"]["torch_accuracy"] = teacher_acc_torch
     return results
+
+
+def merge(paths: Sequence[Path]) -> dict[str, Any]:
+    """Several runs' results (e.g. one per budget, run side by side) as one: their entries per regime and their
+    latencies together; the first run's header. Runs must share the training recipe (they may differ in budgets,
+    variants and seeds: each row says its number of seeds)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out = runs[0]
+    for r in runs[1:]:
+        a, b = ({k: x["settings"][k] for k in RECIPE_SETTINGS} for x in (out, r))
+        if a != b:
+            raise SystemExit(f"cannot merge runs with different settings: {sorted(k for k in a if a[k] != b[k])}")
+        for regime, body in r["regimes"].items():
+            out["regimes"].setdefault(regime, {**body, "entries": []})["entries"] += body["entries"]
+        out["latency"].update(r["latency"])
+        out["settings"]["budgets"] = sorted({*out["settings"]["budgets"], *r["settings"]["budgets"]}, reverse=True)
+        out["settings"]["seeds"] = max(out["settings"]["seeds"], r["settings"]["seeds"])
+        out["settings"]["variants"] = [
+            v for v in VARIANTS if v in {*out["settings"]["variants"], *r["settings"]["variants"]}
+        ]
+        out["time_s"] = max(out.get("time_s") or 0, r.get("time_s") or 0)
+    teacher_ms = [v["teacher_ms"] for v in out["latency"].values()]
+    out["teacher"]["latency_ms"] = float(np.median(teacher_ms))
+    for body in out["regimes"].values():
+        body["entries"].sort(key=lambda e: (-e["budget"], VARIANTS.index(e["variant"])))
+    return out
 
 
 def rows(results: dict[str, Any]) -> list[list[Any]]:
@@ -383,20 +509,22 @@ def rows(results: dict[str, Any]) -> list[list[Any]]:
     lat, t = results["latency"], results["teacher"]
     out = []
     for regime, r in results["regimes"].items():
-        out.append([f"teacher ({regime})", "", f"{100 * t['accuracy']:.2f}", human_count(t["params"]),
-                    human_count(t["flops"]), f"{t['latency_ms']:.3f}", ""])  # fmt: skip
+        out.append([f"teacher ({regime})", "", f"{100 * t['accuracy']:.2f}", "", human_count(t["params"]),
+                    human_count(t["flops"]), f"{t['latency_ms']:.3f}" if t.get("latency_ms") else "", ""])  # fmt: skip
         for e in r["entries"]:
             ms = lat.get(e["arch"], {}).get("median_ms")
+            t_ms = lat.get(e["arch"], {}).get("teacher_ms")
             shape = f"ratio {e['ratio']:.4f}" if e["ratio"] is not None else f"width {e['width']}"
             out.append([
                 f"{e['variant']} ({regime}, {e['budget']:.0%})", shape,
-                f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f}", human_count(e["params"]), human_count(e["flops"]),
-                f"{ms:.3f}" if ms is not None else "", f"{t['latency_ms'] / ms:.2f}×" if ms else "",
+                f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f}", len(e["accuracies"]), human_count(e["params"]),
+                human_count(e["flops"]),
+                f"{ms:.3f}" if ms is not None else "", f"{t_ms / ms:.2f}×" if ms and t_ms else "",
             ])  # fmt: skip
     return out
 
 
-HEADERS = ["student", "shape", "test acc % (mean ± std)", "params", "FLOPs", "latency ms", "speedup"]
+HEADERS = ["student", "shape", "test acc % (mean ± std)", "seeds", "params", "FLOPs", "latency ms", "speedup"]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -413,14 +541,17 @@ def markdown(results: dict[str, Any]) -> str:
         + f". Seeds {s['seeds']}, epochs {s['epochs']} (low regime {s['low_epochs'] or s['epochs']}), lr {s['lr']},"
         f" batch {s['batch_size']}, T {s['temperature']},"
         f" α (CE weight) {s['alpha']}, patience {s['patience']}, rank multiple {s['rank_multiple']}, val split 0.1,"
-        f" threads {s['threads']}. Latency: batch 1, CPU, {s['bench_repeat']} interleaved rounds against the teacher.",
+        f" threads {s['threads']}. Latency: batch 1, CPU, {s['bench_repeat']} rounds interleaved with the teacher"
+        " (one run per architecture; speedup: the teacher's median in that run over the student's).",
         "",
         format_markdown(HEADERS, rows(results)),
         "",
         "Variants: `inhernet` compress (whitened SVD, InherNet split) + KD + CE; `inhernet-h3` 3 gated heads; "
         "`random-init` the same factor shapes, random init; `conventional` a thinner MnistResNet from scratch "
         "(batch-norm statistics of the random net measured on 1,000 training images, then folded by the export), "
-        "all weights distilled; `*-ie` with IE-KD; `labels-only` the conventional student on CE alone (α = 1).",
+        "all weights distilled; `*-ie` with IE-KD; `labels-only` the conventional student on CE alone (α = 1); "
+        "`conventional-bn` the same thinner net trained in PyTorch with its batch norms (same objective, samples, "
+        "optimizer, schedule and epochs), then exported.",
         "",
     ]
     m = results["machine"]
@@ -456,13 +587,15 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def save(results: dict[str, Any], out_dir: Path) -> None:
+def save(results: dict[str, Any], out_dir: Path, quiet: bool = False) -> None:
     from inhercc.files import write_json, write_text_atomic
     from inhercc.report import format_table
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "inherit.json", results)
     write_text_atomic(out_dir / "inherit.md", markdown(results))
+    if quiet:
+        return
     print(format_table(HEADERS, rows(results)))
     try:
         plot(results, out_dir / "inherit.png")
@@ -490,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--bench-repeat", type=int, default=d.bench_repeat)
     ap.add_argument("--reduced", default="", help="say in the results' header that this run is reduced, and how")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--merge", type=Path, nargs="+", help="combine these runs' inherit.json into one table")
     a = ap.parse_args(argv)
     s = Settings(
         seeds=a.seeds, epochs=a.epochs, low_epochs=a.low_epochs, full_images=a.full_images,
@@ -497,8 +631,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         lr=a.lr, batch_size=a.batch_size, temperature=a.temperature, alpha=a.alpha, patience=a.patience,
         rank_multiple=a.rank_multiple, threads=a.threads, bench_repeat=a.bench_repeat, reduced=a.reduced,
     )  # fmt: skip
+    if a.merge:
+        save(merge(a.merge), a.out)
+        return
     t0 = time.perf_counter()
-    results = run(s)
+    results = run(s, a.out)
     results["time_s"] = round(time.perf_counter() - t0, 1)
     save(results, a.out)
 

@@ -16,6 +16,7 @@ from inhercc.model import load_model, save_model
 from inhercc.pipeline import CompressResult, compress, compress_file, inspect_model
 from inhercc.plan import RankPlan
 from inhercc.recipe import Recipe
+from inhercc.reskd import ResKDOptions, reskd_file  # (reskd(): from inhercc.reskd; the name is the package)
 
 __all__ = [
     "CompressResult",
@@ -24,6 +25,7 @@ __all__ = [
     "Layer",
     "RankPlan",
     "Recipe",
+    "ResKDOptions",
     "__version__",
     "compress",
     "compress_file",
@@ -31,5 +33,6 @@ __all__ = [
     "find_layers",
     "inspect_model",
     "load_model",
+    "reskd_file",
     "save_model",
 ]

@@ -325,17 +325,10 @@ class Subject:
 
 def fp16_copy(model: ModelProto) -> ModelProto:
     """A float16 copy (initializers and compute; inputs/outputs stay float32, ops without fp16 kernels are
-    blocked) by ``onnxruntime.transformers.float16``, which ships in the onnxruntime wheel."""
-    try:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-    except ImportError as e:
-        raise InherccError(f"`fp16` needs onnxruntime.transformers.float16 ({e})") from e
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return convert_float_to_float16(model, keep_io_types=True)
-        except Exception as e:
-            raise InherccError(f"cannot convert the model to float16: {str(e).strip().splitlines()[0]}") from e
+    blocked): :func:`inhercc.precision.to_float16` with its default block list."""
+    from inhercc.precision import to_float16
+
+    return to_float16(model)
 
 
 def labels_for(paths: Sequence[str | os.PathLike[str]]) -> list[str]:

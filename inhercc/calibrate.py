@@ -68,7 +68,13 @@ class _Tap:
         return family_for(self.op).calibration_rows(value, self.geom, mask)
 
     def add(self, value: np.ndarray, mask: np.ndarray | None, teacher: np.ndarray | None = None) -> None:
-        """Queue a batch's rows; multiply once enough rows are queued (big products run faster)."""
+        """Queue a batch's rows; multiply once enough rows are queued (big products run faster). One-hot rows
+        (an embedding's ids) are counted instead: their Gram is diagonal."""
+        family = family_for(self.op)
+        if family.diagonal_gram:
+            self.gram = family.count_rows(self.gram, value, self.geom, mask)
+            self.rows = int(self.gram.sum())
+            return
         student_blocks = self.blocks(value, mask)
         teacher_blocks = self.blocks(teacher, mask) if teacher is not None else None
         for block in student_blocks:
@@ -201,7 +207,7 @@ def trimmed_parts(
 
 
 def _taps(model: ModelProto, layers: Sequence[Layer]) -> list[_Tap]:
-    """The exposed tensors for ``layers`` (the first input of each node), in topological order."""
+    """The exposed tensors for ``layers`` (the input each weight multiplies), in topological order."""
     nodes = {n.name: n for n in model.graph.node}
     producer = {out: i for i, n in enumerate(model.graph.node) for out in n.output}
     taps: dict[tuple, _Tap] = {}
@@ -209,10 +215,11 @@ def _taps(model: ModelProto, layers: Sequence[Layer]) -> list[_Tap]:
         node = nodes.get(layer.name)
         if node is None or not node.input or layer.op not in FAMILIES:
             continue
-        geom = family_for(layer.op).calibration_geometry(node, layer)
-        key = (node.input[0], geom)
+        family = family_for(layer.op)
+        geom, tensor = family.calibration_geometry(node, layer), node.input[family.activation_input]
+        key = (tensor, geom)
         if key not in taps:
-            taps[key] = _Tap(node.input[0], layer.op, geom, [], producer.get(node.input[0], -1))
+            taps[key] = _Tap(tensor, layer.op, geom, [], producer.get(tensor, -1))
         taps[key].layers.append(layer.name)
     return sorted(taps.values(), key=lambda t: t.position)
 
@@ -477,7 +484,8 @@ def sequential_factors(
     """
     from inhercc import linalg
 
-    planned = [layer for layer in layers if ranks.get(layer.name)]
+    # an embedding's ids are the teacher's own: nothing to compensate (the factorizer's counts serve it)
+    planned = [layer for layer in layers if ranks.get(layer.name) and not family_for(layer.op).diagonal_gram]
     by_name = {layer.name: layer for layer in planned}
     runner = _Runner(model, feeds, samples, batch_size, source)
     plan_stages = stages(model, _taps(model, planned))

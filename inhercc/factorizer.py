@@ -12,7 +12,7 @@ import numpy as np
 
 from inhercc import linalg
 from inhercc.errors import InherccError
-from inhercc.families import Layer
+from inhercc.families import Layer, family_for
 
 INITS = ("svd", "whitened", "random")
 
@@ -57,7 +57,7 @@ class Factorizer:
 
     def _decompose(self, layer: Layer) -> linalg.SVD | linalg.WhitenedSVD:
         if self.init == "whitened" and self.grams is not None and layer.name in self.grams:
-            return linalg.whitened_svd(layer.matrix(), self.grams[layer.name])
+            return family_for(layer.op).decompose(layer, self.grams[layer.name])
         return linalg.svd(layer.matrix())
 
     def __call__(self, layer: Layer, rank: int) -> tuple[np.ndarray, np.ndarray]:

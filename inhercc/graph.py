@@ -55,14 +55,16 @@ def node_flops(node: NodeProto, shapes: dict[str, list[Dim]]) -> tuple[int, tupl
                 return None
             dims = [1] + list(x[2:]) + [w[1] * node_attr(node, "group", 1)]
             per_output = w[0] // node_attr(node, "group", 1) if isinstance(w[0], int) else 1
-            return _count(dims, int(np.prod(w[2:])) * per_output)
+            return product_flops(dims, int(np.prod(w[2:])) * per_output)
     else:
         return None
     per_sample = out[1:] if len(out) >= 2 else out
-    return _count(list(per_sample), k)
+    return product_flops(list(per_sample), k)
 
 
-def _count(dims: list[Dim], k: Dim) -> tuple[int, tuple[str, ...]]:
+def product_flops(dims: list[Dim], k: Dim) -> tuple[int, tuple[str, ...]]:
+    """``2·k·Π dims`` (the FLOPs of a product with output ``dims`` and inner size ``k``; unknown dims count as 1)
+    and the names of the symbolic dims among them."""
     symbolic = tuple(
         "unnamed" if str(d).startswith("unk__") or d is None else str(d)
         for d in list(dims) + [k]

@@ -68,7 +68,7 @@ def layer_input_shapes(
         node = nodes.get(layer.name)
         if node is None:
             continue
-        dims = known.get(node.input[0])
+        dims = known.get(node.input[family_for(layer.op).activation_input])
         if dims and all(isinstance(d, int) and d > 0 for d in dims):
             out[layer.name] = [int(d) for d in dims]
     return out
@@ -127,7 +127,7 @@ class OrtLayerTimer:
             return self._dense[key], self._chain[(*key, rank)]
         dense, chain = micro_models(self.model, layer, rank, input_shape, self.seed)
         rng = np.random.default_rng(self.seed)
-        x = rng.standard_normal(list(input_shape)).astype(layer.weight_dtype)
+        x = family_for(layer.op).micro_feed(layer, input_shape, rng)
         feeds = {dense.graph.input[0].name: x}
         runners = [BoundRunner(self._session(m), feeds, self.device, None) for m in (dense, chain)]
         t_dense, t_chain = time_interleaved(runners, warmup=self.warmup, repeat=self.repeat)

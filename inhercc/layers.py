@@ -1,4 +1,5 @@
-"""Find the compressible layers of a model: MatMul / Gemm / Conv nodes with constant weights.
+"""Find the compressible layers of a model: MatMul / Gemm / Conv nodes with constant weights (and, when asked,
+embedding tables: Gather on a constant 2-D table).
 
 Every candidate becomes a :class:`Layer`; those that cannot be compressed keep a human-readable
 ``reason`` (shown by ``inhercc inspect`` and in reports), in the spirit of onnxscript's rewriter
@@ -39,6 +40,7 @@ def find_layers(
     load_weights: bool = True,
     allow_nonfinite: bool = True,
     heads: int = 1,
+    embeddings: bool = False,
 ) -> list[Layer]:
     """Every node of a registered op family (MatMul/Gemm/Conv), in graph order — the main graph's, then those
     inside If / Loop / Scan bodies at any depth (``Layer.subgraph`` says where) — as a :class:`Layer`;
@@ -47,7 +49,8 @@ def find_layers(
     weight shared with other nodes, NaN / Inf in the weight), prefixed by the subgraph it lives in.
     ``include`` / ``exclude`` patterns are searched in the node name and in ``<subgraph>/<node name>``. A
     NaN / Inf in a weight that would be factorized is an error unless ``allow_nonfinite`` (then the layer
-    stays dense). ``heads``: the output heads of every chain (the saving check counts them and their gate)."""
+    stays dense). ``heads``: the output heads of every chain (the saving check counts them and their gate).
+    ``embeddings``: embedding tables (Gather on a constant 2-D table) are candidates too."""
     scopes = graph_scopes(model)
     shapes = tensor_shapes(model)
     uses = Counter(name for scope in scopes for node in scope.graph.node for name in node.input)
@@ -58,6 +61,8 @@ def find_layers(
     for scope in scopes:
         for node in scope.graph.node:
             if node.op_type not in FAMILIES or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+                continue
+            if FAMILIES[node.op_type].optional and not embeddings:
                 continue
             layer = _find_layer(node, scope, lookup, shapes, checks, min_saving, load_weights, allow_nonfinite)
             if layer is not None:
@@ -109,10 +114,13 @@ def _find_layer(
     allow_nonfinite: bool,
 ) -> Layer | None:
     """The layer of one node (None for a MatMul of two activations)."""
-    w_name = node.input[1]
+    family = family_for(node.op_type)
+    w_name = node.input[family.weight_input]
     init = lookup(w_name, scope)
+    if family.optional and init is not None and lookup(node.input[family.activation_input], scope) is not None:
+        return None  # a lookup of constant ids (ONNX Runtime folds it): not a layer
     if init is None:
-        if not family_for(node.op_type).computed_weight_is_layer:
+        if not family.computed_weight_is_layer:
             return None  # MatMul of activation × activation (attention scores): not a weight-carrying layer
         layer = Layer(node.name, node.op_type, w_name, tuple(_int_dims(shapes.get(w_name))), np.dtype(np.float32))
         layer.reason = "weight is not a constant (computed at run time)"

@@ -209,7 +209,7 @@ def constants_to_initializers(model: ModelProto) -> int:
     moved = 0
     existing = {i.name for i in graph.initializer}
     for node in graph.node:
-        tensor = _constant_tensor(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        tensor = constant_tensor(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
         if tensor is None or node.output[0] in existing:
             keep.append(node)
             continue
@@ -342,7 +342,7 @@ def weight_constant(node: onnx.NodeProto) -> TensorProto | None:
     """The tensor of a Constant node that holds a weight (:func:`is_weight`), else None."""
     if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
         return None
-    t = _constant_tensor(node)
+    t = constant_tensor(node)
     return t if t is not None and is_weight(t) else None
 
 
@@ -351,7 +351,9 @@ def static_reads(graph: GraphProto) -> set[str]:
     return {n.input[p] for n in graph.node for p in STATIC_FLOAT_INPUTS.get(n.op_type, ()) if p < len(n.input)} - {""}
 
 
-def _constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
+def constant_tensor(node: onnx.NodeProto) -> TensorProto | None:
+    """A copy of a Constant node's value as a tensor (``value`` or ``value_float(s)`` / ``value_int(s)``), else
+    None."""
     for attr in node.attribute:
         if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
             t = TensorProto()
@@ -506,7 +508,9 @@ def save_model(model: ModelProto, path: str | os.PathLike[str], *, external_data
         raise InherccError(f"cannot write {path}: {e.strerror or e}") from e
     return path
 
+
 def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when empty): library errors stay one line."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 

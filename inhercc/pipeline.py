@@ -157,14 +157,18 @@ def inspect_model(
     calib_batch_size: int = DEFAULT_CALIB_BATCH_SIZE,
     progress: bool = False,
     shapes: Mapping[str, list[int]] | None = None,
+    embeddings: bool = False,
 ) -> dict[str, Any]:
     """Per-layer table (name, op, weight shape, params, FLOPs, the ranks keeping 90 % / 99 % of the
     spectral energy — of the weights, or of the layer outputs when ``grams`` are given or calibrated on
     the first ``calib_samples`` of ``data`` — and the reason for every layer that cannot be compressed)
     with totals. FLOPs are per sample at ``shapes``, else at the data's shapes, else at sizes chosen for the
-    dynamic dims (:func:`inhercc.data.default_shapes`, said in one warning)."""
+    dynamic dims (:func:`inhercc.data.default_shapes`, said in one warning). ``embeddings``: embedding tables
+    are candidates too."""
     m = as_model(model)
-    layers = find_layers(m, include=include, exclude=exclude, min_params=min_params, rank_multiple=rank_multiple)
+    layers = find_layers(
+        m, include=include, exclude=exclude, min_params=min_params, rank_multiple=rank_multiple, embeddings=embeddings
+    )
     feeds = all_parts(open_samples(data, m)) if data is not None else []
     if feeds and grams is None:
         from inhercc.calibrate import collect_grams

@@ -39,6 +39,8 @@ from inhercc.options import (
     to_dict,
     unit_interval,
 )
+from inhercc.precision import PRECISIONS, check_precision
+from inhercc.quantize import QUANTIZE_MODES
 from inhercc.verify import output_kinds_option
 
 ALLOCATIONS = ("greedy", "uniform", "sensitivity")
@@ -56,7 +58,7 @@ def _below_1(value: float | None) -> str | None:
 
 @dataclass(frozen=True)
 class SelectOptions:
-    """Which MatMul / Gemm / Conv nodes are candidates (the find-layers stage)."""
+    """Which MatMul / Gemm / Conv (and, when asked, embedding) nodes are candidates (the find-layers stage)."""
 
     include: tuple[str, ...] = option((), metavar="REGEX", help="Only layers whose node name matches (repeatable).")
     exclude: tuple[str, ...] = option((), metavar="REGEX", help="Skip layers whose node name matches (repeatable).")
@@ -66,6 +68,11 @@ class SelectOptions:
     )
     allow_nonfinite: bool = option(
         False, help="Leave layers whose weight holds NaN / Inf dense instead of refusing the model."
+    )
+    embeddings: bool = option(
+        False,
+        help="Embedding tables (Gather on a constant 2-D table) are candidates too: factorized as a rank-r table and "
+        "a MatMul r→d (ALBERT), weighted by the token counts of --data.",
     )
 
     def __post_init__(self) -> None:  # one regex given as a string (from Python or a recipe file)
@@ -172,6 +179,47 @@ class VerifyOptions:
 
 
 @dataclass(frozen=True)
+class FusionOptions:
+    """ONNX Runtime's transformer optimizer and sibling packing (the optimize stage, after distillation)."""
+
+    optimize: bool = option(
+        False,
+        help="Run ONNX Runtime's transformer optimizer (BERT fusions) on the student; the layers its attention "
+        "fusion needs single in the teacher (Q, K, V, output projection) stay dense, so the student keeps them.",
+    )
+    attention_heads: int = option(0, check=non_negative, help="Heads for --optimize (0: read from the graph).")
+    hidden_size: int = option(0, check=non_negative, help="Hidden size for --optimize (0: read from the graph).")
+    pack: bool = option(
+        False,
+        name="pack_siblings",
+        help="Pack the input factors of factorized MatMuls that read one input (Q/K/V, gate/up) into one MatMul "
+        "and a Split: the same products, fewer kernels.",
+    )
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What the written student is stored as, after factorization and distillation (the quantize and precision
+    stages): INT8 through ONNX Runtime's quantizer, or float16 through its converter."""
+
+    quantize: str | None = option(
+        None,
+        choices=QUANTIZE_MODES,
+        help="Quantize the student with ONNX Runtime: int8 (dynamic, weights int8) or int8-static (QDQ, "
+        "activations calibrated on --data). With --epochs/--steps the student is distilled through the same "
+        "quantization, fake-quantized (weights and activations).",
+    )
+    per_channel: bool = option(True, help="INT8 weights with one scale per output channel (else per tensor).")
+    precision: str = option(
+        "fp32",
+        name="student_precision",
+        choices=PRECISIONS,
+        check=check_precision,
+        help="Store the student in fp16 (Softmax / normalizations kept fp32; for GPUs). bf16: not available.",
+    )
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Every option of a compress run. ``distill`` None: no fine-tuning after the rewrite."""
 
@@ -181,6 +229,8 @@ class Recipe:
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     latency: LatencyOptions = field(default_factory=LatencyOptions)
     verify: VerifyOptions = field(default_factory=VerifyOptions)
+    fusion: FusionOptions = field(default_factory=FusionOptions)
+    quantization: QuantizeOptions = field(default_factory=QuantizeOptions)
     seed: int = option(0, help="Random init, synthetic inputs, the hold-out split and shuffling.")
     threads: int | None = option(
         None, check=positive, help="torch / ONNX Runtime threads (also latency timing).", default_text="theirs"
@@ -241,7 +291,14 @@ class Recipe:
             plan = replace(plan, allocation="sensitivity" if sensitive else "greedy")
         distill = self.distill
         if distill is not None:
-            distill = replace(distill, seed=self.seed, threads=self.threads, output_kinds=dict(self.output_kinds))
+            distill = replace(
+                distill,
+                seed=self.seed,
+                threads=self.threads,
+                output_kinds=dict(self.output_kinds),
+                fake_quant=self.quantization.quantize,
+                fake_quant_per_channel=self.quantization.per_channel,
+            )
         out = replace(self, plan=plan, factors=factors, distill=distill)
         out.check_context(has_data)
         return out
@@ -255,6 +312,8 @@ class Recipe:
             raise InherccError(f"choose one of `plan.ratio`, `plan.rank`, `plan.energy`, `plan.file` (got {names})")
         if self.distill is not None:
             self.distill.check()
+        if self.quantization.quantize is not None and self.quantization.precision != "fp32":
+            raise InherccError("choose one of `quantization.quantize`, `quantization.precision` fp16 (got both)")
 
     def check_context(self, has_data: bool) -> None:
         """The resolved choices against the context: what needs calibration data has it."""
@@ -263,6 +322,8 @@ class Recipe:
             raise InherccError("`factors.init` whitened needs calibration data (`data`)")
         if self.calibration.sequential and (not has_data or init != "whitened"):
             raise InherccError("`calibration.sequential` needs calibration data (`data`) and `factors.init` whitened")
+        if self.quantization.quantize == "int8-static" and not has_data:
+            raise InherccError("`quantization.quantize` int8-static calibrates activations: it needs calibration data")
         if needs_ratio and self.plan.allocation == "sensitivity":
             if not has_data:
                 raise InherccError("`plan.allocation` sensitivity needs calibration data (`data`)")
@@ -334,4 +395,3 @@ def loads(text: str, path: str | os.PathLike[str]) -> Any:
     except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
         kind = "YAML" if str(path).lower().endswith((".yaml", ".yml")) else "JSON"
         raise InherccError(f"recipe {path} is not valid {kind}: {' '.join(str(e).split())}") from None
-

@@ -1,9 +1,10 @@
 """The compress stages as passes: each ``stage(state) -> StageResult(state, modified, notes)``.
 
 :data:`STAGES` is the default list — load, find layers, calibrate, measure sensitivity, plan, latency-aware
-re-planning, sequential fitting, rewrite, distil, verify, report — and :func:`run_stages` the runner: it
-times every stage that did something (the report's ``time_s``) and says each stage's notes on the log, so the
-stages themselves only work. A custom list (a stage dropped, one added) runs the same way from Python::
+re-planning, sequential fitting, rewrite, distil, optimize, quantize, precision, verify, report — and
+:func:`run_stages` the runner: it times every stage that did something (the report's ``time_s``) and says each
+stage's notes on the log, so the stages themselves only work. A custom list (a stage dropped, one added) runs the
+same way from Python::
 
     state = open_state("teacher.onnx", Recipe.of(ratio=0.3), data="calib.npz")
     state = run_stages([*STAGES[:5], my_stage, *STAGES[5:]], state)
@@ -44,9 +45,13 @@ from inhercc.factorizer import Factorizer
 from inhercc.files import path_or_none
 from inhercc.layers import FAMILIES, SUBGRAPH_NOTE, FactorSource, Layer, family_for, find_layers, tensor_shapes
 from inhercc.model import as_model, drop_inferred_shapes, float_param_count, has_value_info, model_bytes
+from inhercc.optimize import fused_counts, keep_teacher_fusions, optimize_transformer
 from inhercc.passes import rewrite as rewrite_graph
 from inhercc.passes import rewrite_ranks
+from inhercc.passes.pack_siblings import pack_siblings
 from inhercc.plan import RankPlan, apply_plan, plan_energy, plan_proportional, plan_ratio, plan_uniform
+from inhercc.precision import convert_precision
+from inhercc.quantize import equalize_factor_pairs, quantize_model, quantized_node_counts
 from inhercc.recipe import Recipe
 from inhercc.runtime import check_provider, model_fixed_batch
 from inhercc.verify import graph_output_kinds, score_models
@@ -81,6 +86,8 @@ class CompressState:
     plan: RankPlan | None = None
     factors: FactorSource | None = None
     student: ModelProto | None = None
+    fp32_student: ModelProto | None = None  # the student before the quantize / precision stages converted it
+    equalized: int | None = None  # factor pairs equalized for quantization (before distillation when it trains)
     report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -197,7 +204,11 @@ def find(state: CompressState) -> StageResult:
         min_saving=select.min_saving,
         allow_nonfinite=select.allow_nonfinite,
         heads=state.recipe.factors.heads,
+        embeddings=select.embeddings,
     )
+    fusion = state.recipe.fusion
+    if fusion.optimize:  # what ONNX Runtime fuses into attention in the teacher stays dense: the student keeps it
+        state.report["optimize"] = keep_teacher_fusions(model, layers, fusion.attention_heads, fusion.hidden_size)
     if not any(layer.compressible for layer in layers):
         none = "no MatMul/Gemm/Conv with a constant weight"
         found = f"{len(layers)} candidate(s), none compressible" if layers else none
@@ -395,6 +406,9 @@ def distil(state: CompressState) -> StageResult:
     if config is None:
         return unchanged(state)
     assert state.student is not None
+    # trained through the quantized bottlenecks: equalized first, so the fake quantization meets the ranges ORT will
+    if state.recipe.quantization.quantize is not None:
+        state.student, state.equalized = equalize_student(state)
     tuned = run_distill(state.student, state.teacher, state.samples, config=config, shapes=state.recipe.shapes)
     state.student = tuned.model
     state.report.update(tuned.report)
@@ -410,13 +424,91 @@ def distil(state: CompressState) -> StageResult:
     return StageResult(state, True, ["the student distilled from the teacher"])
 
 
-def verify(state: CompressState) -> StageResult:
-    """Teacher against student in ONNX Runtime on the held-out samples, else on synthetic inputs (after
-    distillation its own validation split has scored the student)."""
-    recipe = state.recipe
-    if not recipe.verify.enabled or recipe.training():
+def optimize(state: CompressState) -> StageResult:
+    """Sibling input factors packed into one MatMul (:func:`inhercc.passes.pack_siblings.pack_siblings`), then
+    ONNX Runtime's transformer optimizer on the student (:func:`inhercc.optimize.optimize_transformer`); the fused
+    nodes of both models in the report (``optimize``)."""
+    fusion, notes = state.recipe.fusion, []
+    if not fusion.optimize and not fusion.pack:
         return unchanged(state)
     assert state.student is not None
+    if fusion.pack:
+        if state.recipe.quantization.quantize is not None and state.equalized is None:
+            # equalized while each pair is still a MatMul → MatMul chain: a packed input factor feeds a Split
+            state.student, state.equalized = equalize_student(state)
+        packed = pack_siblings(state.student)  # in place, as passes are: the stage's own student
+        state.student, notes = packed.model, notes + packed.notes
+    if fusion.optimize:
+        state.student = optimize_transformer(state.student, fusion.attention_heads, fusion.hidden_size)
+        record = state.report.setdefault("optimize", {})
+        record["student"] = fused_counts(state.student)
+        teacher, student = record.get("teacher", {}), record["student"]
+        notes.append(f"fused: teacher {teacher or 'none'}, student {student or 'none'}")
+    return StageResult(state, True, notes)
+
+
+def quantize(state: CompressState) -> StageResult:
+    """The student quantized to INT8 by ONNX Runtime (:func:`inhercc.quantize.quantize_model`): dynamic, or static
+    QDQ with activation ranges calibrated on the calibration samples, after its factor pairs are equalized across
+    their bottlenecks (:func:`inhercc.quantize.equalize_factor_pairs`); the fp32 student kept for the check."""
+    options, calibration = state.recipe.quantization, state.recipe.calibration
+    if options.quantize is None:
+        return unchanged(state)
+    assert state.student is not None
+    before = state.fp32_student = state.fp32_student or state.student
+    equalized, pairs = (state.student, state.equalized) if state.equalized is not None else equalize_student(state)
+    state.student = quantize_model(
+        equalized,
+        options.quantize,
+        per_channel=options.per_channel,
+        calibration=state.calibration,
+        samples=calibration.samples,
+        batch_size=calibration.batch_size,
+    )
+    nodes = quantized_node_counts(state.student)
+    size = {"fp32": model_bytes(before), "quantized": model_bytes(state.student)}
+    state.report["quantization"] = {
+        "mode": options.quantize,
+        "per_channel": options.per_channel,
+        "equalized_pairs": pairs,
+        "nodes": nodes,
+        "size": size,
+    }
+    counts = ", ".join(f"{n} {op}" for op, n in nodes.items())
+    return StageResult(state, True, [f"{options.quantize}: {counts}; {size['fp32']:,} → {size['quantized']:,} bytes"])
+
+
+def equalize_student(state: CompressState) -> tuple[ModelProto, int]:
+    """The student's factor pairs equalized across their bottlenecks (:func:`inhercc.quantize.equalize_factor_pairs`,
+    the function unchanged) on the calibration samples when there are any, and how many pairs."""
+    assert state.student is not None
+    options = state.recipe.calibration
+    return equalize_factor_pairs(state.student, state.calibration, options.samples, options.batch_size)
+
+
+def precision(state: CompressState) -> StageResult:
+    """The student stored in float16 (:func:`inhercc.precision.convert_precision`: sensitive ops kept float32);
+    the fp32 student kept for the check."""
+    chosen = state.recipe.quantization.precision
+    if chosen == "fp32":
+        return unchanged(state)
+    assert state.student is not None
+    state.fp32_student = state.fp32_student or state.student
+    state.student = convert_precision(state.student, chosen)
+    state.report["precision"] = chosen
+    return StageResult(state, True, [f"the student stored in {chosen}"])
+
+
+def verify(state: CompressState) -> StageResult:
+    """Teacher against student in ONNX Runtime on the held-out samples, else on synthetic inputs (after
+    distillation its own validation split has scored the student). A student the quantize / precision stages
+    converted is scored as written, beside the fp32 student before them (``fidelity_fp32``)."""
+    recipe = state.recipe
+    if not recipe.verify.enabled or (recipe.training() and state.fp32_student is None):
+        return unchanged(state)
+    assert state.student is not None
+    if recipe.training():
+        return verify_converted_training(state)
     feeds = state.held_out
     if not feeds:
         n = recipe.verify.samples
@@ -427,7 +519,36 @@ def verify(state: CompressState) -> StageResult:
     scores = score_models(state.teacher, state.student, feeds, source=source, output_kinds=recipe.output_kinds)
     state.report.update(scores.report())
     state.report["fidelity_inputs"] = "data" if state.held_out else "synthetic"
+    if state.fp32_student is not None:
+        state.report.update(score_fp32(state, feeds, source, "fidelity_fp32"))
     return StageResult(state, True, [f"teacher and student compared in ONNX Runtime on {source}"])
+
+
+def verify_converted_training(state: CompressState) -> StageResult:
+    """After distillation and a conversion: the written student scored on distillation's evaluation samples (its
+    ``fidelity``; the fp32 student's becomes ``fidelity_fp32``), and on ``verify_data`` when given."""
+    assert state.samples is not None and state.recipe.distill is not None
+    recipe, samples = state.recipe, state.samples
+    train_idx, val_idx = split_indices(len(samples), recipe.distill.val_split, recipe.seed)
+    feeds = model_inputs(state.teacher, calibration_parts(samples, val_idx if len(val_idx) else train_idx))
+    source = "the validation split"
+    state.report["fidelity_fp32"] = state.report.get("fidelity")
+    kinds = recipe.output_kinds
+    state.report.update(score_models(state.teacher, state.student, feeds, source=source, output_kinds=kinds).report())
+    if state.held_out:
+        state.report["fidelity_verify_data_fp32"] = state.report.get("fidelity_verify_data")
+        scores = score_models(
+            state.teacher, state.student, state.held_out, source=state.verify_source, output_kinds=recipe.output_kinds
+        )
+        state.report.update(scores.report("fidelity_verify_data"))
+    return StageResult(state, True, [f"the converted student compared in ONNX Runtime on {source}"])
+
+
+def score_fp32(state: CompressState, feeds: list[Feed], source: str, key: str) -> dict[str, Any]:
+    """The fp32 student's fidelity (before the quantize / precision stages) as ``{key: metrics}``."""
+    assert state.fp32_student is not None
+    kinds = state.recipe.output_kinds
+    return {key: score_models(state.teacher, state.fp32_student, feeds, source=source, output_kinds=kinds).fidelity()}
 
 
 def report(state: CompressState) -> StageResult:
@@ -436,7 +557,9 @@ def report(state: CompressState) -> StageResult:
     assert state.student is not None and state.plan is not None
     largest = largest_part(state.held_out, state.teacher)
     shapes = state.work_shapes or sample_shapes(largest, state.teacher)
-    base = build_report(state.teacher, state.student, state.layers, state.plan, shapes)
+    # a quantized student's weights are int8 and its products MatMulInteger: params and FLOPs are the fp32 one's
+    counted = state.fp32_student or state.student
+    base = build_report(state.teacher, counted, state.layers, state.plan, shapes, written=state.student)
     base["init"] = state.recipe.factors.init
     base["shapes"] = state.report_shapes
     base["recipe"] = state.recipe.to_dict()
@@ -460,6 +583,9 @@ STAGES: tuple[Stage, ...] = (
     sequential,
     rewrite,
     distil,
+    optimize,
+    quantize,
+    precision,
     verify,
     report,
 )
@@ -572,8 +698,10 @@ def build_report(
     layers: list[Layer],
     plan: RankPlan,
     shapes: Mapping[str, list[int]] | None = None,
+    written: ModelProto | None = None,
 ) -> dict[str, Any]:
-    """Params / FLOPs / size of both models and the per-layer table."""
+    """Params / FLOPs / size of both models and the per-layer table; ``written``: the file's model when it is
+    not ``student`` (a quantized one: its size, ``student``'s params and FLOPs)."""
     ft, sym = fixed_shape_flops(teacher, shapes)
     fs, _ = fixed_shape_flops(student, shapes)
     flops_at = layer_flops(teacher, shapes)
@@ -581,7 +709,7 @@ def build_report(
     return {
         "params": {"teacher": float_param_count(teacher), "student": float_param_count(student)},
         "flops": {"teacher": int(ft), "student": int(fs), "symbolic_dims_counted_as_1": list(sym)},
-        "size": {"teacher": model_bytes(teacher), "student": model_bytes(student)},
+        "size": {"teacher": model_bytes(teacher), "student": model_bytes(written or student)},
         "plan": plan.method,
         "layers": rows,
     }

@@ -19,6 +19,7 @@ from inhercc.passes.base import (
     run_passes,
 )
 from inhercc.passes.factorize_conv import ConvFamily, FactorizeConv
+from inhercc.passes.factorize_gather import FactorizeGather, GatherFamily
 from inhercc.passes.factorize_gemm import FactorizeGemm, GemmFamily
 from inhercc.passes.factorize_matmul import FactorizeMatMul, MatMulFamily
 
@@ -29,9 +30,11 @@ __all__ = [
     "ConvFamily",
     "FactorSource",
     "FactorizeConv",
+    "FactorizeGather",
     "FactorizeGemm",
     "FactorizeMatMul",
     "FactorizePass",
+    "GatherFamily",
     "GemmFamily",
     "MatMulFamily",
     "OpFamily",
@@ -44,6 +47,6 @@ __all__ = [
 
 
 def rewrite(model: ModelProto, plan: RankPlan, layers: list[Layer], factors: FactorSource) -> ModelProto:
-    """Apply the factorization passes of every registered family (MatMul, Gemm, Conv) for the planned ranks to
-    a copy of ``model`` (:func:`rewrite_ranks` also says what each pass did)."""
+    """Apply the factorization passes of every registered family (MatMul, Gemm, Conv, Gather) for the planned ranks
+    to a copy of ``model`` (:func:`rewrite_ranks` also says what each pass did)."""
     return rewrite_ranks(model, plan.factorized(), layers, factors).model

@@ -63,6 +63,10 @@ class OpFamily:
     order: int = 100  # the rewrite runs the families' passes in this order
     pooled_gate: bool = False  # True: the heads' gate reads the globally pooled bottleneck (one per sample)
     computed_weight_is_layer: bool = True  # False: a node whose weight is computed at run time is no layer
+    weight_input: int = 1  # which node input is the weight
+    activation_input: int = 0  # which node input the weight multiplies (calibration taps it)
+    optional: bool = False  # True: a candidate only when asked for (embedding tables: `select.embeddings`)
+    diagonal_gram: bool = False  # True: the input is one-hot ids, its Gram kept as row counts (count_rows)
 
     def describe(self, node: NodeProto, layer: Layer, shapes: Mapping[str, list[Dim]]) -> None:
         """Fill the layer's geometry (features, groups, kernel, transposed, scale, bias) from its node."""
@@ -90,6 +94,16 @@ class OpFamily:
         m = matrix[0] / layer.scale
         return m.T if layer.transposed else m
 
+    def decompose(self, layer: Layer, gram: np.ndarray) -> linalg.SVD | linalg.WhitenedSVD:
+        """The output-optimal decomposition of the layer's weight under its input Gram (a whitened SVD)."""
+        return linalg.whitened_svd(layer.matrix(), gram)
+
+    def count_rows(
+        self, counts: np.ndarray | None, ids: np.ndarray, geometry: Hashable | None, mask: np.ndarray | None
+    ) -> np.ndarray:
+        """For a ``diagonal_gram`` family: ``counts`` plus the rows ``ids`` selects."""
+        raise NotImplementedError
+
     def calibration_geometry(self, node: NodeProto, layer: Layer) -> Hashable | None:
         """What, beside the input tensor, decides the calibration rows (layers sharing both share a Gram)."""
         return None
@@ -111,6 +125,10 @@ class OpFamily:
     ) -> tuple[list[NodeProto], list[onnx.TensorProto]]:
         """The nodes replacing ``node`` (the teacher's output name kept) and their factor initializers."""
         raise NotImplementedError
+
+    def micro_feed(self, layer: Layer, input_shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+        """A random input of ``input_shape`` for the micro-models (normal values in the weight's dtype)."""
+        return rng.standard_normal(list(input_shape)).astype(layer.weight_dtype)
 
     def micro_model(
         self, model: ModelProto, node: NodeProto, layer: Layer, rank: int, input_shape: Sequence[int], seed: int = 0

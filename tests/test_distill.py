@@ -95,13 +95,18 @@ def digits_teacher(x: np.ndarray, y: np.ndarray, norm: bool = False) -> onnx.Mod
     return model
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory) -> SimpleNamespace:
+def digits_xy() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8×8 digits as float32 in [0, 1] ``[n, 64]`` and int64 labels (the teacher's data)."""
     from sklearn.datasets import load_digits
 
-    d = tmp_path_factory.mktemp("digits")
     x, y = load_digits(return_X_y=True)
-    x, y = (x / 16.0).astype(np.float32), y.astype(np.int64)
+    return (x / 16.0).astype(np.float32), y.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> SimpleNamespace:
+    d = tmp_path_factory.mktemp("digits")
+    x, y = digits_xy()
     teacher = digits_teacher(x, y)
     student = compress(teacher, Recipe.of(rank=8, init="svd", verify=False)).model
     onnx.save(teacher, str(d / "teacher.onnx"))

@@ -108,10 +108,10 @@ def test_l2_normalize_per_sample() -> None:
     x = torch.tensor([[[3.0, 4.0]], [[0.0, 0.0]]])  # [2, 1, 2]: the second sample all zeros
     n = l2_normalize(x)
     assert n.shape == (2, 2)
-    assert torch.allclose(n[0], torch.tensor([0.6, 0.8]))
+    assert torch.allclose(n[0], torch.tensor([0.6, 0.8]) * 2**0.5)  # norm √D: unit RMS
     assert torch.equal(n[1], torch.zeros(2))  # finite, not NaN
     y = torch.randn(3, 4, 2, 2)
-    assert torch.allclose(l2_normalize(y).norm(dim=1), torch.ones(3))
+    assert torch.allclose(l2_normalize(y).pow(2).mean(dim=1), torch.ones(3))  # unit RMS whatever D
     assert torch.allclose(l2_normalize(5.0 * y), l2_normalize(y))  # scale-free
 
 
@@ -119,9 +119,9 @@ def test_ie_terms_exact_values() -> None:
     t = torch.tensor([[3.0, 4.0], [1.0, 0.0]])  # n: [0.6, 0.8], [1, 0]
     i = torch.tensor([[4.0, 3.0], [2.0, 0.0]])  # n: [0.8, 0.6], [1, 0]
     e = torch.tensor([[1.0, 0.0], [0.0, -5.0]])  # n: [1, 0], [0, -1]
-    inh, exp = ie_terms(t, i, e, "l1")
-    assert inh.item() == pytest.approx((0.2 + 0.2 + 0 + 0) / 4)
-    assert exp.item() == pytest.approx((0.4 + 0.8 + 1.0 + 1.0) / 4)
+    inh, exp = ie_terms(t, i, e, "l1")  # n() scales unit vectors by √D = √2
+    assert inh.item() == pytest.approx(2**0.5 * (0.2 + 0.2 + 0 + 0) / 4)
+    assert exp.item() == pytest.approx(2**0.5 * (0.4 + 0.8 + 1.0 + 1.0) / 4)
     inh_c, exp_c = ie_terms(t, i, e, "cos")
     assert inh_c.item() == pytest.approx(inh.item())  # the inheritance term is the same in both forms
     assert exp_c.item() == pytest.approx((0.6 + 0.0) / 2)  # mean |cos(φ_T, φ_E)|
@@ -134,10 +134,11 @@ def test_ie_loss_sign_and_weights() -> None:
     i = torch.tensor([[4.0, 3.0]])
     e = torch.tensor([[1.0, 0.0]])
     total, parts = ie_loss(t, i, e, inherit_weight=2.0, explore_weight=0.5, explore_form="l1")
-    assert parts == pytest.approx({"ie_inherit": 0.2, "ie_explore": 0.6})
-    assert total.item() == pytest.approx(2.0 * 0.2 - 0.5 * 0.6)  # exploration pushes away: subtracted
+    r2 = 2**0.5  # n() has unit RMS: unit vectors scaled by √D
+    assert parts == pytest.approx({"ie_inherit": 0.2 * r2, "ie_explore": 0.6 * r2})
+    assert total.item() == pytest.approx(r2 * (2.0 * 0.2 - 0.5 * 0.6))  # exploration pushes away: subtracted
     total, parts = ie_loss(t, i, e, inherit_weight=1.0, explore_weight=1.0, explore_form="cos")
-    assert total.item() == pytest.approx(0.2 + 0.6)  # |cos| pushes toward orthogonal: added
+    assert total.item() == pytest.approx(0.2 * r2 + 0.6)  # |cos| pushes toward orthogonal: added
 
 
 def test_split_half_and_random() -> None:

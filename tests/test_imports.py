@@ -40,8 +40,15 @@ LAYERS: dict[str, int] = {
     "inhercc.report": 3,
     "inhercc.bench": 3,
     "inhercc.latency": 3,
+    "inhercc.quantize": 3,  # INT8 through onnxruntime.quantization (and what it quantizes, for fake quantization)
+    "inhercc.precision": 3,  # fp16 through onnxruntime.transformers.float16 (bench's fp16 copies too)
+    "inhercc.optimize": 3,  # ONNX Runtime's transformer optimizer; the layers its fusions need dense
     "inhercc.distill.*": 4,  # config, processes, features, teacher, checkpoint, trainer, run
     "inhercc.recipe": 4,  # composes the stages' options (DistillConfig among them)
+    "inhercc.reskd.cascade": 3,  # the merged ONNX cascade: model / specs only
+    "inhercc.reskd.calibrate": 3,  # numpy only
+    "inhercc.reskd.options": 4,  # composes DistillConfig
+    "inhercc.reskd.*": 5,  # training rounds: compress and distil
     "inhercc.stages": 5,
     "inhercc.pipeline": 5,
     "inhercc.cli.*": 6,  # a package of thin commands

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 
-from inhercc.cli import bench, compress, finetune, inspect  # noqa: F401  (importing registers the commands)
+from inhercc.cli import bench, compress, finetune, inspect, reskd  # noqa: F401  (importing registers the commands)
 from inhercc.cli.common import cli, terminate
 from inhercc.cli.show import summary_table, training_line
 

@@ -37,8 +37,12 @@ CALIBRATION_NAMES = ("calib_samples", "calib_batch_size")
     "held out from calibration when --data has at least twice as many, else all of --data, calibration samples "
     "included (with a warning); with --epochs/--steps: the validation split, and --verify-data besides].",
 )
-@click.option("--recipe", "recipe_path", type=PATH, help="Run this recipe (YAML / JSON, or a --report); options given "
-              "besides override it.")
+@click.option(
+    "--recipe",
+    "recipe_path",
+    type=PATH,
+    help="Run this recipe (YAML / JSON, or a --report); options given besides override it.",
+)
 @click.option("--save-recipe", type=PATH, help="Write the resolved recipe (YAML for .yaml/.yml, else JSON).")
 @click.option("--save-plan", type=PATH, help="Write the plan as JSON.")
 @click.option("--report", type=PATH, help="Write a JSON report (it embeds the resolved recipe).")

@@ -14,7 +14,16 @@ from inhercc.recipe import DEFAULT_RANK_MULTIPLE, Recipe
 from inhercc.report import format_table, human_count
 
 # the Recipe options inspect shares with compress (declared there once)
-SHARED = ("include", "exclude", "min_params", "rank_multiple", "calib_samples", "calib_batch_size", "shapes")
+SHARED = (
+    "include",
+    "exclude",
+    "embeddings",
+    "min_params",
+    "rank_multiple",
+    "calib_samples",
+    "calib_batch_size",
+    "shapes",
+)
 
 
 @cli.command()
@@ -46,6 +55,7 @@ def inspect(ctx: click.Context, model: str, as_json: bool, data: str | None, qui
         calib_batch_size=recipe.calibration.batch_size,
         progress=not quiet and not as_json,
         shapes=recipe.shapes,
+        embeddings=recipe.select.embeddings,
     )
     if as_json:
         click.echo(json.dumps(info, indent=2))

@@ -34,6 +34,21 @@ def summary_table(rep: dict[str, Any]) -> str:
     for name, fid in rep.get("fidelity_verify_data", {}).items():
         scores = ", ".join(f"{metric} {value:.4f}" for metric, value in fid.items())
         out += f"\n{name} on --verify-data after distillation: {scores}"
+    return out + conversion_lines(rep)
+
+
+def conversion_lines(rep: dict[str, Any]) -> str:
+    """The fp32 student's fidelity when the written one was quantized or stored in fp16 (the table shows the
+    written student's)."""
+    mode = rep.get("quantization", {}).get("mode")
+    if not mode and not rep.get("precision"):
+        return ""
+    step = f"{mode} quantization" if mode else f"{rep['precision']} conversion"
+    out = ""
+    for key, where in (("fidelity_fp32", ""), ("fidelity_verify_data_fp32", " on --verify-data")):
+        for name, fid in (rep.get(key) or {}).items():
+            scores = ", ".join(f"{metric} {value:.4f}" for metric, value in fid.items())
+            out += f"\n{name}{where}, the fp32 student before {step}: {scores}"
     return out
 
 

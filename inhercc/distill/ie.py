@@ -8,10 +8,11 @@ trainable encoder of the same architecture (``φ_I``, ``φ_E``). The loss added 
     w_inh · mean|n(φ_T) − n(φ_I)|  −  w_exp · mean|n(φ_T) − n(φ_E)|          (``explore="l1"``)
     w_inh · mean|n(φ_T) − n(φ_I)|  +  w_exp · mean_samples |cos(φ_T, φ_E)|   (``explore="cos"``)
 
-with ``n()`` the per-sample L2 normalization of the flattened factor and the means over every element (the
-L1 form) or every sample (the cosine form). The first form pushes the exploration factor away from the
-teacher's (bounded: each normalized difference is at most 2/√D per element on average), the second toward
-orthogonal. The encoders exist only in training: the exported student is unchanged.
+with ``n()`` the per-sample L2 normalization of the flattened factor, scaled by √D so each normalized factor
+has unit RMS (plain unit norm makes the terms shrink as 1/√D: about 0.02 on a 32×7×7 factor, invisible beside
+KD, so weights of 1 did nothing), and the means over every element (the L1 form) or every sample (the cosine
+form). The first form pushes the exploration factor away from the teacher's (bounded: at most 2 per element
+on average), the second toward orthogonal. The encoders exist only in training: the exported student is unchanged.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ _FIELD = "`distill.ie_feature`"
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """``n(x)``: each sample flattened (``[batch, D]``) and scaled to unit L2 norm (an all-zero sample stays 0)."""
-    return F.normalize(x.float().reshape(x.shape[0], -1), p=2, dim=1, eps=1e-12)
+    """``n(x)``: each sample flattened (``[batch, D]``) and scaled to L2 norm √D, i.e. unit RMS (an all-zero
+    sample stays 0), so the IE terms do not shrink with the factor's size."""
+    flat = x.float().reshape(x.shape[0], -1)
+    return F.normalize(flat, p=2, dim=1, eps=1e-12) * flat.shape[1] ** 0.5
 
 
 def ie_terms(
@@ -51,7 +54,7 @@ def ie_terms(
     (``form="l1"``) or ``mean over samples of |cos(φ_T, φ_E)|`` (``form="cos"``), both unweighted."""
     nt, ni, ne = l2_normalize(teacher), l2_normalize(inherit), l2_normalize(explore)
     inh = (nt - ni).abs().mean()
-    exp = (nt * ne).sum(1).abs().mean() if form == "cos" else (nt - ne).abs().mean()
+    exp = (nt * ne).mean(1).abs().mean() if form == "cos" else (nt - ne).abs().mean()
     return inh, exp
 
 

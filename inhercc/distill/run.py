@@ -16,7 +16,7 @@ import torch
 from onnx import ModelProto
 
 from inhercc.data import Samples, open_samples, split_indices
-from inhercc.distill.config import DistillConfig, DistillResult, fixed_batch_config
+from inhercc.distill.config import DistillConfig, DistillResult, fixed_batch_config, resolved_lr
 from inhercc.distill.features import check_pair
 from inhercc.distill.processes import init_processes, is_main_process, resolve_device
 from inhercc.distill.trainer import Trainer
@@ -89,7 +89,7 @@ def distill(
     check_pair(student_model, teacher_model, _files(student, teacher))
     graph_output_kinds(teacher_model, cfg.output_kinds)  # unknown outputs or kinds: an error before any work
     fixed = model_fixed_batch(teacher_model)
-    cfg = fixed_batch_config(cfg, fixed)
+    cfg = resolved_lr(fixed_batch_config(cfg, fixed), student_model)
     if data is None and fixed:
         samples = fixed_batch_synthetic(teacher_model, shapes, cfg.synthetic_samples, fixed, cfg.seed)
     else:

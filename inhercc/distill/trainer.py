@@ -56,7 +56,7 @@ def _as_torch(feeds: Feed, model: ModelProto, device: torch.device) -> dict[str,
     return {k: from_numpy(v).to(device) for k, v in cast_feeds(feeds, model).items()}
 
 
-def _schedule(total: int, warmup: float) -> Callable[[int], float]:
+def lr_schedule(total: int, warmup: float) -> Callable[[int], float]:
     """Linear warm-up over ``warmup·total`` steps, then cosine decay to zero."""
     w = int(round(warmup * total))
 
@@ -144,6 +144,8 @@ class Trainer:
         self.state = TrainState()
         self.best_params: dict[str, torch.Tensor] | None = None
         self.ie: IEKD | None = None
+        self.fake_quant_activations: dict[str, Any] = {}  # static quantization-aware distillation: tensor -> range
+        self.fake_quant_weights: dict[str, Any] = {}  # … and initializer -> how ORT's QDQ model stores it
         self.resumed_from: int | None = None
         self.report: dict[str, Any] = {}
 
@@ -186,15 +188,70 @@ class Trainer:
         self.exposed = self.features + [f for f in [self.ie_feature] if f is not None and f not in self.features]
         self.mask_name = mask_input(self.student_model)  # padding: out of the feature and token-level output losses
         names = select_trainable(self.student_model, cfg.train)
+        # static fake quantization calibrates activation ranges on the ONNX student: rebalanced there first
+        early = cfg.rebalance and cfg.fake_quant == "int8-static"
+        self.rebalanced = self._rebalance_student(names) if early else 0
         torch.manual_seed(cfg.seed)
-        self.module = OnnxModule(self.student_model, extra_outputs=self.exposed).to(self.device)
+        self.module = OnnxModule(self._training_graph(), extra_outputs=self.exposed).to(self.device)
         self.module.set_trainable(names)
         params = self.module.onnx_parameters()
         self.trainable = {n: params[n] for n in names if n in params}
         if len(self.trainable) != len(names):
             missing = sorted(set(names) - set(self.trainable))
             raise InherccError(f"the torch module holds no parameter for {', '.join(missing[:5])}")
-        self.rebalanced = rebalance_factors(params, self.trainable) if cfg.rebalance else 0
+        if cfg.rebalance and not early:
+            self.rebalanced = rebalance_factors(params, self.trainable)
+        self.fake_quantized = self._fake_quantize() if cfg.fake_quant else []
+
+    def _rebalance_student(self, names: list[str]) -> int:
+        """:func:`rebalance_factors` on the ONNX student's initializers (a copy; the function unchanged)."""
+        from onnx import numpy_helper
+
+        inits = {t.name: t for t in self.student_model.graph.initializer if t.name in set(names)}
+        tensors = {n: torch.nn.Parameter(torch.from_numpy(numpy_helper.to_array(t).copy())) for n, t in inits.items()}
+        done = rebalance_factors(tensors, tensors)
+        model = ModelProto()
+        model.CopyFrom(self.student_model)
+        for t in model.graph.initializer:
+            if t.name in tensors:
+                t.CopyFrom(numpy_helper.from_array(tensors[t.name].detach().numpy(), t.name))
+        self.student_model = model
+        return done
+
+    def _training_graph(self) -> ModelProto:
+        """The graph the torch module runs: the student's, and for quantization-aware distillation with the
+        activations ONNX Runtime quantizes read through their fake quantization: at each batch's range (dynamic),
+        or at the ranges ORT calibrates on (up to 256 of) the training samples (static)."""
+        from inhercc.quantize import activation_ranges, dynamic_activations, qdq_weights, quantize_model
+        from inhercc.torchrt.fakequant import with_activation_fake_quant
+
+        cfg = self.cfg
+        if cfg.fake_quant == "int8":  # activations at each batch's range, like DynamicQuantizeLinear
+            dynamic = dynamic_activations(self.student_model, cfg.fake_quant_per_channel)
+            self.fake_quant_activations = dict.fromkeys(dynamic)
+            return with_activation_fake_quant(self.student_model, self.fake_quant_activations)
+        if cfg.fake_quant != "int8-static":
+            return self.student_model
+        parts = [feeds for _, feeds in self.samples.batches(self.train_idx[:256], 256)]
+        qdq = quantize_model(
+            self.student_model, "int8-static", per_channel=cfg.fake_quant_per_channel, calibration=parts
+        )
+        self.fake_quant_activations = activation_ranges(qdq)
+        self.fake_quant_weights = qdq_weights(qdq)  # exactly what ORT stores, biases of Add included
+        return with_activation_fake_quant(self.student_model, self.fake_quant_activations)
+
+    def _fake_quantize(self) -> list[str]:
+        """Quantization-aware distillation: the weights ONNX Runtime will quantize read through their int8 round
+        trip in every forward (training and validation), so the kept weights are those best once quantized."""
+        from inhercc.quantize import quantized_weights
+        from inhercc.torchrt.fakequant import fake_quantize_weights
+
+        cfg = self.cfg
+        assert cfg.fake_quant is not None
+        weights = self.fake_quant_weights or quantized_weights(
+            self.student_model, cfg.fake_quant, cfg.fake_quant_per_channel
+        )
+        return fake_quantize_weights(self.module, weights)
 
     def _build_teacher(self) -> None:
         """The teacher (on the student's device when ONNX Runtime can use it) and the step counts."""
@@ -296,7 +353,7 @@ class Trainer:
         if self.ie is not None:  # the IE encoders train alongside, without decay
             groups = [{"params": groups}, {"params": list(self.ie.encoders.parameters()), "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(self.total, cfg.warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(self.total, cfg.warmup))
 
     def _fidelity_before(self) -> None:
         """Fidelity before training, in ONNX Runtime on the held-out samples (rank 0; the training ones without)."""
@@ -551,6 +608,10 @@ class Trainer:
             with torch.no_grad():
                 for name, p in self.trainable.items():
                     p.copy_(self.best_params[name].to(p.device, p.dtype))
+        if self.fake_quantized:
+            from inhercc.torchrt.fakequant import remove_fake_quant
+
+            remove_fake_quant(self.module)  # the float weights are written; ONNX Runtime quantizes them
         trained = self.module.write_back(self.student_model)
         if self.procs.main:
             self.report.update(self._onnx_fidelity(trained).report())
@@ -576,6 +637,13 @@ class Trainer:
             "world_size": self.procs.world,
             "device": str(self.device),
             "precision": cfg.precision,
+            "fake_quant": {
+                "mode": cfg.fake_quant,
+                "weights": len(self.fake_quantized),
+                "activations": len(self.fake_quant_activations),
+            }
+            if cfg.fake_quant
+            else None,
             "teacher_provider": teacher.provider,
             "teacher_cached": teacher.caching,
             "teacher_prefetched": self.prefetch,
