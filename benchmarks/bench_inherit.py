@@ -497,8 +497,13 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
         out["time_s"] = max(out.get("time_s") or 0, r.get("time_s") or 0)
     teacher_ms = [v["teacher_ms"] for v in out["latency"].values()]
     out["teacher"]["latency_ms"] = float(np.median(teacher_ms))
-    for body in out["regimes"].values():
-        body["entries"].sort(key=lambda e: (-e["budget"], VARIANTS.index(e["variant"])))
+    for body in out["regimes"].values():  # a variant run twice at a budget: the run with more seeds stands
+        best: dict[tuple[float, str], dict[str, Any]] = {}
+        for e in body["entries"]:
+            key = (e["budget"], e["variant"])
+            if key not in best or len(e["accuracies"]) > len(best[key]["accuracies"]):
+                best[key] = e
+        body["entries"] = sorted(best.values(), key=lambda e: (-e["budget"], VARIANTS.index(e["variant"])))
     return out
 
 

@@ -12,7 +12,7 @@ Target (issue 16): the adaptive cascade within 0.3 pt of the teacher at ≤ 25 %
 latency falling with the FLOPs; the md says whether it holds.
 
     python -m benchmarks.bench_reskd                          # the full protocol (60,000 images, 2 epochs)
-    python -m benchmarks.bench_reskd --images 20000 --epochs 1  # the saved run (about 30 min, 2 loaded cores)
+    python -m benchmarks.bench_reskd --images 20000           # the saved run (12 min on 2 loaded cores)
     python -m benchmarks.bench_reskd --quick                  # a smoke test: few images, few steps
 """
 

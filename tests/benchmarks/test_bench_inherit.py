@@ -184,13 +184,16 @@ def test_merge_joins_runs_side_by_side_and_refuses_other_recipes(tmp_path: Path)
         body = {"teacher": {"params": 100, "accuracy": 0.99, "flops": 200.0, "path": "/t/model.onnx"},
                 "settings": s, "regimes": {"low": {"train_images": 1000, "entries": [entry]}},
                 "latency": {f"{budget:g}-inh": {"median_ms": 1.0, "teacher_ms": teacher_ms}}}  # fmt: skip
-        path = tmp_path / f"{budget}-{variant}-{lr}.json"
+        path = tmp_path / f"{budget}-{variant}-{lr}-{seeds}.json"
         path.write_text(json.dumps(body))
         return path
 
-    merged = merge([result(0.03, "inhernet", 5, 2.0), result(0.1, "inhernet-h3", 3, 4.0)])
+    merged = merge(
+        [result(0.03, "inhernet", 5, 2.0), result(0.1, "inhernet-h3", 3, 4.0), result(0.03, "inhernet", 2, 2.0)]
+    )
     entries = merged["regimes"]["low"]["entries"]
     assert [(e["budget"], e["variant"]) for e in entries] == [(0.1, "inhernet-h3"), (0.03, "inhernet")]
+    assert len(entries[1]["accuracies"]) == 5  # run twice: the run with more seeds stands
     assert merged["settings"]["budgets"] == [0.1, 0.03] and merged["settings"]["seeds"] == 5
     assert merged["teacher"]["latency_ms"] == 3.0  # the median of the teacher's runs
     table = rows(merged)
