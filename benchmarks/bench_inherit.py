@@ -637,7 +637,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         rank_multiple=a.rank_multiple, threads=a.threads, bench_repeat=a.bench_repeat, reduced=a.reduced,
     )  # fmt: skip
     if a.merge:
-        save(merge(a.merge), a.out)
+        merged = merge(a.merge)
+        merged["settings"]["reduced"] = a.reduced or merged["settings"]["reduced"]
+        save(merged, a.out)
         return
     t0 = time.perf_counter()
     results = run(s, a.out)
