@@ -173,11 +173,15 @@ def conventional_width(target: float, build: Callable[[int], Any], export: Calla
 
 def accuracy(model: ModelProto | str | os.PathLike[str], images: np.ndarray, labels: np.ndarray, threads: int) -> float:
     """Top-1 accuracy of the ONNX model's first output on the labelled images (ONNX Runtime)."""
+    return float((first_output(model, images, threads).argmax(1) == labels).mean())
+
+
+def first_output(model: ModelProto | str | os.PathLike[str], images: np.ndarray, threads: int) -> np.ndarray:
+    """The ONNX model's first output (its logits) on ``images``, in ONNX Runtime batches of 500."""
     from inhercc.runtime import make_session, run_session
 
     sess = make_session(model, threads=threads)
-    logits = run_session(sess, {sess.get_inputs()[0].name: images}, batch_size=500)[0]
-    return float((logits.argmax(1) == labels).mean())
+    return run_session(sess, {sess.get_inputs()[0].name: images}, batch_size=500)[0]
 
 
 def flops(model: ModelProto, name: str, shape: Sequence[int]) -> float:
@@ -277,15 +281,6 @@ def conventional_student(
         return distill(str(path), teacher, str(data), config=cfg).model
 
 
-def teacher_logits(teacher: ModelProto, images: np.ndarray, threads: int) -> np.ndarray:
-    """The teacher's logits for ``images`` (ONNX Runtime, batches of 1,000)."""
-    from inhercc.runtime import make_session
-
-    sess = make_session(teacher, ["CPUExecutionProvider"], threads=threads)
-    name = input_name(teacher)
-    return np.concatenate([sess.run(None, {name: images[i : i + 1000]})[0] for i in range(0, len(images), 1000)])
-
-
 def torch_bn_student(
     teacher: ModelProto, data: Path, budget: Budget, s: Settings, seed: int, build: Callable[[int], Any],
     export: Callable[[Any, Path], Path], regime: str = "full",
@@ -307,7 +302,7 @@ def torch_bn_student(
         x, y = z[input_name(teacher)], z["_labels"]
     keep, _ = split_indices(len(x), cfg.val_split, cfg.seed)
     x, y = x[keep], y[keep]
-    zt = torch.from_numpy(teacher_logits(teacher, x, s.threads))
+    zt = torch.from_numpy(first_output(teacher, x, s.threads))
     torch.manual_seed(seed)
     model = build(budget.width)
     lr = CNN_LR if cfg.lr is None else cfg.lr  # what distillation resolves for this CNN
@@ -466,14 +461,19 @@ def finish(results: dict[str, Any], s: Settings, torch_acc: float) -> dict[str, 
     """The teacher's latency (median of its interleaved runs) and the machine, added to ``results``."""
     import torch
 
-    teacher_ms = [v["teacher_ms"] for v in results["latency"].values()]
-    results["teacher"]["latency_ms"] = float(np.median(teacher_ms)) if teacher_ms else None
+    results["teacher"]["latency_ms"] = teacher_latency(results)
     results["machine"] = {
         "cpus": os.cpu_count(), "threads": s.threads, "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(), "torch": torch.__version__,
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
     }  # fmt: skip
     return results
+
+
+def teacher_latency(results: dict[str, Any]) -> float | None:
+    """The teacher's latency: the median of its medians in the per-architecture interleaved runs (None: none yet)."""
+    teacher_ms = [v["teacher_ms"] for v in results["latency"].values()]
+    return float(np.median(teacher_ms)) if teacher_ms else None
 
 
 def merge(paths: Sequence[Path]) -> dict[str, Any]:
@@ -495,8 +495,7 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
             v for v in VARIANTS if v in {*out["settings"]["variants"], *r["settings"]["variants"]}
         ]
         out["time_s"] = max(out.get("time_s") or 0, r.get("time_s") or 0)
-    teacher_ms = [v["teacher_ms"] for v in out["latency"].values()]
-    out["teacher"]["latency_ms"] = float(np.median(teacher_ms))
+    out["teacher"]["latency_ms"] = teacher_latency(out)
     for body in out["regimes"].values():  # a variant run twice at a budget: the run with more seeds stands
         best: dict[tuple[float, str], dict[str, Any]] = {}
         for e in body["entries"]:
