@@ -46,7 +46,8 @@ class Settings:
     max_drops: tuple[float, ...] = (0.3,)
     test_images: int = 10000
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float | None = None  # distillation's default for a CNN (3e-3)
+    res_focus: float = 1.0  # each res-student trains on this fraction of its prefix's least confident samples
     val_split: float = 0.1
     threads: int = 1
     repeat: int = 50
@@ -88,7 +89,8 @@ def options(s: Settings) -> Any:
 
     training = {"quiet": True, "epochs": s.epochs, "steps": s.steps, "batch_size": s.batch_size, "lr": s.lr}
     return ResKDOptions.of(student_ratio=s.student_ratio, res_ratios=s.res_ratios, rank_multiple=s.rank_multiple,
-                           allocation=s.allocation, threads=s.threads, val_split=s.val_split, **training)  # fmt: skip
+                           allocation=s.allocation, res_focus=s.res_focus, threads=s.threads, val_split=s.val_split,
+                           **training)  # fmt: skip
 
 
 def sample_flops(model: ModelProto, name: str, shape: Sequence[int]) -> float:
@@ -324,12 +326,16 @@ def describe(s: Settings, seconds: float) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     full = Settings()
     reduced = (s.images, s.epochs, s.steps) != (full.images, full.epochs, full.steps)
+    from inhercc.distill.config import CNN_LR
+
+    lr_text = f"distillation's CNN default ({CNN_LR:g})" if s.lr is None else s.lr
+    focus = "all samples" if s.res_focus >= 1 else f"the {s.res_focus:.0%} least confident under their prefix"
     note = f"**Reduced run** (the defaults: {full.images:,} images, {full.epochs} epochs). " if reduced else ""
     return note + (
         f"Settings: {s.images:,} training images ({s.val_split:.0%} of them the validation split the thresholds are "
-        f"calibrated on), epochs {s.epochs}, steps {s.steps}, batch {s.batch_size}, lr {s.lr}; S0 ratio "
-        f"{s.student_ratio}, res-students {', '.join(map(str, s.res_ratios))}, rank multiple {s.rank_multiple}, "
-        f"allocation {s.allocation} (every member and InherNet student); "
+        f"calibrated on), epochs {s.epochs}, steps {s.steps}, batch {s.batch_size}, lr {lr_text}; S0 ratio "
+        f"{s.student_ratio}, res-students {', '.join(map(str, s.res_ratios))} (trained on {focus}), rank "
+        f"multiple {s.rank_multiple}, allocation {s.allocation} (every member and InherNet student); "
         f"targets: FLOPs {', '.join(map(str, s.targets))} of the teacher's, max drop {', '.join(map(str, s.max_drops))}"
         f" pt; {s.test_images:,} test images; ONNX Runtime CPU, {s.threads} thread(s), median of {s.repeat} "
         f"interleaved rounds. InherNet rows: compress (whitened; the ratio bisected to the "
@@ -344,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in ("images", "epochs", "steps", "threads", "repeat", "test_images"):
         ap.add_argument("--" + name.replace("_", "-"), type=int)
     ap.add_argument("--student-ratio", type=float)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--res-focus", type=float)
     ap.add_argument("--res-ratios", type=lambda t: tuple(float(v) for v in t.split(",")))
     ap.add_argument("--targets", type=lambda t: tuple(float(v) for v in t.split(",")))
     ap.add_argument("--max-drops", type=lambda t: tuple(float(v) for v in t.split(",")))

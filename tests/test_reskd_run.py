@@ -145,3 +145,33 @@ def test_a_non_logit_output_runs_without_skipping(digits) -> None:
 
 def _opts(**kw: float) -> ResKDOptions:
     return ResKDOptions.of(val_split=0.25, quiet=True, **kw)
+
+
+def test_res_focus_trains_on_the_rows_the_prefix_is_least_sure_of(digits) -> None:
+    from inhercc.data import split_indices
+    from inhercc.reskd.calibrate import scores
+    from inhercc.reskd.run import FOCUS_CHUNK, Member, _focus, _open
+
+    data = {"x": digits.x, LABELS_KEY: digits.y}
+    options = ResKDOptions.of(res_focus=0.25, **FAST)
+    state = _open(digits.teacher, data, options, lambda _m: None)
+    members = [Member(digits.s0, "given"), Member(digits.r1, "given")]
+    focus, count = _focus(state, members)
+    train_idx, _ = split_indices(len(digits.x), 0.2, 0)
+    assert count == round(0.25 * len(train_idx)) == len(focus["x"]) == len(focus[LABELS_KEY])
+    assert len(train_idx) < FOCUS_CHUNK  # one chunk here; the chunked path ran the same code
+    s = scores(member_outputs(digits.s0, {"x": digits.x}) + member_outputs(digits.r1, {"x": digits.x}), "confidence")
+    chosen = np.sort(train_idx[np.argsort(s[train_idx], kind="stable")[:count]])
+    np.testing.assert_array_equal(focus["x"], digits.x[chosen])  # the least confident training rows, in order
+    np.testing.assert_array_equal(focus[LABELS_KEY], digits.y[chosen])
+    assert s[chosen].max() <= np.delete(s, np.concatenate([chosen, split_indices(len(digits.x), 0.2, 0)[1]])).min()
+    # all samples (the default) and non-logit outputs: no focus
+    assert _focus(_open(digits.teacher, data, ResKDOptions.of(**FAST), lambda _m: None), members) == (
+        None,
+        len(train_idx),
+    )
+    # end to end: the round trains on the focused rows and says how many
+    focused = ResKDOptions.of(res_ratios=(0.3,), res_focus=0.25, steps=20, **FAST)
+    result = reskd(digits.teacher, focused, data, student=digits.s0)
+    assert result.report["rounds"][0]["trained_on"] == count
+    assert result.report["options"]["res_focus"] == 0.25

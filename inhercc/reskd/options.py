@@ -104,6 +104,12 @@ class ResKDOptions:
         check=non_negative,
         help="Weight of the residual MSE (res-student vs teacher − earlier members) beside the KD/CE loss.",
     )
+    res_focus: float = option(
+        1.0,
+        check=unit_interval,
+        help="Each res-student trains on this fraction of the training samples its prefix is least sure of (by "
+        "the skip rule's score): the rows that reach it once skipping is on (1: all samples).",
+    )
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     @classmethod

@@ -17,7 +17,7 @@ from inhercc.data import LABELS_KEY, Feed, Samples, fixed_shape_flops, open_samp
 from inhercc.errors import InherccError
 from inhercc.model import as_model, float_param_count
 from inhercc.options import to_dict
-from inhercc.reskd.calibrate import Cascade, calibrate
+from inhercc.reskd.calibrate import Cascade, calibrate, scores
 from inhercc.reskd.cascade import build_cascade, check_members
 from inhercc.reskd.options import ResKDOptions
 from inhercc.reskd.train import initial_scale, train_residual, with_output_scale
@@ -172,16 +172,46 @@ def _inherited(run: _Run, ratio: float) -> ModelProto:
     return _compress(run, recipe, "res_ratios").model
 
 
-def _scaled(run: _Run, members: Sequence[Member], model: ModelProto) -> ModelProto:
-    """The new res-student with its output scaled to fit the residual of ``members`` on training samples."""
+def _scaled(run: _Run, members: Sequence[Member], model: ModelProto, focus: Feed | None) -> ModelProto:
+    """The new res-student with its output scaled to fit the residual of ``members`` on training samples (the
+    first 512 it trains on)."""
     cfg = run.options.distill
-    train_idx, _ = split_indices(len(run.samples), cfg.val_split, cfg.seed)
-    feeds = run.samples.gather(train_idx[: min(len(train_idx), 512)])
+    if focus is None:
+        train_idx, _ = split_indices(len(run.samples), cfg.val_split, cfg.seed)
+        feeds = run.samples.gather(train_idx[: min(len(train_idx), 512)])
+    else:
+        feeds = {k: v[:512] for k, v in focus.items()}
     batch = cfg.batch_size
     teacher = member_outputs(run.teacher, feeds, batch)
     prefix = [member_outputs(m.model, feeds, batch) for m in members]
     scale = initial_scale(teacher, prefix, member_outputs(model, feeds, batch), run.logits)
     return with_output_scale(model, scale)
+
+
+FOCUS_CHUNK = 4096  # training samples scored per ONNX Runtime call when choosing a round's focus
+
+
+def _focus(run: _Run, members: Sequence[Member]) -> tuple[Feed | None, int]:
+    """The samples the next res-student trains on, and how many: None (all of them) unless ``res_focus`` < 1 and
+    the output is class logits; else the ``res_focus`` fraction of the training samples (the validation split left
+    out) whose prefix sum scores lowest under the skip rule — the rows that reach the new member once it skips."""
+    o, cfg = run.options, run.options.distill
+    train_idx, _ = split_indices(len(run.samples), cfg.val_split, cfg.seed)
+    if o.res_focus >= 1 or not run.logits:
+        return None, len(train_idx)
+    sessions = [make_session(m.model) for m in members]
+    names = [{i.name for i in s.get_inputs()} for s in sessions]
+    order, score = [], []
+    for idx, feeds in run.samples.batches(train_idx, FOCUS_CHUNK):
+        total = sum(
+            run_session(s, {k: v for k, v in feeds.items() if k in n}, cfg.batch_size, "running a member")[0]
+            for s, n in zip(sessions, names)
+        )
+        order.append(np.asarray(idx))
+        score.append(scores(np.asarray(total).reshape(len(idx), -1), o.skip_rule))
+    keep = max(1, round(o.res_focus * len(train_idx)))
+    chosen = np.concatenate(order)[np.argsort(np.concatenate(score), kind="stable")[:keep]]
+    return run.samples.gather(np.sort(chosen)), keep
 
 
 def _rounds(
@@ -197,11 +227,12 @@ def _rounds(
     for ratio, copy in copies:
         i = len(members)
         run.say(f"round {i}: a res-student at ratio {ratio}")
-        new = _scaled(run, members, copy)
+        focus, trained_on = _focus(run, members)
+        new = _scaled(run, members, copy, focus)
         model, training = train_residual(
             [m.model for m in members] + [new],
             run.teacher,
-            run.samples,
+            run.samples if focus is None else focus,
             cfg,
             logits=run.logits,
             weight=o.residual_weight,
@@ -209,7 +240,10 @@ def _rounds(
         member = Member(model, "inherited", ratio, training)
         after = _accuracy(_sum_val(run, [*members, member]), run.labels)
         kept = not run.logits or after - before >= o.min_gain
-        rounds.append({"member": i, "ratio": ratio, "accuracy_before": before, "accuracy": after, "kept": kept})
+        rounds.append(
+            {"member": i, "ratio": ratio, "trained_on": trained_on, "accuracy_before": before, "accuracy": after,
+             "kept": kept}
+        )  # fmt: skip
         if not kept:  # its training is nowhere else in the report
             rounds[-1]["training"] = training
         run.say(f"round {i}: validation accuracy {before:.2f} → {after:.2f}" + ("" if kept else ", dropped"))
