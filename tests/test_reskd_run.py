@@ -16,6 +16,7 @@ from inhercc import Recipe, compress
 from inhercc.cli import cli
 from inhercc.data import LABELS_KEY
 from inhercc.errors import InherccError
+from inhercc.model import float_param_count
 from inhercc.reskd import ResKDOptions, ReskdWarning, reskd
 from inhercc.reskd.run import member_outputs
 from tests.helpers import mlp, run
@@ -117,17 +118,35 @@ def test_command_line_errors_are_one_line(digits) -> None:
 def test_a_ratio_below_the_smallest_plan_names_the_reskd_option(digits) -> None:
     d = digits.dir
     base = ["reskd", str(d / "teacher.onnx"), "-o", str(d / "c.onnx"), "--data", str(d / "train.npz"), "-q"]
-    too_small = "is too small: the smallest factors (rank 8 per layer) already keep"
+    # without --rank-multiple, a ratio below rank 8's smallest plan (14.6 % here) is retried at rank multiple 1
+    too_small = "is too small: the smallest factors (rank 1 per layer) already keep 1.8%"
     res = CliRunner().invoke(cli, [*base, "--student-ratio", "0.01", "--res-ratios", "0.2"])
     assert res.exit_code == 2 and res.output.startswith(f"error: --student-ratio 0.01 {too_small}")
+    assert "rank-multiple" not in res.output  # rank 1 already: no hint
     # a res-student's ratio fails before round 0 trains (no steps given: it would train for epochs)
     res = CliRunner().invoke(cli, [*base, "--res-ratios", "0.2,0.01"])
     assert res.exit_code == 2 and res.output.startswith(f"error: --res-ratios 0.01 {too_small}")
     assert res.output.count("\n") == 1 and not (d / "c.onnx").exists()
+    # a rank multiple given is kept, and the error suggests a smaller one
+    res = CliRunner().invoke(cli, [*base, "--res-ratios", "0.1", "--rank-multiple", "8"])
+    assert res.exit_code == 2
+    assert res.output.startswith("error: --res-ratios 0.1 is too small: the smallest factors (rank 8")
     assert res.output.rstrip().endswith("; a smaller --rank-multiple allows smaller ratios")
-    # a finer rank multiple allows it
     with pytest.raises(InherccError, match="^`reskd.rank_multiple` must be"):
         reskd(digits.teacher, ResKDOptions.of(rank_multiple=0, **FAST), {"x": digits.x})
+
+
+def test_small_res_ratios_work_without_a_rank_multiple(digits) -> None:
+    """Ratios 0.1 and 0.05 are below rank 8's smallest plan on this teacher (14.6 %): with no rank multiple given
+    they are made at multiple 1 — the command works without flags beyond the ratios."""
+    said: list[str] = []
+    options = ResKDOptions.of(student_ratio=0.1, res_ratios=(0.05,), steps=5, **FAST)
+    result = reskd(digits.teacher, options, {"x": digits.x, LABELS_KEY: digits.y}, log=said.append)
+    assert [m["name"] for m in result.report["members"]] == ["S0", "R1"]
+    params = [m["params"] for m in result.report["members"]]
+    rank8 = compress(digits.teacher, Recipe.of(rank=8, verify=False), {"x": digits.x}).model  # the smallest at 8
+    assert params[1] < params[0] < float_param_count(rank8)
+    assert sum("trying 1" in m for m in said) == 2
 
 
 def test_a_non_logit_output_runs_without_skipping(digits) -> None:

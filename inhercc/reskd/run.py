@@ -122,54 +122,43 @@ def _round0(run: _Run, student: ModelProto | None) -> Member:
     if student is not None:
         return Member(student, "given")
     from inhercc.distill import DEFAULT_EPOCHS
-    from inhercc.recipe import Recipe
 
     o, cfg = run.options, run.options.distill
     epochs = cfg.epochs if cfg.epochs is not None or cfg.steps is not None else DEFAULT_EPOCHS
     train = replace(cfg, epochs=epochs, output_kinds=dict(cfg.output_kinds))
-    recipe = Recipe.of(
-        ratio=o.student_ratio,
-        allocation=o.allocation,
-        rank_multiple=o.rank_multiple,
-        verify=False,
-        seed=cfg.seed,
-        threads=cfg.threads,
-        output_kinds=train.output_kinds,
-        distill=train,
-    )
     run.say(f"round 0: the student at ratio {o.student_ratio}")
-    result = _compress(run, recipe, "student_ratio")
+    result = _compress(run, "student_ratio", o.student_ratio, output_kinds=train.output_kinds, distill=train)
     return Member(result.model, "inherited", o.student_ratio, result.report.get("training", {}))
 
 
-def _compress(run: _Run, recipe: Any, field: str) -> Any:
-    """``compress`` of the teacher, its errors about the ratio naming the ResKD option that set it (``field``)."""
+def _compress(run: _Run, field: str, ratio: float, **kw: Any) -> Any:
+    """``compress`` of the teacher at ``ratio`` (ResKD's allocation and rank multiple, recipe keywords ``kw``).
+    Without a rank multiple given, a ratio below the smallest plan at compress's default multiple is retried at
+    multiple 1 (small res-students need it; the log says so); below every plan, an error naming the ResKD option
+    that set the ratio (``field``)."""
     from inhercc.pipeline import compress
+    from inhercc.recipe import Recipe
 
-    try:
-        return compress(run.teacher, recipe, run.data)
-    except InherccError as e:
-        if "`plan.ratio`" not in str(e):
-            raise
-        hint = "" if run.options.rank_multiple == 1 else "; a smaller `reskd.rank_multiple` allows smaller ratios"
-        raise InherccError(str(e).replace("`plan.ratio`", f"`reskd.{field}`") + hint) from None
+    o, cfg = run.options, run.options.distill
+    multiples = [o.rank_multiple] if o.rank_multiple is not None else [None, 1]
+    for multiple in multiples:
+        recipe = Recipe.of(ratio=ratio, allocation=o.allocation, rank_multiple=multiple, verify=False, seed=cfg.seed,
+                           threads=cfg.threads, **kw)  # fmt: skip
+        try:
+            return compress(run.teacher, recipe, run.data)
+        except InherccError as e:
+            if "`plan.ratio`" not in str(e):
+                raise
+            error = str(e).replace("`plan.ratio`", f"`reskd.{field}`")
+            if multiple is None:
+                run.say(f"`reskd.{field}` {ratio}: below the smallest plan at the default rank multiple; trying 1")
+    hint = "" if multiples[-1] == 1 else "; a smaller `reskd.rank_multiple` allows smaller ratios"
+    raise InherccError(error + hint)
 
 
 def _inherited(run: _Run, ratio: float) -> ModelProto:
     """An inherited copy of the teacher at ``ratio`` (no distillation: the round trains it)."""
-    from inhercc.recipe import Recipe
-
-    cfg = run.options.distill
-    o = run.options
-    recipe = Recipe.of(
-        ratio=ratio,
-        allocation=o.allocation,
-        rank_multiple=o.rank_multiple,
-        verify=False,
-        seed=cfg.seed,
-        threads=cfg.threads,
-    )
-    return _compress(run, recipe, "res_ratios").model
+    return _compress(run, "res_ratios", ratio).model
 
 
 def _scaled(run: _Run, members: Sequence[Member], model: ModelProto, focus: Feed | None) -> ModelProto:
