@@ -478,8 +478,9 @@ def teacher_latency(results: dict[str, Any]) -> float | None:
 
 def merge(paths: Sequence[Path]) -> dict[str, Any]:
     """Several runs' results (e.g. one per budget, run side by side) as one: their entries per regime and their
-    latencies together; the first run's header. Runs must share the training recipe (they may differ in budgets,
-    variants and seeds: each row says its number of seeds)."""
+    latencies together (an architecture timed by several runs: the first run's timing); the first run's header.
+    Runs must share the training recipe (they may differ in budgets, variants and seeds: each row says its number
+    of seeds)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     out = runs[0]
     for r in runs[1:]:
@@ -488,7 +489,8 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
             raise SystemExit(f"cannot merge runs with different settings: {sorted(k for k in a if a[k] != b[k])}")
         for regime, body in r["regimes"].items():
             out["regimes"].setdefault(regime, {**body, "entries": []})["entries"] += body["entries"]
-        out["latency"].update(r["latency"])
+        for arch, timing in r["latency"].items():  # the first run that timed an architecture keeps its timing
+            out["latency"].setdefault(arch, timing)
         out["settings"]["budgets"] = sorted({*out["settings"]["budgets"], *r["settings"]["budgets"]}, reverse=True)
         out["settings"]["seeds"] = max(out["settings"]["seeds"], r["settings"]["seeds"])
         out["settings"]["variants"] = [
@@ -625,7 +627,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--rank-multiple", type=int, default=d.rank_multiple)
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--bench-repeat", type=int, default=d.bench_repeat)
-    ap.add_argument("--reduced", default="", help="say in the results' header that this run is reduced, and how")
+    ap.add_argument(
+        "--reduced", help="say in the results' header that this run is reduced, and how (with --merge: '' clears it)"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--merge", type=Path, nargs="+", help="combine these runs' inherit.json into one table")
     a = ap.parse_args(argv)
@@ -633,11 +637,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         seeds=a.seeds, epochs=a.epochs, low_epochs=a.low_epochs, full_images=a.full_images,
         budgets=tuple(a.budgets), regimes=tuple(a.regimes), variants=tuple(a.variants),
         lr=a.lr, batch_size=a.batch_size, temperature=a.temperature, alpha=a.alpha, patience=a.patience,
-        rank_multiple=a.rank_multiple, threads=a.threads, bench_repeat=a.bench_repeat, reduced=a.reduced,
+        rank_multiple=a.rank_multiple, threads=a.threads, bench_repeat=a.bench_repeat, reduced=a.reduced or "",
     )  # fmt: skip
     if a.merge:
         merged = merge(a.merge)
-        merged["settings"]["reduced"] = a.reduced or merged["settings"]["reduced"]
+        if a.reduced is not None:  # else the first run's note stands
+            merged["settings"]["reduced"] = a.reduced
         save(merged, a.out)
         return
     t0 = time.perf_counter()

@@ -199,5 +199,8 @@ def test_merge_joins_runs_side_by_side_and_refuses_other_recipes(tmp_path: Path)
     table = rows(merged)
     assert [r[3] for r in table[1:]] == [3, 5]  # seeds per row
     assert [r[-1] for r in table[1:]] == ["4.00×", "2.00×"]  # each against the teacher timed in its own run
+    # an architecture timed again by a later run (e.g. under more load) keeps the first run's timing
+    again = merge([result(0.03, "inhernet", 5, 2.0), result(0.03, "inhernet", 2, 8.0)])
+    assert again["latency"]["0.03-inh"]["teacher_ms"] == 2.0 and again["teacher"]["latency_ms"] == 2.0
     with pytest.raises(SystemExit, match="lr"):
         merge([result(0.03, "inhernet", 5, 2.0), result(0.1, "inhernet", 5, 2.0, lr=1e-3)])
