@@ -481,6 +481,9 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
     latencies together (an architecture timed by several runs: the first run's timing); the first run's header.
     Runs must share the training recipe (they may differ in budgets, variants and seeds: each row says its number
     of seeds)."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"cannot merge: no such results file {missing[0]}")
     runs = [json.loads(Path(p).read_text()) for p in paths]
     out = runs[0]
     for r in runs[1:]:

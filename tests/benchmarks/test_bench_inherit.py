@@ -202,5 +202,7 @@ def test_merge_joins_runs_side_by_side_and_refuses_other_recipes(tmp_path: Path)
     # an architecture timed again by a later run (e.g. under more load) keeps the first run's timing
     again = merge([result(0.03, "inhernet", 5, 2.0), result(0.03, "inhernet", 2, 8.0)])
     assert again["latency"]["0.03-inh"]["teacher_ms"] == 2.0 and again["teacher"]["latency_ms"] == 2.0
+    with pytest.raises(SystemExit, match="^cannot merge: no such results file .*absent.json$"):
+        merge([result(0.03, "inhernet", 5, 2.0), tmp_path / "absent.json"])
     with pytest.raises(SystemExit, match="lr"):
         merge([result(0.03, "inhernet", 5, 2.0), result(0.1, "inhernet", 5, 2.0, lr=1e-3)])
