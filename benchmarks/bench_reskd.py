@@ -323,11 +323,11 @@ def describe(s: Settings, seconds: float) -> str:
     import os
     import platform
 
+    from inhercc.distill.config import CNN_LR
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     full = Settings()
     reduced = (s.images, s.epochs, s.steps) != (full.images, full.epochs, full.steps)
-    from inhercc.distill.config import CNN_LR
-
     lr_text = f"distillation's CNN default ({CNN_LR:g})" if s.lr is None else s.lr
     focus = "all samples" if s.res_focus >= 1 else f"the {s.res_focus:.0%} least confident under their prefix"
     note = f"**Reduced run** (the defaults: {full.images:,} images, {full.epochs} epochs). " if reduced else ""

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from onnx import ModelProto
@@ -23,6 +23,9 @@ from inhercc.reskd.options import ResKDOptions
 from inhercc.reskd.train import initial_scale, train_residual, with_output_scale
 from inhercc.runtime import make_session, run_session
 from inhercc.verify import graph_output_kinds
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
 
 Log = Callable[[str], None]
 
@@ -66,9 +69,12 @@ class _Run:
     say: Log
 
 
-def member_outputs(model: ModelProto, feeds: Mapping[str, np.ndarray], batch_size: int | None = None) -> np.ndarray:
-    """The one output of ``model`` on ``feeds`` (ONNX Runtime, in batches)."""
-    sess = make_session(model)
+def member_outputs(
+    model: ModelProto | InferenceSession, feeds: Mapping[str, np.ndarray], batch_size: int | None = None
+) -> np.ndarray:
+    """The one output of ``model`` (or its session, made once by a caller that runs it often) on ``feeds`` (ONNX
+    Runtime, in batches)."""
+    sess = make_session(model) if isinstance(model, ModelProto) else model
     names = {i.name for i in sess.get_inputs()}
     return run_session(sess, {k: v for k, v in feeds.items() if k in names}, batch_size, "running a member")[0]
 
@@ -180,27 +186,23 @@ def _scaled(run: _Run, members: Sequence[Member], model: ModelProto, focus: Feed
 FOCUS_CHUNK = 4096  # training samples scored per ONNX Runtime call when choosing a round's focus
 
 
-def _focus(run: _Run, members: Sequence[Member]) -> tuple[Feed | None, int]:
-    """The samples the next res-student trains on, and how many: None (all of them) unless ``res_focus`` < 1 and
-    the output is class logits; else the ``res_focus`` fraction of the training samples (the validation split left
+def _focus(run: _Run, members: Sequence[Member]) -> Feed | None:
+    """The samples the next res-student trains on: None (all of them) unless ``res_focus`` < 1 and the output is
+    class logits; else the ``res_focus`` fraction of the training samples (the validation split left
     out) whose prefix sum scores lowest under the skip rule — the rows that reach the new member once it skips."""
     o, cfg = run.options, run.options.distill
-    train_idx, _ = split_indices(len(run.samples), cfg.val_split, cfg.seed)
     if o.res_focus >= 1 or not run.logits:
-        return None, len(train_idx)
+        return None
+    train_idx, _ = split_indices(len(run.samples), cfg.val_split, cfg.seed)
     sessions = [make_session(m.model) for m in members]
-    names = [{i.name for i in s.get_inputs()} for s in sessions]
     order, score = [], []
     for idx, feeds in run.samples.batches(train_idx, FOCUS_CHUNK):
-        total = sum(
-            run_session(s, {k: v for k, v in feeds.items() if k in n}, cfg.batch_size, "running a member")[0]
-            for s, n in zip(sessions, names)
-        )
+        total = sum(member_outputs(s, feeds, cfg.batch_size) for s in sessions)
         order.append(np.asarray(idx))
         score.append(scores(np.asarray(total).reshape(len(idx), -1), o.skip_rule))
     keep = max(1, round(o.res_focus * len(train_idx)))
     chosen = np.concatenate(order)[np.argsort(np.concatenate(score), kind="stable")[:keep]]
-    return run.samples.gather(np.sort(chosen)), keep
+    return run.samples.gather(np.sort(chosen))
 
 
 def _rounds(
@@ -216,7 +218,7 @@ def _rounds(
     for ratio, copy in copies:
         i = len(members)
         run.say(f"round {i}: a res-student at ratio {ratio}")
-        focus, trained_on = _focus(run, members)
+        focus = _focus(run, members)
         new = _scaled(run, members, copy, focus)
         model, training = train_residual(
             [m.model for m in members] + [new],
@@ -230,8 +232,8 @@ def _rounds(
         after = _accuracy(_sum_val(run, [*members, member]), run.labels)
         kept = not run.logits or after - before >= o.min_gain
         rounds.append(
-            {"member": i, "ratio": ratio, "trained_on": trained_on, "accuracy_before": before, "accuracy": after,
-             "kept": kept}
+            {"member": i, "ratio": ratio, "trained_on": training.get("train_samples"), "accuracy_before": before,
+             "accuracy": after, "kept": kept}
         )  # fmt: skip
         if not kept:  # its training is nowhere else in the report
             rounds[-1]["training"] = training
