@@ -94,7 +94,7 @@ def run(ratio: float, threads: int, runs: int) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     t, s = result["models"]["teacher"], result["models"]["student"]
-    ops = sorted(set(t["by_op"]) | set(s["by_op"]), key=lambda op: -t["by_op"].get(op, 0.0))
+    ops = sorted(set(t["by_op"]) | set(s["by_op"]), key=lambda op: (-t["by_op"].get(op, 0.0), op))  # ties: by name
     rows = []
     for op in ops:
         a, b = t["by_op"].get(op, 0.0), s["by_op"].get(op, 0.0)

@@ -500,7 +500,8 @@ def test_op_profile_splits_kernel_time_by_op_type(models, tmp_path) -> None:
         "half_matmul_bound": 0.625,
     }
     headers, rows = table(result)
-    assert rows[-2][0] == "all kernels" and rows[0][0] == max(t["by_op"], key=t["by_op"].get)
+    # the first row is the teacher's slowest op type (two op types may tie at the profiler's microsecond resolution)
+    assert rows[-2][0] == "all kernels" and t["by_op"][rows[0][0]] == max(t["by_op"].values())
     assert "0.625 of the teacher" in summary(result)
 
 
