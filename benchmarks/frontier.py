@@ -8,8 +8,10 @@ For each model (MiniLM-L6 sentence encoder, ImageNet MobileNetV2):
 * **inhercc students** at each ratio (whitened init, sensitivity allocation from the same calibration Grams),
   each as ``plain``, ``optimized`` (``fusion.optimize``), ``int8`` (``quantization.quantize``),
   ``optimized-int8``, ``distilled-int8`` (a short quantization-aware distillation, ``--distill-steps``),
-  ``optimized-distilled-int8`` and ``embeddings`` (``select.embeddings``); the variants of one ratio replay the
-  plan of its plain (or optimized) student, so they differ only in the stage named;
+  ``optimized-distilled-int8``, ``int8-static`` / ``distilled-int8-static`` (``quantize_static``, QDQ, calibrated
+  on the calibration samples: the CNN recipe; the teacher gets the same call) and ``embeddings``
+  (``select.embeddings``); the variants of one ratio replay the plan of its plain (or optimized) student, so they
+  differ only in the stage named;
 * the **layer-dropped** MiniLM student of :mod:`benchmarks.bench_text_students` (layers 0, 2, 4; distilled with
   the same steps), fp32 and through the INT8 call.
 
@@ -51,9 +53,12 @@ VARIANTS = (
     "optimized-int8",
     "distilled-int8",
     "optimized-distilled-int8",
+    "int8-static",
+    "distilled-int8-static",
     "embeddings",
     "layer-drop",
 )
+STATIC = ("int8-static", "distilled-int8-static")  # ORT's quantize_static (QDQ), calibrated: the CNN recipe
 TRANSFORMER_ONLY = ("optimized", "optimized-int8", "optimized-distilled-int8", "embeddings", "layer-drop")
 RATIOS = (0.75, 0.5, 0.3)
 TARGET_LATENCY = 0.85  # × the optimized INT8 teacher's
@@ -201,6 +206,17 @@ def quantize_dynamic_file(src: Path, dst: Path) -> Path:
     return dst
 
 
+def quantize_static_file(model: Any, calibration: Feed, dst: Path) -> Path:
+    """``model`` through ``onnxruntime.quantization.quantize_static`` (QDQ, U8S8, per-channel; activation ranges
+    calibrated on ``calibration``): the call a user makes for a CNN, via :func:`inhercc.quantize.quantize_model`,
+    the same call the students' ``int8-static`` stage makes."""
+    from inhercc.model import save_model
+    from inhercc.quantize import quantize_model
+
+    save_model(quantize_model(model, "int8-static", calibration=[calibration]), dst)
+    return dst
+
+
 def teacher_entries(ctx: dict[str, Any], work: Path) -> list[Entry]:
     """The fp32 teacher, and (for transformers) optimized; each also through the user's INT8 call. Notes in
     ``ctx`` how many attention nodes the optimizer fused in the teacher."""
@@ -213,6 +229,9 @@ def teacher_entries(ctx: dict[str, Any], work: Path) -> list[Entry]:
     entries.append(
         Entry("teacher INT8", quantize_dynamic_file(teacher, work / "teacher_int8.onnx"), "teacher", variant="int8")
     )
+    if any(v in STATIC for v in ctx["settings"].variants):
+        static = quantize_static_file(ctx["teacher"], ctx["calibration"], work / "teacher_int8_static.onnx")
+        entries.append(Entry("teacher INT8 static", static, "teacher", variant="int8-static"))
     if spec.transformer:
         optimized = work / "teacher_opt.onnx"
         fused = optimize_transformer(ctx["teacher"])
@@ -233,8 +252,8 @@ def variant_recipe(variant: str, base: dict[str, Any], plans: dict[str, Any]) ->
         flat["plan"] = plans["optimized" if optimized else "plain"]
     if optimized:
         flat["optimize"] = True
-    if variant.endswith("int8"):
-        flat["quantize"] = "int8"
+    if variant.endswith(("int8", "int8-static")):
+        flat["quantize"] = "int8-static" if variant in STATIC else "int8"
     if variant == "embeddings":
         flat["embeddings"] = True
     return flat
@@ -502,6 +521,17 @@ def notes(ctx: dict[str, Any], cuda: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def slow_int8_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """A note when the teacher's dynamic INT8 is slower than its fp32 on this CPU (ConvInteger on CNNs)."""
+    slow = [r for r in rows if r["kind"] == "teacher" and r["variant"] == "int8" and r["cpu"]["ratio"] > 1]
+    return [
+        f"{r['model']} (dynamic, `quantize_dynamic`) runs {r['cpu']['ratio']:.1f}x the fp32 teacher's latency "
+        "on this CPU (its integer kernels, e.g. ConvInteger, are slower than the fp32 ones): static QDQ INT8 "
+        "(`int8-static`) is the recipe there"
+        for r in slow
+    ]
+
+
 def run_model(spec: FrontierModel, s: Settings, work: Path) -> dict[str, Any]:
     """Build, score and time every row of one model; the JSON-ready result."""
     from inhercc.runtime import cuda_available
@@ -534,7 +564,7 @@ def run_model(spec: FrontierModel, s: Settings, work: Path) -> dict[str, Any]:
         "target": target_check(rows),
         "bench_cpu": cpu,
         "bench_cuda": cuda,
-        "notes": notes(ctx, cuda),
+        "notes": notes(ctx, cuda) + slow_int8_notes(rows),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_s": round(time.perf_counter() - start),
         "load_1min": round(os.getloadavg()[0], 1),
@@ -582,7 +612,8 @@ def settings_text(result: dict[str, Any]) -> str:
     return (
         f"Settings: ratios {', '.join(map(str, s['ratios']))}; variants {', '.join(s['variants'])}; distillation "
         f"{s['distill_steps']} steps ({', '.join(f'{k} {v}' for k, v in s['distill'].items())}; QAT through ORT's "
-        f"dynamic INT8 for the INT8 variants); {s['calibration_samples']} calibration samples (whitened init, "
+        f"INT8 for the INT8 variants: dynamic, or static QDQ for `int8-static`); {s['calibration_samples']} "
+        "calibration samples (whitened init, "
         f"sensitivity allocation), {s['heldout_samples']} held-out samples; timing {bench_header(result['bench_cpu'])}"
         f", shapes {shape_text(s['shapes'])}, {s['repeat']} interleaved rounds, {s['threads']} thread(s)"
         f"{', quick mode' if s['quick'] else ''}; seed {s['seed']}. Machine: {os.cpu_count()} cores shared with "

@@ -107,6 +107,46 @@ def test_latency_ratios_come_from_one_interleaved_run(tiny: dict[str, Any]) -> N
     assert result["bench_cpu"]["environment"]["threads"] == 1
 
 
+def test_static_int8_rows_are_calibrated_qdq_models_of_teacher_and_student(tmp_path: Path) -> None:
+    """``int8-static`` / ``distilled-int8-static``: the teacher through ORT's ``quantize_static`` and the students
+    through the ``int8-static`` stage, all QDQ models (no dynamic activation quantization), each scored on its own
+    ONNX Runtime output; distillation moves the distilled file away from the undistilled one."""
+    from inhercc.quantize import quantized_node_counts
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--quick", "--variants", "plain", "int8-static", "distilled-int8-static", "--out", str(out)]
+    assert F.main(argv + ["--work", str(work)], {"digits": _digits_model(tmp_path)}) == 0
+    rows = json.loads((out / "frontier_digits.json").read_text())["rows"]
+    labels = ["teacher fp32", "teacher INT8", "teacher INT8 static", "inhercc 0.5 plain", "inhercc 0.5 int8-static"]
+    assert [r["model"] for r in rows] == labels + ["inhercc 0.5 distilled-int8-static"]
+    x, _ = sklearn_datasets.load_digits(return_X_y=True)
+    held = {"x": (x[1400:1600] / 16.0).astype(np.float32)}
+    teacher = run_session(make_session(tmp_path / "digits.onnx"), held, 32)[0]
+    files = [work / "digits" / "teacher_int8_static.onnx", work / "digits" / "digits_0.5_int8-static.onnx"]
+    files.append(work / "digits" / "digits_0.5_distilled-int8-static.onnx")
+    outputs = []
+    for path, row in zip(files, rows[2:3] + rows[4:]):
+        counts = quantized_node_counts(onnx.load(str(path)))
+        assert (
+            counts.get("QuantizeLinear") and counts.get("DequantizeLinear") and not counts.get("DynamicQuantizeLinear")
+        )
+        y = run_session(make_session(path), held, 32)[0]
+        cos = np.sum(teacher * y, 1) / (np.linalg.norm(teacher, axis=1) * np.linalg.norm(y, axis=1))
+        assert row["cosine"] == pytest.approx(float(cos.mean()), abs=1e-5) and row["cosine"] > 0.9
+        outputs.append(y)
+    assert np.abs(outputs[1] - outputs[2]).max() > 1e-3
+    assert rows[2]["size_bytes"] < 0.5 * rows[0]["size_bytes"]
+
+
+def test_slow_dynamic_int8_teacher_gets_a_note() -> None:
+    def row(variant: str, ratio: float) -> dict[str, Any]:
+        return {"model": f"teacher {variant}", "kind": "teacher", "variant": variant, "cpu": {"ratio": ratio}}
+
+    assert F.slow_int8_notes([row("fp32", 1.0), row("int8", 0.6)]) == []
+    (note,) = F.slow_int8_notes([row("fp32", 1.0), row("int8", 11.5), row("int8-static", 0.7)])
+    assert note.startswith("teacher int8 (dynamic, `quantize_dynamic`) runs 11.5x") and "int8-static" in note
+
+
 def test_target_verdict_names_the_winner_or_the_shortfall() -> None:
     def row(model: str, kind: str, variant: str, cosine: float, size: int, ratio: float) -> dict[str, Any]:
         return {"model": model, "kind": kind, "variant": variant, "cosine": cosine, "size_bytes": size,
@@ -135,6 +175,7 @@ def test_optimized_teacher_and_student_quantize(bert: Path, tmp_path: Path) -> N
 
     spec = F.FrontierModel("bert", "bert", lambda: bert, {}, dict, dict, dict, transformer=True)
     ctx: dict[str, Any] = {"spec": spec, "teacher_path": bert, "teacher": load_model(bert), "fused_attention": 0}
+    ctx["settings"] = F.Settings(variants=("plain", "int8"))
     entries = F.teacher_entries(ctx, tmp_path)
     labels = ["teacher fp32", "teacher INT8", "teacher optimized", "teacher optimized + INT8"]
     assert [e.label for e in entries] == labels and ctx["fused_attention"] == 2
