@@ -421,6 +421,13 @@ def start_results(
     }  # fmt: skip
 
 
+def architecture(b: Budget, variant: str, ratio: float | None) -> str:
+    """The latency table's key of a student's architecture: budget and kind, and for inherited students the plan's
+    ratio (each regime plans its own ranks: 0.0895 and 0.0897 are two architectures)."""
+    kind = "h3" if variant == "inhernet-h3" else "inh" if variant in INHERITED else "conv"
+    return f"{b.fraction:g}-{kind}" + (f"-{ratio:.4f}" if ratio is not None else "")
+
+
 def run_variant(
     ctx: dict[str, Any], results: dict[str, Any], regime: str, data: Path, b: Budget, v: str, bn_images: np.ndarray
 ) -> dict[str, Any]:
@@ -442,7 +449,8 @@ def run_variant(
         accs.append(accuracy(m, xt, yt, s.threads))
         models.append(m)
         print(f"{regime} {b.fraction:.0%} {v} seed {seed}: {accs[-1]:.4f}", flush=True)
-    arch = f"{b.fraction:g}-" + ("h3" if v == "inhernet-h3" else "inh" if v in INHERITED else "conv")
+    ratio = b.plans[3 if v == "inhernet-h3" else 1]["ratio"] if v in INHERITED else None
+    arch = architecture(b, v, ratio)
     if arch not in results["latency"]:
         path = ctx["keep"] / f"{arch}.onnx"
         onnx.save(models[0], str(path))
@@ -452,7 +460,7 @@ def run_variant(
     return {
         "budget": b.fraction, "variant": v, "accuracies": accs, "mean": mean, "std": std,
         "params": onnx_params(models[0]), "flops": flops(models[0], input_name(teacher), xt.shape[1:]), "arch": arch,
-        "ratio": b.plans[3 if v == "inhernet-h3" else 1]["ratio"] if v in INHERITED else None,
+        "ratio": ratio,
         "width": None if v in INHERITED else b.width, "time_s": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
 

@@ -15,6 +15,7 @@ from benchmarks.bench_inherit import (
     Budget,
     Settings,
     accuracy,
+    architecture,
     conventional_width,
     inherited_student,
     match_ratio,
@@ -206,3 +207,13 @@ def test_merge_joins_runs_side_by_side_and_refuses_other_recipes(tmp_path: Path)
         merge([result(0.03, "inhernet", 5, 2.0), tmp_path / "absent.json"])
     with pytest.raises(SystemExit, match="lr"):
         merge([result(0.03, "inhernet", 5, 2.0), result(0.1, "inhernet", 5, 2.0, lr=1e-3)])
+
+
+def test_each_regimes_plan_is_its_own_architecture_in_the_latency_table() -> None:
+    """Two regimes plan their own ranks at one budget (ratio 0.0895 vs 0.0897): two keys, so neither borrows the
+    other's timing; the conventional net of a budget is one architecture whatever the regime."""
+    b = Budget(fraction=0.1, target=0.1, plans={}, width=10, width_params=100)
+    low, full = architecture(b, "inhernet", 0.0895), architecture(b, "inhernet", 0.0897)
+    assert low != full and low == architecture(b, "inhernet-ie", 0.0895) == "0.1-inh-0.0895"
+    assert architecture(b, "inhernet-h3", 0.0895) == "0.1-h3-0.0895"
+    assert architecture(b, "conventional", None) == architecture(b, "labels-only", None) == "0.1-conv"
