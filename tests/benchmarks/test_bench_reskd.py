@@ -40,3 +40,12 @@ def test_a_tiny_run_scores_times_and_saves_every_row(tmp_path: Path) -> None:
     md = (tmp_path / "tiny.md").read_text()
     assert (tmp_path / "tiny.json").is_file() and "S0 + R1" in md and "Settings: tiny." in md
     assert "- accuracy target: **not met**" in md and "batch-32 latency" in md
+
+
+def test_only_a_run_below_the_protocol_is_called_reduced() -> None:
+    from benchmarks.bench_reskd import Settings, describe
+
+    assert "Reduced run" not in describe(Settings(), 60.0)
+    assert "Reduced run" not in describe(Settings(epochs=5), 60.0)  # more training than the defaults
+    assert describe(Settings(images=20000), 60.0).startswith("**Reduced run** (the defaults: 60,000 images, 3 epochs)")
+    assert "Reduced run" in describe(Settings(epochs=2), 60.0) and "Reduced run" in describe(Settings(steps=9), 60.0)
