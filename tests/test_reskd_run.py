@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from inhercc import Recipe, compress
 from inhercc.cli import cli
+from inhercc.cli.reskd import cascade_table
 from inhercc.data import LABELS_KEY
 from inhercc.errors import InherccError
 from inhercc.model import float_param_count
@@ -160,6 +161,24 @@ def test_a_non_logit_output_runs_without_skipping(digits) -> None:
     with pytest.raises(InherccError, match=r"^`reskd.max_drop` needs a classification output"):
         reskd(teacher, _opts(max_drop=0.1), {"x": x}, student=s0, res_students=[r1])
     assert math.isfinite(result.report["validation"]["expected_flops"])
+    # not logits: each prefix is scored by its cosine to the teacher (accuracy means nothing here)
+    val, t = result.report["validation"], run(teacher, {"x": x})[0]
+    assert val["prefix_accuracy"] is None and len(val["prefix_cosine"]) == 2
+    held = run(result.model, {"x": x})[0][_val_rows(len(x))]
+
+    def cos(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+    assert val["prefix_cosine"][1] == pytest.approx(cos(held, t[_val_rows(len(x))]), abs=1e-5)
+    assert val["cascade_cosine_onnx"] == pytest.approx(val["prefix_cosine"][1], abs=1e-5)
+    assert "cosine to T" in cascade_table(result.report)
+
+
+def _val_rows(n: int) -> np.ndarray:
+    """The validation rows ResKD scores on (distillation's split of ``n`` samples at 0.25, seed 0)."""
+    from inhercc.data import split_indices
+
+    return np.asarray(split_indices(n, 0.25, 0)[1])
 
 
 def _opts(**kw: float) -> ResKDOptions:
@@ -193,3 +212,26 @@ def test_res_focus_trains_on_the_rows_the_prefix_is_least_sure_of(digits) -> Non
     result = reskd(digits.teacher, focused, data, student=digits.s0)
     assert result.report["rounds"][0]["trained_on"] == len(split_indices(count, 0.2, 0)[0]) < count
     assert result.report["options"]["res_focus"] == 0.25
+
+
+def test_a_non_logit_round_that_lowers_the_cosine_is_dropped(digits, monkeypatch) -> None:
+    """Not logits (the teacher's output declared ``values``): rounds are scored by the validation cosine to the
+    teacher; a res-student that lowers it (here its training replaced by one that returns −5 × S0) is dropped and
+    the rounds stop — the cascade is S0 alone, the report saying before and after."""
+    import warnings
+
+    from inhercc.reskd import run as reskd_run
+    from inhercc.reskd.train import with_output_scale
+
+    bad = with_output_scale(digits.s0, np.full(10, -5.0, np.float32))
+    monkeypatch.setattr(reskd_run, "train_residual", lambda *a, **k: (bad, {"train_samples": 1}))
+    kinds = {"output_kinds": {digits.teacher.graph.output[0].name: "values"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReskdWarning)
+        result = reskd(digits.teacher, _opts(res_ratios=(0.3, 0.3), **kinds), {"x": digits.x}, student=digits.s0)
+    (r,) = result.report["rounds"]
+    assert not r["kept"] and r["cosine"] < 0 < r["cosine_before"] and "accuracy" not in r
+    assert [m["name"] for m in result.report["members"]] == ["S0"]
+    assert result.report["validation"]["prefix_cosine"] == pytest.approx([r["cosine_before"]], abs=1e-6)
+    x = {"x": digits.x}
+    np.testing.assert_allclose(run(result.model, x)[0], run(digits.s0, x)[0], atol=1e-5)

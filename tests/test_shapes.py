@@ -194,6 +194,10 @@ def test_batch_axes_of_text_image_and_unnamed_dims() -> None:
     # paddle2onnx writes -1 and "?" for unknown dims: "?" shared by H and W is no batch symbol
     paddle = _model([], [("x", 1, [-1, 3, "?", "?"])], [("x", 1, None)], {})
     assert batch_axes(paddle) == {"x": 0} and default_shapes(paddle)[0] == {"x": [1, 3, 224, 224]}
+    # … and ONNX Runtime's session reports those dims as None and "?": the same axes (ppocr-cls ran its batches
+    # along H before)
+    assert batch_axes_of({"x": [None, 3, "?", "?"]}, {"y": [None, 2]}) == {"x": 0, "y": 0}
+    assert batch_axes_of({"x": [-1, 3, "?", "?"]}, {"y": ["?", 2]}) == {"x": 0, "y": 0}
 
 
 def test_fixed_batch_model_with_a_state_reports_its_fixed_batch() -> None:

@@ -123,6 +123,15 @@ def _check_stage(stage: str, result: dict[str, Any]) -> None:
         assert len(losses) >= 2 and all(math.isfinite(v) for v in losses)
         exact = abs(losses[0]) < zoo.EXACT_LOSS and abs(losses[-1]) < zoo.EXACT_LOSS
         assert losses[-1] < losses[0] or exact and text.startswith("student already exact")
+    elif stage == "reskd":  # S0 and the res-students kept; every prefix scored on the validation split
+        v = figures["validation"]
+        if v["prefix_cosine"] is None:  # logits: accuracy of each prefix (against the teacher's predictions)
+            assert len(v["prefix_accuracy"]) == figures["members"] >= 1 and v["cascade_accuracy_onnx"] >= 0
+            assert all(0 <= a <= 100 for a in v["prefix_accuracy"]) and 0 < v["flops_fraction"] <= 1
+        else:  # every member on every sample, each prefix's cosine to the teacher
+            assert len(v["prefix_cosine"]) == figures["members"] >= 1 and not figures["skip"]
+            assert all(-1 <= c <= 1 for c in v["prefix_cosine"])
+            assert v["cascade_cosine_onnx"] == pytest.approx(v["prefix_cosine"][-1], abs=1e-4)
     elif stage == "bench":
         assert math.isfinite(figures["ratio"]) and figures["ratio"] > 0
     elif stage == "inspect":
@@ -219,3 +228,18 @@ def test_parity_on_the_paddle_svtr_recognizer() -> None:
         assert np.abs(got - ref["ORT_DISABLE_ALL"]).max() <= 1e-4 * scale
         assert np.abs(got - ref["ORT_ENABLE_ALL"]).max() <= 2 * spread + 1e-6
         assert compare(model, feeds).ok  # the zoo's parity stage: the unoptimized graph as the reference
+
+
+def test_batches_of_a_paddle_model_are_cut_along_its_samples() -> None:
+    """ppocr-cls (paddle2onnx) declares x as [-1, 3, ?, ?]; ONNX Runtime reports [None, 3, '?', '?']. Running it in
+    batches must cut the samples, not H (it returned 96 rows for 2 samples at batch 1, and ResKD died on them)."""
+    from inhercc.runtime import make_session, run_session
+
+    entry, path = _installed("ppocr-cls")
+    model = onnx.load(str(path))
+    feeds = zoo.feeds_for(entry, model, entry.sizes[0], 3, seed=0)
+    sess = make_session(path)
+    whole = run_session(sess, feeds)[0]
+    assert whole.shape == (3, 2)
+    for size in (1, 2):
+        np.testing.assert_allclose(run_session(sess, feeds, size)[0], whole, rtol=1e-5, atol=1e-6)

@@ -50,13 +50,16 @@ def cascade_table(rep: dict[str, Any]) -> str:
     and the adaptive cascade's line."""
     val, skip = rep["validation"], rep["skip"]
     taus = [None, *(skip["thresholds"] or [None] * (len(rep["members"]) - 1))]
-    prefix = val["prefix_accuracy"] or [None] * len(rep["members"])
+    logits = val.get("prefix_cosine") is None
+    prefix = (val["prefix_accuracy"] if logits else val["prefix_cosine"]) or [None] * len(rep["members"])
+    form = "{:.2f}" if logits else "{:.4f}"
+    cascade = val["accuracy"] if logits else val.get("cascade_cosine_onnx")
     rows = [
-        [m["name"], f"{m['params']:,}", f"{m['flops']:,.0f}", _num(t, "{:.4f}"), f"{m['reach']:.1%}", _num(a)]
+        [m["name"], f"{m['params']:,}", f"{m['flops']:,.0f}", _num(t, "{:.4f}"), f"{m['reach']:.1%}", _num(a, form)]
         for m, t, a in zip(rep["members"], taus, prefix)
     ]
     rows.append(
-        ["cascade", "", f"{val['expected_flops']:,.0f}", "", f"{val['flops_fraction']:.1%} of T", _num(val["accuracy"])]
+        ["cascade", "", f"{val['expected_flops']:,.0f}", "", f"{val['flops_fraction']:.1%} of T", _num(cascade, form)]
     )
     rows.append(
         [
@@ -68,7 +71,8 @@ def cascade_table(rep: dict[str, Any]) -> str:
             _num(val["teacher_accuracy"]),
         ]
     )
-    table = format_table(["", "params", "FLOPs", "τ", "reach", "accuracy"], rows, align="lrrrrr")
+    score = "accuracy" if logits else "cosine to T"
+    table = format_table(["", "params", "FLOPs", "τ", "reach", score], rows, align="lrrrrr")
     note = skip.get("note")
     return table + (f"\n{note}" if note else "")
 

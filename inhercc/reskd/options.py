@@ -80,7 +80,9 @@ class ResKDOptions:
         (), flag="--res-student", metavar="ONNX", help="A given res-student (used as it is; repeat, in order)."
     )
     min_gain: float = option(
-        0.0, help="Stop when a round improves validation accuracy by less than this (points; the round is dropped)."
+        0.0,
+        help="Stop when a round improves validation accuracy by less than this (points; the round is dropped; "
+        "a non-logit output's round is dropped when it lowers the validation cosine to the teacher).",
     )
     max_drop: float | None = option(
         None,

@@ -84,6 +84,16 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float((outputs.reshape(len(outputs), -1).argmax(-1) == labels).mean() * 100)
 
 
+def _score(run: _Run, outputs: np.ndarray) -> float:
+    """How good summed outputs are on the validation split: top-1 accuracy (%) of logits, else (embeddings,
+    regression, probabilities) the mean cosine to the teacher's outputs."""
+    if run.logits:
+        return _accuracy(outputs, run.labels)
+    from inhercc.verify import output_fidelity
+
+    return float(output_fidelity(run.teacher_val, np.asarray(outputs, np.float32))["cosine"])
+
+
 def _open(teacher: ModelProto, data: Any, options: ResKDOptions, say: Log) -> _Run:
     """The data opened once, the validation split (distillation's: same fraction, same seed) and its outputs."""
     cfg = options.distill
@@ -214,7 +224,8 @@ def _rounds(
     o, cfg = run.options, run.options.distill
     members = [first] + [Member(m, "given") for m in given]
     rounds: list[dict[str, Any]] = []
-    before = _accuracy(_sum_val(run, members), run.labels)
+    metric = "accuracy" if run.logits else "cosine"
+    before = _score(run, _sum_val(run, members))
     for ratio, copy in copies:
         i = len(members)
         run.say(f"round {i}: a res-student at ratio {ratio}")
@@ -229,15 +240,17 @@ def _rounds(
             weight=o.residual_weight,
         )
         member = Member(model, "inherited", ratio, training)
-        after = _accuracy(_sum_val(run, [*members, member]), run.labels)
-        kept = not run.logits or after - before >= o.min_gain
+        after = _score(run, _sum_val(run, [*members, member]))
+        kept = after - before >= o.min_gain if run.logits else after >= before  # min_gain is in accuracy points
         rounds.append(
-            {"member": i, "ratio": ratio, "trained_on": training.get("train_samples"), "accuracy_before": before,
-             "accuracy": after, "kept": kept}
+            {"member": i, "ratio": ratio, "trained_on": training.get("train_samples"), f"{metric}_before": before,
+             metric: after, "kept": kept}
         )  # fmt: skip
         if not kept:  # its training is nowhere else in the report
             rounds[-1]["training"] = training
-        run.say(f"round {i}: validation accuracy {before:.2f} → {after:.2f}" + ("" if kept else ", dropped"))
+        form = "{:.2f}" if run.logits else "{:.4f}"
+        change = f"{form.format(before)} → {form.format(after)}"
+        run.say(f"round {i}: validation {metric} {change}" + ("" if kept else ", dropped"))
         if not kept:
             break
         members.append(member)
@@ -302,7 +315,8 @@ def reskd(
     cascade, thresholds = _calibrated(run, members)
     model = build_cascade([m.model for m in members], thresholds, options.skip_rule, reference=teacher_model)
     report = _report(run, members, rounds, cascade, thresholds)
-    report["validation"]["cascade_accuracy_onnx"] = _accuracy(member_outputs(model, run.val), run.labels)
+    onnx_key = "cascade_accuracy_onnx" if run.logits else "cascade_cosine_onnx"
+    report["validation"][onnx_key] = _score(run, member_outputs(model, run.val))
     return ResKDResult(model, [m.model for m in members], report)
 
 
@@ -334,6 +348,7 @@ def _report(
         "reference": run.reference,
         "teacher_accuracy": _accuracy(run.teacher_val, run.labels) if run.logits else None,
         "prefix_accuracy": cascade.prefix_accuracy() if run.logits else None,
+        "prefix_cosine": None if run.logits else _prefix_cosines(run, members),
         "accuracy": measured["accuracy"] if run.logits else None,
         "expected_flops": measured["expected_flops"],
         "flops_fraction": measured["flops_fraction"],
@@ -348,6 +363,12 @@ def _report(
         "validation": validation,
         "options": options,
     }
+
+
+def _prefix_cosines(run: _Run, members: Sequence[Member]) -> list[float]:
+    """The mean cosine to the teacher of each prefix sum of the members (a non-logit output's prefix scores)."""
+    outs = [member_outputs(m.model, run.val, run.options.distill.batch_size) for m in members]
+    return [_score(run, np.sum(outs[: k + 1], axis=0)) for k in range(len(outs))]
 
 
 def report_path_for(output: str | os.PathLike[str]) -> Path:

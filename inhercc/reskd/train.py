@@ -50,18 +50,26 @@ def least_squares_scale(outputs: np.ndarray, residual: np.ndarray) -> np.ndarray
 
 def initial_scale(teacher: np.ndarray, members: Sequence[np.ndarray], outputs: np.ndarray, logits: bool) -> np.ndarray:
     """The res-student's starting output scale: the least-squares fit of its ``outputs`` to the residual of
-    ``members`` — unless, for logits, the fitted sum agrees with the teacher's predictions less often than the
-    members' sum alone (a poor inherited copy fits the residual with wild per-class scales): then zero, so the
-    round starts from the members' sum (measured on MNIST: 91.05 % → 73.5 % at the fit, → 91.4 % trained from 0)."""
+    ``members`` — unless the fitted sum is less faithful to the teacher than the members' sum alone (logits: it
+    agrees with the teacher's predictions less often; other outputs: its mean cosine to the teacher is lower): a
+    poor inherited copy fits the residual with wild per-class scales. Then zero, so the round starts from the
+    members' sum (measured on MNIST: 91.05 % → 73.5 % at the fit, → 91.4 % trained from 0)."""
     prefix = np.sum(members, axis=0)
     scale = least_squares_scale(outputs, residual_target(teacher, members))
-    if not logits:
-        return scale
-    target = teacher.argmax(-1)
-    fitted = (prefix + outputs * scale).argmax(-1) == target
-    if fitted.mean() < (prefix.argmax(-1) == target).mean():
-        return np.zeros_like(scale)
-    return scale
+    fitted = prefix + outputs * scale
+    if logits:
+        target = teacher.argmax(-1)
+        worse = (fitted.argmax(-1) == target).mean() < (prefix.argmax(-1) == target).mean()
+    else:
+        worse = _mean_cosine(fitted, teacher) < _mean_cosine(prefix, teacher)
+    return np.zeros_like(scale) if worse else scale
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The mean over rows of the cosine between flattened rows (verification's definition)."""
+    from inhercc.verify import output_fidelity
+
+    return float(output_fidelity(np.asarray(b, np.float32), np.asarray(a, np.float32))["cosine"])
 
 
 def with_output_scale(member: ModelProto, scale: np.ndarray) -> ModelProto:
