@@ -516,6 +516,11 @@ def notes(ctx: dict[str, Any], cuda: dict[str, Any] | None) -> list[str]:
             f"ONNX Runtime's transformer optimizer fused {ctx['fused_attention']} attention node(s) in the teacher"
             + ("" if ctx["fused_attention"] else ": the optimized students replay the plain plan (nothing kept dense)")
         )
+    else:
+        left = [v for v in ctx["settings"].variants if v in TRANSFORMER_ONLY]
+        if left:
+            out.append(f"{', '.join(left)}: transformer variants (ORT's transformer optimizer, embedding tables, "
+                       "dropped layers), not run on this model")  # fmt: skip
     if cuda is None:
         out.append("CUDA: skipped - no usable CUDA execution provider on this machine")
     return out

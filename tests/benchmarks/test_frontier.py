@@ -138,6 +138,18 @@ def test_static_int8_rows_are_calibrated_qdq_models_of_teacher_and_student(tmp_p
     assert rows[2]["size_bytes"] < 0.5 * rows[0]["size_bytes"]
 
 
+def test_transformer_variants_asked_of_a_cnn_are_named_not_dropped_silently() -> None:
+    spec = F.FrontierModel("cnn", "cnn", Path, {}, dict, dict, dict)
+    ctx = {"spec": spec, "settings": F.Settings(variants=("plain", "optimized", "embeddings", "int8-static"))}
+    assert F.notes(ctx, {"runs": []}) == [
+        "optimized, embeddings: transformer variants (ORT's transformer optimizer, embedding tables, dropped layers),"
+        " not run on this model"
+    ]
+    assert F.notes({**ctx, "settings": F.Settings(variants=("plain",))}, None) == [
+        "CUDA: skipped - no usable CUDA execution provider on this machine"
+    ]
+
+
 def test_slow_dynamic_int8_teacher_gets_a_note() -> None:
     def row(variant: str, ratio: float) -> dict[str, Any]:
         return {"model": f"teacher {variant}", "kind": "teacher", "variant": variant, "cpu": {"ratio": ratio}}
