@@ -330,6 +330,12 @@ def describe(s: Settings, seconds: float) -> str:
     reduced = s.images < full.images or s.steps is not None or (s.epochs or 0) < (full.epochs or 0)
     lr_text = f"distillation's CNN default ({CNN_LR:g})" if s.lr is None else s.lr
     focus = "all samples" if s.res_focus >= 1 else f"the {s.res_focus:.0%} least confident under their prefix"
+    inhernet = (
+        "InherNet rows: compress (whitened; the ratio bisected to the adaptive row's mean FLOPs) + the same "
+        "distillation as S0."
+        if s.inhernet
+        else "No InherNet rows (`--no-inhernet`)."
+    )
     note = f"**Reduced run** (the defaults: {full.images:,} images, {full.epochs} epochs). " if reduced else ""
     return note + (
         f"Settings: {s.images:,} training images ({s.val_split:.0%} of them the validation split the thresholds are "
@@ -338,8 +344,7 @@ def describe(s: Settings, seconds: float) -> str:
         f"multiple {s.rank_multiple}, allocation {s.allocation} (every member and InherNet student); "
         f"targets: FLOPs {', '.join(map(str, s.targets))} of the teacher's, max drop {', '.join(map(str, s.max_drops))}"
         f" pt; {s.test_images:,} test images; ONNX Runtime CPU, {s.threads} thread(s), median of {s.repeat} "
-        f"interleaved rounds. InherNet rows: compress (whitened; the ratio bisected to the "
-        f"adaptive row's mean FLOPs) + the same distillation as S0. Machine: {os.cpu_count()} CPUs, Python "
+        f"interleaved rounds. {inhernet} Machine: {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, load average {load:.2f}; wall time {seconds / 60:.1f} min."
     )
 

@@ -49,3 +49,5 @@ def test_only_a_run_below_the_protocol_is_called_reduced() -> None:
     assert "Reduced run" not in describe(Settings(epochs=5), 60.0)  # more training than the defaults
     assert describe(Settings(images=20000), 60.0).startswith("**Reduced run** (the defaults: 60,000 images, 3 epochs)")
     assert "Reduced run" in describe(Settings(epochs=2), 60.0) and "Reduced run" in describe(Settings(steps=9), 60.0)
+    assert "InherNet rows: compress" in describe(Settings(), 1.0)
+    assert "No InherNet rows" in describe(Settings(inhernet=False), 1.0)
