@@ -196,13 +196,15 @@ MODELS: dict[str, FrontierModel] = {
 
 
 def quantize_dynamic_file(src: Path, dst: Path) -> Path:
-    """``src`` through ``onnxruntime.quantization.quantize_dynamic`` (per-channel int8 weights), as users call it;
-    ``DefaultTensorType`` float as ONNX Runtime's error advises for an optimized model (contrib ops are untyped)."""
-    from onnx import TensorProto
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """``src`` through ``onnxruntime.quantization.quantize_dynamic`` (per-channel int8 weights), as users call it
+    (:func:`inhercc.quantize.quantize_model`: ``DefaultTensorType`` float, as ONNX Runtime's error advises for an
+    optimized model whose contrib ops are untyped). Run from a temporary folder: ONNX Runtime writes a
+    shape-inferred copy beside its input and deletes it, so two runs quantizing the shared cached teacher at once
+    raced on that file."""
+    from inhercc.model import load_model, save_model
+    from inhercc.quantize import quantize_model
 
-    options = {"DefaultTensorType": TensorProto.FLOAT}
-    quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, extra_options=options)
+    save_model(quantize_model(load_model(src), "int8"), dst)
     return dst
 
 
