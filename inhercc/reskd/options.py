@@ -82,7 +82,7 @@ class ResKDOptions:
     min_gain: float = option(
         0.0,
         help="Stop when a round improves validation accuracy by less than this (points; the round is dropped; "
-        "a non-logit output's round is dropped when it lowers the validation cosine to the teacher).",
+        "a non-logit output's round is dropped unless it raises the validation cosine to the teacher).",
     )
     max_drop: float | None = option(
         None,

@@ -241,7 +241,8 @@ def _rounds(
         )
         member = Member(model, "inherited", ratio, training)
         after = _score(run, _sum_val(run, [*members, member]))
-        kept = after - before >= o.min_gain if run.logits else after >= before  # min_gain is in accuracy points
+        # min_gain is in accuracy points; a non-logit output runs every member on every sample: a round must help
+        kept = after - before >= o.min_gain if run.logits else after > before
         rounds.append(
             {"member": i, "ratio": ratio, "trained_on": training.get("train_samples"), f"{metric}_before": before,
              metric: after, "kept": kept}
