@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
-from onnx import ModelProto, numpy_helper
+from onnx import ModelProto, helper, numpy_helper
 
 from inhercc.calibrate import with_outputs
 from inhercc.data import Feed
@@ -266,13 +266,14 @@ class FactorPair(NamedTuple):
     mid_axis: int
 
 
-# op -> (bottleneck axis of the input factor, of the output factor, of the bottleneck tensor)
-PAIR_AXES = {"MatMul": (-1, 0, -1), "Conv": (0, 1, 1)}
+# op -> (bottleneck axis of the input factor, of the output factor, of the bottleneck tensor); Gemm by transB
+PAIR_AXES = {"MatMul": (-1, 0, -1), "Conv": (0, 1, 1), "Gemm": (-1, 0, -1)}
+GEMM_TRANS_B_AXES = (0, 1, -1)  # both Gemms with transB = 1: W_in [r, in], W_out [out, r]
 
 
 def factor_pairs(model: ModelProto) -> list[FactorPair]:
-    """The factor pairs (``<w>.inherit_in`` → ``<w>.inherit_out``, MatMul or group-1 Conv without a bias on the
-    first) whose bottleneck feeds only the second factor; a gated multi-head layer is left out (its gate reads
+    """The factor pairs (``<w>.inherit_in`` → ``<w>.inherit_out``, MatMul, Gemm or group-1 Conv without a bias on
+    the first) whose bottleneck feeds only the second factor; a gated multi-head layer is left out (its gate reads
     the bottleneck)."""
     inits = initializer_map(model)
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -293,9 +294,22 @@ def factor_pairs(model: ModelProto) -> list[FactorPair]:
             continue
         if node.op_type == "Conv" and (len(node.input) > 2 or _grouped(node) or _grouped(second)):
             continue
-        a_in, a_out, a_mid = PAIR_AXES[node.op_type]
-        pairs.append(FactorPair(mid, w_in, a_in, second.input[1], a_out, a_mid))
+        axes = _gemm_axes(node, second) if node.op_type == "Gemm" else PAIR_AXES[node.op_type]
+        if axes is not None:
+            pairs.append(FactorPair(mid, w_in, axes[0], second.input[1], axes[1], axes[2]))
     return pairs
+
+
+def _gemm_axes(first: onnx.NodeProto, second: onnx.NodeProto) -> tuple[int, int, int] | None:
+    """A Gemm pair's bottleneck axes (by ``transB``, which both factors share); None when the first factor has a
+    bias (equalizing would have to rescale it) or either transposes its input."""
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in (first, second)]
+    if len(first.input) > 2 and first.input[2] or any(a.get("transA", 0) for a in attrs):
+        return None
+    trans = {a.get("transB", 0) for a in attrs}
+    if len(trans) != 1:
+        return None
+    return GEMM_TRANS_B_AXES if trans == {1} else PAIR_AXES["Gemm"]
 
 
 def _grouped(node: onnx.NodeProto) -> bool:
