@@ -304,7 +304,7 @@ def _gemm_axes(first: onnx.NodeProto, second: onnx.NodeProto) -> tuple[int, int,
     """A Gemm pair's bottleneck axes (by ``transB``, which both factors share); None when the first factor has a
     bias (equalizing would have to rescale it) or either transposes its input."""
     attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in (first, second)]
-    if len(first.input) > 2 and first.input[2] or any(a.get("transA", 0) for a in attrs):
+    if (len(first.input) > 2 and first.input[2]) or any(a.get("transA", 0) for a in attrs):
         return None
     trans = {a.get("transB", 0) for a in attrs}
     if len(trans) != 1:

@@ -20,7 +20,7 @@ from inhercc.options import to_dict
 from inhercc.reskd.calibrate import Cascade, calibrate, scores
 from inhercc.reskd.cascade import build_cascade, check_members
 from inhercc.reskd.options import ResKDOptions
-from inhercc.reskd.train import initial_scale, train_residual, with_output_scale
+from inhercc.reskd.train import initial_scale, mean_cosine, train_residual, with_output_scale
 from inhercc.runtime import make_session, run_session
 from inhercc.verify import graph_output_kinds
 
@@ -87,11 +87,7 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
 def _score(run: _Run, outputs: np.ndarray) -> float:
     """How good summed outputs are on the validation split: top-1 accuracy (%) of logits, else (embeddings,
     regression, probabilities) the mean cosine to the teacher's outputs."""
-    if run.logits:
-        return _accuracy(outputs, run.labels)
-    from inhercc.verify import output_fidelity
-
-    return float(output_fidelity(run.teacher_val, np.asarray(outputs, np.float32))["cosine"])
+    return _accuracy(outputs, run.labels) if run.logits else mean_cosine(outputs, run.teacher_val)
 
 
 def _open(teacher: ModelProto, data: Any, options: ResKDOptions, say: Log) -> _Run:

@@ -61,12 +61,13 @@ def initial_scale(teacher: np.ndarray, members: Sequence[np.ndarray], outputs: n
         target = teacher.argmax(-1)
         worse = (fitted.argmax(-1) == target).mean() < (prefix.argmax(-1) == target).mean()
     else:
-        worse = _mean_cosine(fitted, teacher) < _mean_cosine(prefix, teacher)
+        worse = mean_cosine(fitted, teacher) < mean_cosine(prefix, teacher)
     return np.zeros_like(scale) if worse else scale
 
 
-def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """The mean over rows of the cosine between flattened rows (verification's definition)."""
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The mean over rows of the cosine between flattened rows of ``a`` and the reference ``b`` (verification's
+    definition)."""
     from inhercc.verify import output_fidelity
 
     return float(output_fidelity(np.asarray(b, np.float32), np.asarray(a, np.float32))["cosine"])
