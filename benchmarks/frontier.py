@@ -195,27 +195,19 @@ MODELS: dict[str, FrontierModel] = {
 # Building the files
 
 
-def quantize_dynamic_file(src: Path, dst: Path) -> Path:
-    """``src`` through ``onnxruntime.quantization.quantize_dynamic`` (per-channel int8 weights), as users call it
-    (:func:`inhercc.quantize.quantize_model`: ``DefaultTensorType`` float, as ONNX Runtime's error advises for an
-    optimized model whose contrib ops are untyped). Run from a temporary folder: ONNX Runtime writes a
+def quantized_file(model: Any, dst: Path, calibration: Feed | None = None) -> Path:
+    """``model`` (a path or ModelProto) through ONNX Runtime's INT8 call as users make it, written to ``dst``:
+    ``quantize_dynamic`` (per-channel int8 weights) without ``calibration``, else ``quantize_static`` (QDQ, U8S8,
+    per-channel, activation ranges calibrated on it: the CNN recipe). Via :func:`inhercc.quantize.quantize_model`,
+    the call the students' quantization stage makes (``DefaultTensorType`` float, as ONNX Runtime's error advises
+    for an optimized model whose contrib ops are untyped), from a temporary folder: ONNX Runtime writes a
     shape-inferred copy beside its input and deletes it, so two runs quantizing the shared cached teacher at once
     raced on that file."""
-    from inhercc.model import load_model, save_model
+    from inhercc.model import as_model, save_model
     from inhercc.quantize import quantize_model
 
-    save_model(quantize_model(load_model(src), "int8"), dst)
-    return dst
-
-
-def quantize_static_file(model: Any, calibration: Feed, dst: Path) -> Path:
-    """``model`` through ``onnxruntime.quantization.quantize_static`` (QDQ, U8S8, per-channel; activation ranges
-    calibrated on ``calibration``): the call a user makes for a CNN, via :func:`inhercc.quantize.quantize_model`,
-    the same call the students' ``int8-static`` stage makes."""
-    from inhercc.model import save_model
-    from inhercc.quantize import quantize_model
-
-    save_model(quantize_model(model, "int8-static", calibration=[calibration]), dst)
+    mode, parts = ("int8", ()) if calibration is None else ("int8-static", [calibration])
+    save_model(quantize_model(as_model(model), mode, calibration=parts), dst)
     return dst
 
 
@@ -229,17 +221,17 @@ def teacher_entries(ctx: dict[str, Any], work: Path) -> list[Entry]:
 
     entries = [Entry("teacher fp32", teacher, "teacher")]
     entries.append(
-        Entry("teacher INT8", quantize_dynamic_file(teacher, work / "teacher_int8.onnx"), "teacher", variant="int8")
+        Entry("teacher INT8", quantized_file(teacher, work / "teacher_int8.onnx"), "teacher", variant="int8")
     )
     if any(v in STATIC for v in ctx["settings"].variants):
-        static = quantize_static_file(ctx["teacher"], ctx["calibration"], work / "teacher_int8_static.onnx")
+        static = quantized_file(ctx["teacher"], work / "teacher_int8_static.onnx", ctx["calibration"])
         entries.append(Entry("teacher INT8 static", static, "teacher", variant="int8-static"))
     if spec.transformer:
         optimized = work / "teacher_opt.onnx"
         fused = optimize_transformer(ctx["teacher"])
         ctx["fused_attention"] = attention_count(fused)
         save_model(fused, optimized)
-        int8 = quantize_dynamic_file(optimized, work / "teacher_opt_int8.onnx")
+        int8 = quantized_file(optimized, work / "teacher_opt_int8.onnx")
         entries.append(Entry("teacher optimized", optimized, "teacher", variant="optimized"))
         entries.append(Entry("teacher optimized + INT8", int8, "teacher", variant="optimized-int8"))
     return entries
@@ -313,7 +305,7 @@ def layer_drop_entries(ctx: dict[str, Any], work: Path) -> list[Entry]:
         path = work / "dropped.onnx"
         save_model(tuned.model, path)
         note = f"distilled {s.distill_steps} steps"
-    int8 = quantize_dynamic_file(path, work / "dropped_int8.onnx")
+    int8 = quantized_file(path, work / "dropped_int8.onnx")
     return [
         Entry("layer-drop (3 of 6 layers)", path, "layer-drop", variant="layer-drop", note=note),
         Entry("layer-drop + INT8", int8, "layer-drop", variant="layer-drop-int8", note=note),

@@ -688,8 +688,8 @@ def stage_reskd(ctx: Context) -> StageResult:
         scores = "cos " + " → ".join(f"{c:.4f}" for c in v["prefix_cosine"])
     else:
         scores = f"acc vs {v['reference']} " + " → ".join(f"{a:.1f}" for a in v["prefix_accuracy"])
-    figures = {"members": len(rep["members"]), "skip": skip, "validation": v}
     n = len(rep["members"])
+    figures = {"members": n, "skip": skip, "validation": v}
     text = f"{n} member{'' if n == 1 else 's'}, " + (f"skip, FLOPs {v['flops_fraction']:.2f}" if skip else "no skip")
     text += f", {scores}"
     return StageResult("ok", text, figures=figures, seconds=run.seconds)
